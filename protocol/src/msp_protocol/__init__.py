@@ -10,6 +10,8 @@ Pure: no network, no disk. Modules, from the bottom up:
 - :mod:`~msp_protocol.merkle` — the RFC 6962 tree, proofs, compact tree state
 - :mod:`~msp_protocol.log` — audit entries, checkpoints, receipts, log replay
 - :mod:`~msp_protocol.evidence` — evidence bundles and their log inclusion
+- :mod:`~msp_protocol.sync` — the audit sync batch and the witness's check of it
+- :mod:`~msp_protocol.bundle` — signed config bundles, escalations
 - :mod:`~msp_protocol.httpsig` — RFC 9421 request signatures, RFC 9530 digests
 - :mod:`~msp_protocol.errors`, :mod:`~msp_protocol.limits`, :mod:`~msp_protocol.result`
 """
