@@ -894,3 +894,14 @@ def test_roots_must_be_32_byte_hashes(
     assert "is not a 32-byte hash" in result.describe()
     inclusion = check_inclusion(leaf_hash(b"a"), 0, 1, [], b"short")
     assert "root is not a 32-byte hash" in inclusion.describe()
+
+
+def test_append_completing_reports_every_perfect_subtree_it_completes() -> None:
+    leaves = [leaf_hash(bytes([n % 256, n // 256])) for n in range(70)]
+    tree = LeafHashTree(leaves)
+    state = TreeState()
+    for n, leaf in enumerate(leaves, start=1):
+        completed = state.append_completing(leaf)
+        widths = [2 ** (k + 1) for k in range(len(completed))]
+        assert widths == [w for w in (2, 4, 8, 16, 32, 64) if n % w == 0]
+        assert completed == [tree(n - w, n) for w in widths]

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import Field, StrictInt, StringConstraints
+from pydantic import Field, StrictInt, StringConstraints, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from msp_protocol.canonical import canonicalize, parse_canonical_json, parse_json
 from msp_protocol.delegation import RevocationList, Scope, VerifiedDelegation
@@ -37,11 +38,12 @@ from msp_protocol.errors import (
     RevokedError,
     ScopeError,
     SubjectError,
+    UsageError,
 )
 from msp_protocol.keys import SigningKey, VerifyKey
 from msp_protocol.limits import DEFAULT_LIMITS, Limits
 from msp_protocol.merkle import TreeState, leaf_hash
-from msp_protocol.model import WireModel
+from msp_protocol.model import WireModel, first_problem
 from msp_protocol.result import Failure, Result, raising
 
 GENESIS_KIND = "chain.genesis"
@@ -99,8 +101,13 @@ def make_entry(
     index: int, ts: datetime, kind: str, actor: str, data: dict[str, Any]
 ) -> EntryRecord:
     """Build an entry and its canonical bytes (validated like a received one)."""
-    entry = LogEntry(index=index, ts=ts, kind=kind, actor=actor, data=data)
-    raw = canonicalize(entry.to_wire())
+    try:
+        entry = LogEntry(index=index, ts=ts, kind=kind, actor=actor, data=data)
+        raw = canonicalize(entry.to_wire())
+    except ValidationError as exc:
+        raise UsageError(f"log entry: {first_problem(exc)}") from None
+    except PydanticSerializationError as exc:
+        raise UsageError(f"log entry data is not JSON: {exc}") from None
     return EntryRecord(raw, entry, leaf_hash(raw))
 
 

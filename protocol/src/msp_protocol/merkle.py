@@ -331,15 +331,24 @@ class TreeState:
 
     def append(self, leaf: bytes) -> None:
         """Add one leaf hash; O(log n) hashing, no old leaf read."""
+        self.append_completing(leaf)
+
+    def append_completing(self, leaf: bytes) -> list[bytes]:
+        """:meth:`append`, returning the roots of the perfect subtrees this leaf
+        completes: element k is the subtree of width 2**(k+1) ending at the new
+        size. A store keeps some of them to build proofs in O(log n)."""
         self.nodes.append(leaf)
         self.size += 1
         # Each trailing zero bit of the new size is one pair of equal-sized
         # perfect subtrees to merge.
-        merges = (self.size & -self.size).bit_length() - 1
-        for _ in range(merges):
+        completed = []
+        for _ in range((self.size & -self.size).bit_length() - 1):
             right = self.nodes.pop()
             left = self.nodes.pop()
-            self.nodes.append(node_hash(left, right))
+            node = node_hash(left, right)
+            self.nodes.append(node)
+            completed.append(node)
+        return completed
 
     def extend(self, leaves: Sequence[bytes]) -> None:
         for leaf in leaves:

@@ -33,7 +33,7 @@ class WireModel(BaseModel):
         try:
             return cls.model_validate(value)
         except ValidationError as exc:
-            raise ModelError(f"{cls.document_name}: {_first_problem(exc)}") from None
+            raise ModelError(f"{cls.document_name}: {first_problem(exc)}") from None
 
     @classmethod
     def from_json(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Self:
@@ -46,7 +46,7 @@ class WireModel(BaseModel):
         return canonicalize(self.to_wire())
 
 
-def _first_problem(exc: ValidationError) -> str:
+def first_problem(exc: ValidationError) -> str:
     error = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(part) for part in error["loc"]) or "value"
     return f"{where}: {error['msg']}"

@@ -1,0 +1,53 @@
+"""Shared helpers for the agent tests: an enrolled device key and a fixed clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from msp_agent.keys import DelegatedSigningKey
+from msp_protocol.delegation import Scope, issue_delegation
+from msp_protocol.keys import SigningKey
+
+NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+APPLIANCE = "appliance-1"
+SITE = "site-clinic-1"
+CENTRAL = SigningKey(b"\x01" * 32)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: datetime = NOW) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+def enrolled_key(
+    key_dir: Path,
+    *,
+    clock: Clock | None = None,
+    scopes: tuple[Scope, ...] = (Scope.AUDIT, Scope.EVIDENCE),
+    lifetime: timedelta = timedelta(days=30),
+) -> DelegatedSigningKey:
+    clock = clock or Clock()
+    signer = DelegatedSigningKey.load_or_create(
+        key_dir, central_keys=[CENTRAL.verify_key], clock=clock
+    )
+    signer.install_certificate(
+        issue_delegation(
+            CENTRAL,
+            subject=signer.verify_key,
+            appliance_id=APPLIANCE,
+            site_id=SITE,
+            scopes=scopes,
+            not_before=clock(),
+            lifetime=lifetime,
+        )
+    )
+    return signer
