@@ -41,6 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from msp_agent.central import CentralClient, CentralRejected
 from msp_agent.store import Quarantine, SQLiteStore, quarantine_file
 from msp_protocol.delegation import VerifiedDelegation, check_delegation
 from msp_protocol.dsse import Envelope, parse_envelope
@@ -66,10 +67,13 @@ from msp_protocol.merkle import (
     node_hash,
     root_of,
 )
+from msp_protocol.sync import MAX_BATCH_ENTRIES, SyncRequest
 
 log = logging.getLogger(__name__)
 
 MAX_COMMIT_ENTRIES = 1_000
+# Entries per sync request: the witness refuses larger batches.
+MAX_SYNC_ENTRIES = MAX_BATCH_ENTRIES
 # Perfect subtrees of at least this many leaves are stored: a proof reads at
 # most two partial blocks of leaves below it and O(log n) stored nodes.
 NODE_MIN_LEVEL = 8
@@ -122,7 +126,8 @@ MIGRATIONS = [
         log_index INTEGER NOT NULL UNIQUE,
         check_id TEXT NOT NULL,
         envelope BLOB NOT NULL,
-        created_at TEXT NOT NULL
+        created_at TEXT NOT NULL,
+        rejected TEXT
     );
     """,
 ]
@@ -138,6 +143,26 @@ class AuditTrailFullError(AuditTrailError):
 
 class AuditTrailClosedError(AuditTrailError):
     pass
+
+
+class AuditSyncRejected(AuditTrailError):
+    """The central server refused this log's history (rewrite, fork,
+    truncation, bad proof): report it; do not retry the same batch."""
+
+    def __init__(self, rejection: CentralRejected) -> None:
+        super().__init__(f"the central server refused the audit history: {rejection}")
+        self.rejection = rejection
+
+
+class LocalTruncationError(AuditTrailError):
+    """The central server witnessed more of this log than is stored here."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    from_size: int
+    to_size: int
+    batches: int
 
 
 class Signer(Protocol):
@@ -171,7 +196,8 @@ class Appended:
 
     @property
     def index(self) -> int:
-        return self.indices[-1]
+        """The index of the (last) entry appended; -1 if the builder added none."""
+        return self.indices[-1] if self.indices else -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,6 +721,56 @@ class OfflineAuditTrail:
         return check_delegation(
             parse_envelope(stored), roots=self._central_keys, at=self._clock(), allow_expired=True
         ).unwrap()
+
+    async def sync(self, client: CentralClient, *, max_batch: int = MAX_SYNC_ENTRIES) -> SyncReport:
+        """Upload what the central server lacks, in bounded batches, keeping
+        each receipt. Resumable: a batch that failed is sent again from where
+        the server is, never from the start.
+
+        Raises ``CentralUnavailable`` (try later; what was receipted stays
+        receipted), :class:`AuditSyncRejected` when the server refuses the
+        history (a security problem to report, never to retry blindly), and
+        :class:`LocalTruncationError` when the server holds more of this log
+        than the appliance does.
+        """
+        head = await self.head()
+        server_size = head.receipt_size
+        start, batches, stale_answers = server_size, 0, 0
+        while server_size < self.size:
+            target = min(self.size, server_size + max_batch)
+            checkpoint = await self.checkpoint_at(target)
+            request = SyncRequest.build(
+                old_size=server_size,
+                entries=await self.entries(server_size, target),
+                consistency=await self.consistency(server_size, target),
+                checkpoint=checkpoint,
+            )
+            try:
+                response = await client.sync_audit(self.appliance_id, request)
+            except CentralRejected as exc:
+                told = exc.extra.get("server_size")
+                if not isinstance(told, int) or exc.code not in ("stale-size", "truncated-history"):
+                    raise AuditSyncRejected(exc) from exc
+                if told > self.size:
+                    raise LocalTruncationError(
+                        f"the central server holds {told} entries of this log, "
+                        f"the appliance only {self.size}: entries were lost locally "
+                        "(restored from an old backup, or removed)"
+                    ) from exc
+                if exc.code != "stale-size":
+                    raise AuditSyncRejected(exc) from exc
+                stale_answers += 1
+                if told == server_size or stale_answers > 3:
+                    raise AuditSyncRejected(exc) from exc
+                server_size = told
+                continue
+            received = await self.store_receipt(response.receipt, checkpoint)
+            if received != target:
+                raise AuditSyncRejected(
+                    CentralRejected(200, "wrong-receipt", f"receipt for {received}, sent {target}")
+                )
+            server_size, batches = target, batches + 1
+        return SyncReport(start, server_size, batches)
 
     # --- verification ----------------------------------------------------------------------
 

@@ -1,0 +1,149 @@
+"""An in-memory central server for the agent's component tests.
+
+It is a test double of the network only: the witnessing rules are the real
+ones (``msp_protocol.sync.check_sync``), receipts are really signed, and
+evidence is really verified. What it adds is control over the link:
+
+- ``down``: every call fails before reaching the server (connection refused);
+- ``stall``: every call hangs until ``resume()`` (a black-holed link);
+- ``lose_answers``: the server acts, then the answer is lost (a cut mid-stream);
+- ``fail_next(n)``: the next n calls fail, then it comes back by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from msp_agent.central import CentralRejected, CentralUnavailable, FetchedBundle
+from msp_protocol.bundle import BundleKind, Escalation
+from msp_protocol.delegation import Scope, VerifiedDelegation, verify_delegation
+from msp_protocol.dsse import Envelope
+from msp_protocol.encoding import utc_now
+from msp_protocol.evidence import verify_evidence
+from msp_protocol.keys import SigningKey
+from msp_protocol.log import make_receipt
+from msp_protocol.sync import (
+    AlreadyWitnessed,
+    SyncAccepted,
+    SyncRequest,
+    SyncResponse,
+    WitnessState,
+    check_sync,
+    failure_details,
+)
+
+
+@dataclass
+class Log:
+    state: WitnessState = field(default_factory=WitnessState)
+    leaves: list[bytes] = field(default_factory=list)
+    raws: list[bytes] = field(default_factory=list)
+    receipts: dict[int, Envelope] = field(default_factory=dict)
+
+
+class FakeCentral:
+    def __init__(self, root: SigningKey) -> None:
+        self.root = root
+        self.certificates: dict[str, VerifiedDelegation] = {}
+        self.logs: dict[str, Log] = {}
+        self.evidence: dict[str, Envelope] = {}
+        self.escalations: dict[str, Escalation] = {}
+        self.bundles: dict[BundleKind, tuple[Envelope, str]] = {}
+        self.calls: list[str] = []
+        self.alerts: list[str] = []
+        self.down = False
+        self.lose_answers = False
+        self._failures_left = 0
+        self._resume = asyncio.Event()
+        self._resume.set()
+
+    # --- link control -----------------------------------------------------------------
+
+    def stall(self) -> None:
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def fail_next(self, count: int) -> None:
+        self._failures_left = count
+
+    async def _link(self, name: str) -> None:
+        self.calls.append(name)
+        await self._resume.wait()
+        if self.down:
+            raise CentralUnavailable(f"{name}: connection refused")
+        if self._failures_left:
+            self._failures_left -= 1
+            raise CentralUnavailable(f"{name}: connection reset")
+
+    def _answer(self, name: str) -> None:
+        if self.lose_answers:
+            raise CentralUnavailable(f"{name}: connection cut after the request was sent")
+
+    # --- the server ----------------------------------------------------------------------
+
+    def register(self, certificate: Envelope) -> VerifiedDelegation:
+        verified = verify_delegation(
+            certificate, roots=[self.root.verify_key], at=utc_now(), allow_expired=True
+        )
+        self.certificates[verified.certificate.subject_key_id] = verified
+        return verified
+
+    async def sync_audit(self, appliance_id: str, request: SyncRequest) -> SyncResponse:
+        await self._link("sync_audit")
+        log = self.logs.setdefault(appliance_id, Log())
+        delegation = self.certificates.get(request.checkpoint.signatures[0].keyid)
+        if delegation is None:
+            raise CentralRejected(401, "unknown-key", "unknown appliance key")
+        result = check_sync(
+            request, state=log.state, delegation=delegation, stored_leaf=log.leaves.__getitem__
+        )
+        if not result.ok:
+            failure = result.failures[0]
+            status = 409 if failure.code == "stale-size" else 422
+            if status == 422:
+                self.alerts.append(f"{appliance_id}: {failure.code}: {failure}")
+            raise CentralRejected(status, failure.code, str(failure), failure_details(failure))
+        outcome = result.unwrap()
+        if isinstance(outcome, AlreadyWitnessed):
+            receipt = log.receipts[log.state.size]
+        else:
+            assert isinstance(outcome, SyncAccepted)
+            log.state = outcome.state
+            log.leaves.extend(r.leaf_hash for r in outcome.records)
+            log.raws.extend(r.raw for r in outcome.records)
+            receipt = make_receipt(self.root, outcome.checkpoint, utc_now())
+            log.receipts[log.state.size] = receipt
+        self._answer("sync_audit")
+        return SyncResponse(size=log.state.size, receipt=receipt)
+
+    async def submit_evidence(self, envelope: Envelope) -> None:
+        await self._link("submit_evidence")
+        delegation = self.certificates.get(envelope.signatures[0].keyid)
+        if delegation is None:
+            raise CentralRejected(401, "unknown-key", "unknown appliance key")
+        verified = verify_evidence(envelope, delegation=delegation)
+        assert Scope.EVIDENCE in delegation.certificate.scopes
+        self.evidence.setdefault(verified.bundle.bundle_id, envelope)
+        self._answer("submit_evidence")
+
+    async def escalate(self, escalation: Escalation) -> None:
+        await self._link("escalate")
+        self.escalations.setdefault(escalation.escalation_id, escalation)
+        self._answer("escalate")
+
+    async def fetch_bundle(self, kind: BundleKind, etag: str | None) -> FetchedBundle | None:
+        await self._link("fetch_bundle")
+        if kind not in self.bundles:
+            raise CentralRejected(404, "not-found", f"no {kind.value} bundle")
+        envelope, current = self.bundles[kind]
+        self._answer("fetch_bundle")
+        return None if etag == current else FetchedBundle(envelope, current)
+
+    async def request_certificate(
+        self, request: Envelope, *, enrollment_token: str | None = None
+    ) -> Envelope:
+        await self._link("request_certificate")
+        raise CentralRejected(501, "not-implemented", "the fake issues certificates through tests")
