@@ -13,15 +13,24 @@ evidence is really verified. What it adds is control over the link:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from msp_agent.central import CentralRejected, CentralUnavailable, FetchedBundle
 from msp_protocol.bundle import BundleKind, Escalation
-from msp_protocol.delegation import Scope, VerifiedDelegation, verify_delegation
-from msp_protocol.dsse import Envelope
+from msp_protocol.delegation import (
+    DelegationRequest,
+    Scope,
+    VerifiedDelegation,
+    check_delegation_request,
+    issue_delegation,
+    verify_delegation,
+)
+from msp_protocol.dsse import Envelope, unverified_payload
 from msp_protocol.encoding import utc_now
 from msp_protocol.evidence import verify_evidence
-from msp_protocol.keys import SigningKey
+from msp_protocol.keys import SigningKey, VerifyKey
 from msp_protocol.log import make_receipt
 from msp_protocol.sync import (
     AlreadyWitnessed,
@@ -43,8 +52,9 @@ class Log:
 
 
 class FakeCentral:
-    def __init__(self, root: SigningKey) -> None:
+    def __init__(self, root: SigningKey, clock: Callable[[], datetime] = utc_now) -> None:
         self.root = root
+        self.clock = clock
         self.certificates: dict[str, VerifiedDelegation] = {}
         self.logs: dict[str, Log] = {}
         self.evidence: dict[str, Envelope] = {}
@@ -52,6 +62,7 @@ class FakeCentral:
         self.bundles: dict[BundleKind, tuple[Envelope, str]] = {}
         self.calls: list[str] = []
         self.alerts: list[str] = []
+        self.lifetime = timedelta(days=30)
         self.down = False
         self.lose_answers = False
         self._failures_left = 0
@@ -86,7 +97,7 @@ class FakeCentral:
 
     def register(self, certificate: Envelope) -> VerifiedDelegation:
         verified = verify_delegation(
-            certificate, roots=[self.root.verify_key], at=utc_now(), allow_expired=True
+            certificate, roots=[self.root.verify_key], at=self.clock(), allow_expired=True
         )
         self.certificates[verified.certificate.subject_key_id] = verified
         return verified
@@ -114,7 +125,7 @@ class FakeCentral:
             log.state = outcome.state
             log.leaves.extend(r.leaf_hash for r in outcome.records)
             log.raws.extend(r.raw for r in outcome.records)
-            receipt = make_receipt(self.root, outcome.checkpoint, utc_now())
+            receipt = make_receipt(self.root, outcome.checkpoint, self.clock())
             log.receipts[log.state.size] = receipt
         self._answer("sync_audit")
         return SyncResponse(size=log.state.size, receipt=receipt)
@@ -145,5 +156,38 @@ class FakeCentral:
     async def request_certificate(
         self, request: Envelope, *, enrollment_token: str | None = None
     ) -> Envelope:
+        """Renew or rotate for a known certificate, as the server will: the
+        request is checked with the real rules and a real certificate issued."""
         await self._link("request_certificate")
-        raise CentralRejected(501, "not-implemented", "the fake issues certificates through tests")
+        asked = DelegationRequest.from_wire(unverified_payload(request))
+        if asked.purpose == "enroll":
+            raise CentralRejected(501, "not-implemented", "enrollment is not part of this fake")
+        current = next(
+            (c for c in self.certificates.values() if c.certificate.serial == asked.current_serial),
+            None,
+        )
+        if current is None:
+            raise CentralRejected(
+                404, "unknown-certificate", f"no certificate {asked.current_serial}"
+            )
+        result = check_delegation_request(
+            request,
+            purpose=asked.purpose,
+            audience=self.root.key_id,
+            now=self.clock(),
+            current=current.certificate,
+        )
+        if not result.ok:
+            raise CentralRejected(422, result.codes[0], result.describe())
+        certificate = issue_delegation(
+            self.root,
+            subject=VerifyKey.from_hex(asked.subject_key),
+            appliance_id=current.certificate.appliance_id,
+            site_id=current.certificate.site_id,
+            scopes=asked.scopes,
+            not_before=self.clock(),
+            lifetime=self.lifetime,
+        )
+        self.register(certificate)
+        self._answer("request_certificate")
+        return certificate
