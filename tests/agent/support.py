@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class Clock:
 def enrolled_key(
     key_dir: Path,
     *,
-    clock: Clock | None = None,
+    clock: Callable[[], datetime] | None = None,
     scopes: tuple[Scope, ...] = (Scope.AUDIT, Scope.EVIDENCE),
     lifetime: timedelta = timedelta(days=30),
 ) -> DelegatedSigningKey:
