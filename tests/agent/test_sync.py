@@ -200,3 +200,18 @@ async def reopen(tmp_path: Path, signer: DelegatedSigningKey) -> OfflineAuditTra
         row_key=signer.audit_row_key(),
         clock=Clock(),
     )
+
+
+async def test_checkpoints_sent_for_sync_are_kept(tmp_path: Path) -> None:
+    trail, _, central = await trail_with(tmp_path, 30)
+    try:
+        await trail.sync(central)
+        for n in range(5):  # later commits in the same block would thin an ordinary checkpoint
+            await trail.append("check.run", "agent", {"after": n})
+        sizes = await trail.store.run(
+            lambda c: [row[0] for row in c.execute("SELECT size FROM checkpoints")]
+        )
+        assert 31 in sizes
+        assert (await trail.verify()).ok
+    finally:
+        await trail.close()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from msp_protocol import errors
-from msp_protocol.canonical import canonicalize
+from msp_protocol.canonical import canonicalize, canonicalize_reference
 from msp_protocol.delegation import (
     Revocation,
     RevocationList,
@@ -19,8 +23,10 @@ from msp_protocol.delegation import (
 )
 from msp_protocol.dsse import PayloadType, sign_document
 from msp_protocol.encoding import to_hex
+from msp_protocol.errors import UsageError
 from msp_protocol.keys import SigningKey
 from msp_protocol.log import (
+    LogEntry,
     LogReplay,
     check_checkpoint,
     check_checkpoint_root,
@@ -299,3 +305,54 @@ def test_receipt_binds_the_exact_checkpoint() -> None:
     )
 
     assert check_receipt(receipt, roots=[device.verify_key]).codes == ("bad-signature",)
+
+
+# --- make_entry: the fast builder agrees with the model ------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(blacklist_categories=("Cs",)), max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+KINDS = st.from_regex(r"\A[a-z][a-z0-9_]{0,5}(\.[a-z][a-z0-9_]{0,5}){1,4}\Z") | st.text(max_size=10)
+ACTORS = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,130}\Z") | st.text(max_size=10)
+INDICES = st.integers(-3, 2**53 + 3) | st.sampled_from([True, 1.0, "1"])
+TIMES = st.datetimes(timezones=st.just(UTC)) | st.datetimes()
+
+
+def reference_entry(
+    index: object, ts: datetime, kind: object, actor: object, data: object
+) -> bytes | None:
+    """The slow path: validate through the pydantic model, encode with rfc8785."""
+    try:
+        entry = LogEntry(index=index, ts=ts, kind=kind, actor=actor, data=data)  # type: ignore[arg-type]
+        return canonicalize_reference(entry.to_wire())
+    except (ValidationError, PydanticSerializationError, UsageError):
+        return None
+
+
+@given(
+    index=INDICES,
+    ts=TIMES,
+    kind=KINDS,
+    actor=ACTORS,
+    data=st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4) | JSON_VALUES,
+)
+@settings(max_examples=400)
+def test_make_entry_agrees_with_the_model(
+    index: object, ts: datetime, kind: object, actor: object, data: object
+) -> None:
+    expected = reference_entry(index, ts, kind, actor, data)
+    try:
+        record = make_entry(index, ts, kind, actor, data)  # type: ignore[arg-type]
+    except UsageError:
+        assert expected is None
+        return
+    assert record.raw == expected
+    assert parse_entry(record.raw).entry == record.entry

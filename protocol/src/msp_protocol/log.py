@@ -19,20 +19,30 @@ an auditor's check of an export are all built on it.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import Field, StrictInt, StringConstraints, ValidationError
-from pydantic_core import PydanticSerializationError
+from pydantic import Field, StrictInt, StringConstraints
 
 from msp_protocol.canonical import canonicalize, parse_canonical_json, parse_json
 from msp_protocol.delegation import RevocationList, Scope, VerifiedDelegation
 from msp_protocol.dsse import Envelope, PayloadType, check_envelope, sign_document
-from msp_protocol.encoding import Hash, Identifier, KeyIdField, Serial, Timestamp, from_hex, to_hex
+from msp_protocol.encoding import (
+    Hash,
+    Identifier,
+    KeyIdField,
+    Serial,
+    Timestamp,
+    format_time,
+    from_hex,
+    to_hex,
+)
 from msp_protocol.errors import (
     CheckpointError,
+    EncodingError,
     LogEntryError,
     MalformedError,
     RevokedError,
@@ -43,25 +53,24 @@ from msp_protocol.errors import (
 from msp_protocol.keys import SigningKey, VerifyKey
 from msp_protocol.limits import DEFAULT_LIMITS, Limits
 from msp_protocol.merkle import TreeState, leaf_hash
-from msp_protocol.model import WireModel, first_problem
+from msp_protocol.model import WireModel
 from msp_protocol.result import Failure, Result, raising
 
 GENESIS_KIND = "chain.genesis"
 ORIGIN_PREFIX = "msp/"
 
-EntryKind = Annotated[
-    str,
-    StringConstraints(
-        strict=True, max_length=64, pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*){1,3}$"
-    ),
-]
-Actor = Annotated[
-    str, StringConstraints(strict=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")
-]
+_KIND_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*){1,3}$"
+_ACTOR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$"
+_KIND = re.compile(_KIND_PATTERN[1:-1])
+_ACTOR = re.compile(_ACTOR_PATTERN[1:-1])
+MAX_SIZE = 2**53 - 1
+
+EntryKind = Annotated[str, StringConstraints(strict=True, max_length=64, pattern=_KIND_PATTERN)]
+Actor = Annotated[str, StringConstraints(strict=True, pattern=_ACTOR_PATTERN)]
 Origin = Annotated[
     str, StringConstraints(strict=True, pattern=r"^msp/[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ]
-Size = Annotated[StrictInt, Field(ge=0, le=2**53 - 1)]
+Size = Annotated[StrictInt, Field(ge=0, le=MAX_SIZE)]
 
 
 def origin_for(appliance_id: str) -> str:
@@ -100,14 +109,29 @@ class EntryRecord:
 def make_entry(
     index: int, ts: datetime, kind: str, actor: str, data: dict[str, Any]
 ) -> EntryRecord:
-    """Build an entry and its canonical bytes (validated like a received one)."""
+    """Build an entry and its canonical bytes.
+
+    Checks the same rules as :class:`LogEntry` but directly, without building
+    the model through pydantic: this is the appliance's hot path (a property
+    test holds both to the same verdicts and bytes). Raises
+    :class:`UsageError` for anything that could not be a valid entry.
+    """
+    if type(index) is not int or not 0 <= index <= MAX_SIZE:
+        raise UsageError(f"log entry: index must be an integer in 0..{MAX_SIZE}, got {index!r}")
+    if not isinstance(kind, str) or len(kind) > 64 or _KIND.fullmatch(kind) is None:
+        raise UsageError(f"log entry: kind {str(kind)[:70]!r} is not a dotted lowercase name")
+    if not isinstance(actor, str) or _ACTOR.fullmatch(actor) is None:
+        raise UsageError(f"log entry: actor {str(actor)[:130]!r} is not a valid actor name")
+    if type(data) is not dict:
+        raise UsageError("log entry: data must be a JSON object")
     try:
-        entry = LogEntry(index=index, ts=ts, kind=kind, actor=actor, data=data)
-        raw = canonicalize(entry.to_wire())
-    except ValidationError as exc:
-        raise UsageError(f"log entry: {first_problem(exc)}") from None
-    except PydanticSerializationError as exc:
-        raise UsageError(f"log entry data is not JSON: {exc}") from None
+        ts_text = format_time(ts)
+    except (EncodingError, AttributeError, TypeError) as exc:
+        raise UsageError(f"log entry: ts: {exc}") from None
+    raw = canonicalize({"actor": actor, "data": data, "index": index, "kind": kind, "ts": ts_text})
+    entry = LogEntry.model_construct(
+        index=index, ts=ts.astimezone(UTC), kind=kind, actor=actor, data=dict(data)
+    )
     return EntryRecord(raw, entry, leaf_hash(raw))
 
 

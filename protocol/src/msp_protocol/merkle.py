@@ -331,7 +331,16 @@ class TreeState:
 
     def append(self, leaf: bytes) -> None:
         """Add one leaf hash; O(log n) hashing, no old leaf read."""
-        self.append_completing(leaf)
+        nodes = self.nodes
+        nodes.append(leaf)
+        self.size += 1
+        # Each trailing zero bit of the new size is one pair of equal-sized
+        # perfect subtrees to merge.
+        size = self.size
+        while not size & 1:
+            right = nodes.pop()
+            nodes[-1] = node_hash(nodes[-1], right)
+            size >>= 1
 
     def append_completing(self, leaf: bytes) -> list[bytes]:
         """:meth:`append`, returning the roots of the perfect subtrees this leaf
