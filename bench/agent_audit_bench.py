@@ -135,7 +135,7 @@ def ideal(directory: Path, total: int, batch: int = 1_000) -> float:
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany("INSERT INTO entries VALUES (?, ?, ?)", rows)
         connection.execute(
-            "INSERT INTO checkpoints VALUES (?, ?)", (len(rows), key.sign(rows[-1][2]))
+            "INSERT INTO checkpoints VALUES (?, ?)", (start + len(rows), key.sign(rows[-1][2]))
         )
         connection.execute("COMMIT")
     connection.close()

@@ -42,6 +42,7 @@ from msp_protocol.encoding import utc_now
 from msp_protocol.errors import ProtocolError
 from msp_protocol.keys import KEY_BYTES, SigningKey, VerifyKey
 
+DEFAULT_KEY_DIR = Path("/var/lib/msp/keys")
 KEY_FILE = "device.key"
 NEXT_KEY_FILE = "device.key.next"
 CERTIFICATE_FILE = "certificate.json"
@@ -145,12 +146,13 @@ class DelegatedSigningKey:
     @classmethod
     def load_or_create(
         cls,
-        key_dir: Path,
+        key_dir: Path = DEFAULT_KEY_DIR,
         *,
         central_keys: Sequence[VerifyKey],
         clock: Clock = utc_now,
     ) -> DelegatedSigningKey:
-        """Load the device key from ``key_dir``, generating it on first use.
+        """Load the device key from ``key_dir`` (by default
+        ``/var/lib/msp/keys``), generating it on first use.
 
         Raises :class:`KeyFileError` if the directory or the key file is
         readable by others or owned by someone else, or the key is damaged.
@@ -355,6 +357,7 @@ def _load_key(path: Path, *, create: bool) -> SigningKey:
 
 
 __all__ = [
+    "DEFAULT_KEY_DIR",
     "CertificateRejectedError",
     "DelegatedSigningKey",
     "KeyFileError",
