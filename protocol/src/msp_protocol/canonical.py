@@ -47,14 +47,24 @@ def canonicalize(value: Any) -> bytes:
     """Return the RFC 8785 canonical UTF-8 bytes of a JSON value.
 
     Raises :class:`UsageError` for values JSON cannot carry canonically
-    (non-string keys, NaN, integers beyond ±(2**53 - 1), lone surrogates,
-    types other than dict/list/tuple/str/int/float/bool/None).
+    (non-string keys, NaN, integers beyond ±(2**53 - 1), integral floats that
+    RFC 8785 would write as such integers, lone surrogates, types other than
+    dict/list/tuple/str/int/float/bool/None).
     """
     if _fast_path_ok(value, 0):
         try:
             return _dumps(value).encode("utf-8")
         except UnicodeEncodeError as exc:
             raise UsageError("cannot canonicalize: string contains a lone surrogate") from exc
+    unsafe = _integral_float_beyond_safe(value, 0)
+    if unsafe is not None:
+        # RFC 8785 writes such a float as a bare integer beyond ±(2**53 - 1),
+        # which parse_json (rightly) refuses: a document carrying it could be
+        # signed but never verified. Refuse it here, where every signed or
+        # hashed document passes.
+        raise UsageError(
+            f"cannot canonicalize: {unsafe!r} would be written as an integer beyond ±(2**53 - 1)"
+        )
     return canonicalize_reference(value)
 
 
@@ -100,6 +110,26 @@ def _fast_path_ok(value: Any, depth: int) -> bool:
     if kind is list or kind is tuple:
         return all(_fast_path_ok(item, depth + 1) for item in value)
     return False
+
+
+def _integral_float_beyond_safe(value: Any, depth: int) -> float | None:
+    if depth > 64:
+        return None  # left to the reference encoder's depth error
+    if isinstance(value, float):
+        if value.is_integer() and MAX_SAFE_INTEGER < abs(value) < 1e21:
+            return value
+        return None
+    if isinstance(value, dict):
+        items: Any = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return None
+    for item in items:
+        found = _integral_float_beyond_safe(item, depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_json(

@@ -128,7 +128,24 @@ def make_entry(
         ts_text = format_time(ts)
     except (EncodingError, AttributeError, TypeError) as exc:
         raise UsageError(f"log entry: ts: {exc}") from None
-    raw = canonicalize({"actor": actor, "data": data, "index": index, "kind": kind, "ts": ts_text})
+    # RFC 8785 orders the members actor, data, index, kind, ts; kind, actor and
+    # the time are plain ASCII that JSON never escapes, so only the free-form
+    # data goes through the encoder.
+    raw = b"".join(
+        (
+            b'{"actor":"',
+            actor.encode("ascii"),
+            b'","data":',
+            canonicalize(data),
+            b',"index":',
+            str(index).encode("ascii"),
+            b',"kind":"',
+            kind.encode("ascii"),
+            b'","ts":"',
+            ts_text.encode("ascii"),
+            b'"}',
+        )
+    )
     entry = LogEntry.model_construct(
         index=index, ts=ts.astimezone(UTC), kind=kind, actor=actor, data=dict(data)
     )
