@@ -12,7 +12,8 @@ and covered by a signature.
 Storage, in the one file this trail owns (evidence bundles live beside the
 entries so a bundle and the entry recording it commit together):
 
-- ``entries(idx, raw, leaf)``: canonical bytes and leaf hash;
+- ``entries(idx, raw, leaf, mac)``: canonical bytes, leaf hash and the row
+  authentication code (:func:`row_mac`);
 - ``nodes(level, position, hash)``: roots of perfect subtrees of 256 leaves
   and more, so proofs and roots at any size cost O(log n) lookups;
 - ``checkpoints``: the latest checkpoint, one per 1,024 entries before it
@@ -62,7 +63,6 @@ from msp_protocol.merkle import (
     TreeState,
     consistency_proof,
     inclusion_proof,
-    leaf_hash,
     node_hash,
     root_of,
 )
@@ -1165,16 +1165,17 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         log.error("recording an audit quota alert failed: %s", task.exception())
 
 
-# Re-exported for the evidence queue, which shares this database.
 __all__ = [
     "Appended",
+    "AuditSyncRejected",
     "AuditTrailError",
     "AuditTrailFullError",
     "AuditVerification",
     "Built",
-    "EntryRecord",
     "Head",
+    "LocalTruncationError",
     "OfflineAuditTrail",
-    "leaf_hash",
+    "SyncReport",
+    "row_mac",
     "verify_database",
 ]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from msp_agent.central import CentralClient, CentralRejected, CentralUnavailable
-from msp_agent.keys import write_atomic
+from msp_agent.files import write_atomic
 from msp_protocol.bundle import BundleKind, VerifiedBundle, check_bundle
 from msp_protocol.dsse import Envelope, parse_envelope
 from msp_protocol.encoding import utc_now

@@ -96,22 +96,25 @@ class EvidenceQueue:
                     None,
                     SignedEvidence(bundle_id, existing[0], parse_envelope(bytes(existing[1]))),
                 )
+
+            def sign_at(log_index: int) -> Envelope:
+                return self._sign(
+                    key,
+                    appliance_id,
+                    bundle_id,
+                    check_id,
+                    controls,
+                    result,
+                    observed,
+                    collected_at or now,
+                    log_index,
+                )
+
             entries: list[tuple[str, str, dict[str, Any]]] = []
-            evicted: list[tuple[str, int]] = []
             index = first_index
             # Sign once to learn the size, then decide on eviction: an
             # eviction entry comes first and shifts the bundle's index by one.
-            envelope = self._sign(
-                key,
-                appliance_id,
-                bundle_id,
-                check_id,
-                controls,
-                result,
-                observed,
-                collected_at or now,
-                index,
-            )
+            envelope = sign_at(index)
             evicted = self._victims(connection, len(envelope.to_json()))
             if evicted:
                 entries.append(
@@ -126,17 +129,7 @@ class EvidenceQueue:
                     )
                 )
                 index += 1
-                envelope = self._sign(
-                    key,
-                    appliance_id,
-                    bundle_id,
-                    check_id,
-                    controls,
-                    result,
-                    observed,
-                    collected_at or now,
-                    index,
-                )
+                envelope = sign_at(index)
             payload = envelope.payload_bytes()
             entries.append(
                 (

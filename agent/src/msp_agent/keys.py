@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from msp_agent.files import fsync_directory, write_atomic
 from msp_protocol.delegation import (
     Purpose,
     Scope,
@@ -68,31 +69,6 @@ class KeyRevokedError(Exception):
 
 class CertificateRejectedError(Exception):
     """A certificate from the server that does not certify our key as asked."""
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``path`` so that it holds either its old content or ``data``,
-    never a mix: temp file, fsync, rename, fsync of the directory."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with_mode = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(with_mode, mode)  # the umask must not widen or narrow it
-        view = memoryview(data)
-        while view:
-            view = view[os.write(with_mode, view) :]
-        os.fsync(with_mode)
-    finally:
-        os.close(with_mode)
-    os.replace(temporary, path)
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_private(path: Path, *, kind: str) -> None:
@@ -363,5 +339,4 @@ __all__ = [
     "KeyFileError",
     "KeyRevokedError",
     "PendingRotation",
-    "write_atomic",
 ]

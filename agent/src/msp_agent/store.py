@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
+
+from msp_agent.files import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def quarantine_file(path: Path, reason: str) -> Quarantine:
         source = Path(f"{path}{suffix}")
         if source.exists():
             source.rename(Path(f"{moved}{suffix}"))
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
     log.error("database %s failed its integrity check (%s); moved to %s", path, reason, moved)
     return Quarantine(path, moved, reason)
 
@@ -213,11 +214,3 @@ def _close(connection: sqlite3.Connection) -> None:
     with contextlib.suppress(sqlite3.Error):
         connection.execute("PRAGMA optimize")
     connection.close()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

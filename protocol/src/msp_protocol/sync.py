@@ -21,7 +21,6 @@ state it stored, and so do test doubles of the server. Outcomes:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -272,11 +271,6 @@ def _check_sync(
     return Result.success(SyncAccepted(new_state, records, checkpoint))
 
 
-def checkpoint_digest(envelope: Envelope) -> str:
-    """SHA-256 of a checkpoint's signed payload (what a receipt binds)."""
-    return hashlib.sha256(envelope.payload_bytes()).hexdigest()
-
-
 def failure_details(failure: Failure) -> dict[str, Any]:
     """Extra fields a problem document carries for a sync failure."""
     if isinstance(failure, StaleSizeError | TruncationError):
@@ -297,6 +291,5 @@ __all__ = [
     "TruncationError",
     "WitnessState",
     "check_sync",
-    "checkpoint_digest",
     "failure_details",
 ]
