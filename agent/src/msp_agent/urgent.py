@@ -202,9 +202,11 @@ class UrgentCloudRetry:
             await self._finish(incident.escalation_id)
             result.delivered.append(incident.escalation_id)
             woken = True  # a request succeeded: everything else is due now
+        # Read once more: deliveries and reschedules changed what waits.
+        still_waiting = await self._waiting()
         if self._sms is not None:
-            result.texted = await self._text_overdue(self._sms, now)
-        result.wait_seconds = await self._next_wait()
+            result.texted = await self._text_overdue(self._sms, still_waiting, now)
+        result.wait_seconds = self._next_wait(still_waiting, texted=set(result.texted))
         return result
 
     async def run(self, client: CentralClient, stop: asyncio.Event) -> None:
@@ -271,9 +273,11 @@ class UrgentCloudRetry:
             )
         )
 
-    async def _text_overdue(self, sms: SMSAlerter, now: datetime) -> list[str]:
+    async def _text_overdue(
+        self, sms: SMSAlerter, waiting: list[_Waiting], now: datetime
+    ) -> list[str]:
         texted = []
-        for incident in await self._waiting():
+        for incident in waiting:
             if incident.priority != PRIORITY["critical"] or incident.sms_done:
                 continue
             if incident.created_at + self.sms_after > now:
@@ -295,9 +299,8 @@ class UrgentCloudRetry:
             )
         )
 
-    async def _next_wait(self) -> float | None:
+    def _next_wait(self, waiting: list[_Waiting], *, texted: set[str]) -> float | None:
         now = self._clock()
-        waiting = await self._waiting()
         if not waiting:
             return None
         candidates = [(i.next_attempt_at - now).total_seconds() for i in waiting]
@@ -305,7 +308,9 @@ class UrgentCloudRetry:
             candidates += [
                 (i.created_at + self.sms_after - now).total_seconds()
                 for i in waiting
-                if i.priority == PRIORITY["critical"] and not i.sms_done
+                if i.priority == PRIORITY["critical"]
+                and not i.sms_done
+                and i.escalation_id not in texted
             ]
         # Never negative, never beyond the cap: a clock set back or forward
         # can delay delivery by at most one cap.
