@@ -1,0 +1,285 @@
+"""Request and response bodies of the partner, admin and appliance APIs.
+
+Requests are parsed strictly (unknown members refused); responses are built
+from these models, and :mod:`msp_central.openapi` derives the OpenAPI
+document's schemas from the same classes, so the document cannot drift from
+what the server sends.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from msp_central.catalogue import Tier
+from msp_protocol.bundle import Severity
+from msp_protocol.dsse import Envelope
+from msp_protocol.encoding import Timestamp
+
+FrameworkId = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-z0-9][a-z0-9_]{0,31}$")]
+Industry = Literal[
+    "healthcare", "finance", "technology", "defence", "government", "education", "retail", "legal"
+]
+Name = Annotated[
+    str, StringConstraints(strict=True, strip_whitespace=True, min_length=1, max_length=200)
+]
+FrameworkList = Annotated[list[FrameworkId], Field(max_length=10)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- catalogue ------------------------------------------------------------------
+
+
+class ControlOut(Body):
+    id: str
+    title: str
+    runbooks: list[str]
+
+
+class FrameworkOut(Body):
+    id: str
+    name: str
+    edition: str
+    controls: list[ControlOut]
+
+
+class RunbookOut(Body):
+    id: str
+    title: str
+    tier: Tier
+    check: str
+    l1_action: str | None
+    description: str
+
+
+class PresetOut(Body):
+    id: str
+    name: str
+    description: str
+    tier: Tier
+    frameworks: list[str]
+
+
+# --- partners and sites ------------------------------------------------------------
+
+
+class PartnerDefaults(Body):
+    industry: Industry | None = None
+    tier: Tier = Tier.BASIC
+    frameworks: FrameworkList = []
+
+
+class PartnerOut(Body):
+    id: str
+    name: str
+    created_at: datetime
+    defaults: PartnerDefaults
+
+
+class PartnerCreate(Body):
+    name: Name
+
+
+class PartnerCreated(Body):
+    partner: PartnerOut
+    api_key: str  # shown once, stored only as a hash
+
+
+class SiteOverrides(Body):
+    """Per-site settings; null inherits the partner's default."""
+
+    industry: Industry | None = None
+    tier: Tier | None = None
+    frameworks: FrameworkList | None = None
+
+
+class SiteCreate(Body):
+    name: Name
+    overrides: SiteOverrides = SiteOverrides()
+
+
+Source = Literal["partner", "site"]
+
+
+class EffectiveConfig(Body):
+    site_id: str
+    industry: Industry | None
+    tier: Tier
+    frameworks: list[str]
+    runbooks: list[str]
+    sources: dict[Literal["industry", "tier", "frameworks"], Source]
+
+
+class SiteOut(Body):
+    id: str
+    partner_id: str
+    name: str
+    created_at: datetime
+    overrides: SiteOverrides
+    effective: EffectiveConfig
+
+
+class ApplyPreset(Body):
+    preset: Industry
+
+
+class FrameworkUse(Body):
+    framework: str
+    name: str
+    site_count: int
+    sites: list[str]
+
+
+class SiteFrameworks(Body):
+    site_id: str
+    name: str
+    frameworks: list[str]
+
+
+class FrameworkUsage(Body):
+    site_count: int
+    frameworks: list[FrameworkUse]
+    sites: list[SiteFrameworks]
+
+
+class TokenCreate(Body):
+    hours: Annotated[int, Field(ge=1, le=24 * 30)] | None = None
+
+
+class TokenOut(Body):
+    token: str  # shown once, stored only as a hash
+    site_id: str
+    expires_at: datetime
+
+
+# --- appliances as partners see them -----------------------------------------------
+
+ApplianceStatus = Literal["online", "offline", "never-seen", "revoked"]
+
+
+class ApplianceOut(Body):
+    id: str
+    site_id: str
+    created_at: datetime
+    status: ApplianceStatus
+    last_seen_at: datetime | None
+    last_sync_at: datetime | None
+    audit_size: int
+    audit_root: str
+    flagged_checkpoints: int
+    certificate_serial: str | None
+    certificate_not_after: datetime | None
+    heartbeat: dict[str, object] | None
+
+
+class RevokeIn(Body):
+    reason: Annotated[str, StringConstraints(strict=True, max_length=256)] = ""
+
+
+class RevokeOut(Body):
+    serial: str
+    appliance_id: str
+    cutoff_size: int
+    revocation_list_version: int
+
+
+class EscalationOut(Body):
+    escalation_id: str
+    appliance_id: str
+    site_id: str
+    severity: Severity
+    title: str
+    detail: dict[str, object]
+    created_at: datetime
+    received_at: datetime
+    log_index: int | None
+    acknowledged_at: datetime | None
+
+
+class AlertOut(Body):
+    id: int
+    appliance_id: str | None
+    site_id: str | None
+    code: str
+    detail: str
+    created_at: datetime
+
+
+class EvidenceOut(Body):
+    bundle_id: str
+    appliance_id: str
+    site_id: str
+    check_id: str
+    result: str
+    controls: dict[str, list[str]]
+    collected_at: datetime
+    log_index: int
+    signed_after_expiry: bool
+    received_at: datetime
+
+
+# --- the appliance API ------------------------------------------------------------------
+
+
+class EnrollIn(Body):
+    token: Annotated[str, StringConstraints(strict=True, min_length=16, max_length=128)]
+    request: Envelope
+
+
+class EnrollOut(Body):
+    appliance_id: str
+    site_id: str
+    certificate: Envelope
+
+
+class CertificateIn(Body):
+    request: Envelope
+
+
+class CertificateOut(Body):
+    certificate: Envelope
+
+
+class HeartbeatIn(Body):
+    version: Annotated[str, StringConstraints(strict=True, max_length=64)]
+    log_size: Annotated[int, Field(ge=0)]
+    queues: Annotated[
+        dict[Annotated[str, StringConstraints(max_length=32)], int], Field(max_length=16)
+    ]
+    clock: Timestamp
+
+
+class HeartbeatOut(Body):
+    server_time: Timestamp
+    clock_skew_seconds: float
+    witnessed_size: int
+
+
+class EvidenceAccepted(Body):
+    bundle_id: str
+    stored: bool  # false: this bundle was already held (a resend)
+    signed_after_expiry: bool
+    # True: the bundle's audit entry is witnessed and records this bundle;
+    # null: that entry has not been synced yet.
+    in_log: bool | None
+
+
+class EscalationAccepted(Body):
+    escalation_id: str
+    stored: bool
+
+
+class Problem(Body):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    instance: str | None = None

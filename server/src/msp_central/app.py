@@ -1,0 +1,114 @@
+"""The aiohttp application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+
+import sqlalchemy as sa
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from msp_central.config import Settings
+from msp_central.context import CENTRAL, Central, load_root_key
+from msp_central.db.engine import create_engine
+from msp_central.db.migrate import check_current, upgrade
+from msp_central.db.tables import request_nonces
+from msp_central.openapi import routes as openapi_routes
+from msp_central.problems import Problem, problem_response
+from msp_central.routes.appliances import routes as appliance_routes
+from msp_central.routes.catalogue import routes as catalogue_routes
+from msp_central.routes.partners import routes as partner_routes
+from msp_protocol.encoding import utc_now
+from msp_protocol.errors import ProtocolError
+from msp_protocol.keys import SigningKey
+
+log = logging.getLogger("msp_central")
+
+# Nonces older than the signature freshness window can never be replayed
+# (the signature would be refused as stale first): purge them this often.
+NONCE_PURGE_SECONDS = 60
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as problem+json; nothing internal leaks."""
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem_response(problem, request.path)
+    except ProtocolError as exc:
+        return problem_response(Problem.from_protocol(exc), request.path)
+    except web.HTTPNotFound:
+        return problem_response(
+            Problem("not-found", f"no route {request.path[:200]}"), request.path
+        )
+    except web.HTTPMethodNotAllowed:
+        return problem_response(
+            Problem("method-not-allowed", f"{request.method} is not allowed here"), request.path
+        )
+    except web.HTTPRequestEntityTooLarge:
+        return problem_response(Problem("body-too-large", "request body too large"), request.path)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return problem_response(
+            Problem("internal-error", "the server failed; the error is logged"), request.path
+        )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    root: SigningKey | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> web.Application:
+    """The server. ``root`` defaults to the key in ``settings.key_file``;
+    ``clock`` is the server's trusted time (tests move it)."""
+    app = web.Application(
+        middlewares=[problems],
+        client_max_size=max(settings.max_sync_body_bytes, settings.max_body_bytes),
+    )
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        key = root or load_root_key(settings.key_file)
+        engine = create_engine(settings.resolved_database_url())
+        try:
+            if settings.migrate_on_start:
+                await upgrade(engine)
+            else:
+                await check_current(engine)
+            service = Central(settings=settings, engine=engine, root=key, clock=clock)
+            app[CENTRAL] = service
+            purger = asyncio.create_task(_purge_nonces(service))
+            try:
+                yield
+            finally:
+                purger.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purger
+        finally:
+            await engine.dispose()
+
+    app.cleanup_ctx.append(lifecycle)
+    for table in (catalogue_routes, partner_routes, appliance_routes, openapi_routes):
+        app.add_routes(table)
+    return app
+
+
+async def _purge_nonces(service: Central) -> None:
+    window = int((service.limits.max_signature_age + service.limits.clock_skew).total_seconds())
+    while True:
+        await asyncio.sleep(NONCE_PURGE_SECONDS)
+        cutoff = int(service.clock().timestamp()) - window
+        try:
+            async with service.engine.begin() as connection:
+                await connection.execute(
+                    sa.delete(request_nonces).where(request_nonces.c.created < cutoff)
+                )
+        except Exception:  # the next round tries again; serving goes on
+            log.exception("purging old request nonces failed")

@@ -1,0 +1,186 @@
+"""Who is asking: partners and admins by bearer key, appliances by RFC 9421.
+
+Every handler calls one of :func:`require_partner`, :func:`require_admin` or
+:func:`require_appliance` first, and scopes every query by what it returns
+(a partner sees only its own sites; an appliance acts only as itself).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from aiohttp import web
+
+from msp_central.context import central, secret_sha256
+from msp_central.db.engine import insert_ignore
+from msp_central.db.tables import api_keys, appliances, certificates, request_nonces, sites
+from msp_central.problems import Problem
+from msp_protocol.errors import ProtocolError
+from msp_protocol.httpsig import AuthenticatedRequest, HttpRequest, averify_request
+from msp_protocol.keys import VerifyKey
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHolder:
+    role: Literal["partner", "admin"]
+    partner_id: str | None
+    key_prefix: str
+
+
+async def _bearer(request: web.Request) -> KeyHolder:
+    header = request.headers.get("Authorization")
+    if not header:
+        raise Problem(
+            "missing-credentials", "an Authorization: Bearer <api key> header is required"
+        )
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Problem("bad-credentials", "Authorization must be Bearer <api key>")
+    digest = secret_sha256(secret.strip())
+    async with central(request).engine.connect() as connection:
+        row = (
+            await connection.execute(sa.select(api_keys).where(api_keys.c.key_sha256 == digest))
+        ).first()
+    # The lookup is by hash, so timing reveals nothing about a stored key;
+    # compare_digest keeps the last comparison constant-time all the same.
+    if row is None or not hmac.compare_digest(row.key_sha256, digest) or row.revoked_at:
+        raise Problem("bad-credentials", "the API key is unknown or revoked")
+    return KeyHolder(row.role, row.partner_id, row.prefix)
+
+
+async def require_partner(request: web.Request) -> KeyHolder:
+    holder = await _bearer(request)
+    if holder.role != "partner" or holder.partner_id is None:
+        raise Problem("forbidden", "this endpoint is for partner keys")
+    return holder
+
+
+async def require_admin(request: web.Request) -> KeyHolder:
+    holder = await _bearer(request)
+    if holder.role != "admin":
+        raise Problem("forbidden", "this endpoint is for admin keys")
+    return holder
+
+
+async def require_partner_or_admin(request: web.Request) -> KeyHolder:
+    return await _bearer(request)
+
+
+# --- appliances ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Appliance:
+    appliance_id: str
+    site_id: str
+    partner_id: str
+    serial: str
+    key_id: str
+    revoked: bool
+    signature: AuthenticatedRequest
+
+
+def target_uri(request: web.Request) -> str:
+    """The URI the appliance signed: behind a reverse proxy, the configured
+    public URL; otherwise what the request says it was sent to."""
+    public = central(request).settings.public_url
+    if public:
+        return public + request.rel_url.path_qs
+    return str(request.url)
+
+
+async def require_appliance(
+    request: web.Request,
+    body: bytes,
+    *,
+    appliance_id: str | None = None,
+    allow_revoked: bool = False,
+) -> Appliance:
+    """Verify the request's RFC 9421 signature and return the appliance whose
+    current key signed it. ``appliance_id`` (from the path) must be that
+    appliance. A revoked appliance is refused unless ``allow_revoked`` (it
+    must still be able to fetch the revocation list that names it)."""
+    service = central(request)
+    found: dict[str, Any] = {}
+
+    async def resolve_key(key_id: str) -> VerifyKey | None:
+        async with service.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    sa.select(
+                        certificates.c.serial,
+                        certificates.c.subject_key,
+                        certificates.c.revoked_at,
+                        certificates.c.replaces,
+                        appliances.c.id.label("appliance_id"),
+                        appliances.c.site_id,
+                        appliances.c.revoked_at.label("appliance_revoked_at"),
+                        appliances.c.current_serial,
+                        sites.c.partner_id,
+                    )
+                    .join(appliances, appliances.c.id == certificates.c.appliance_id)
+                    .join(sites, sites.c.id == appliances.c.site_id)
+                    .where(certificates.c.key_id == key_id)
+                    .order_by(certificates.c.issued_at.desc())
+                    .limit(1)
+                )
+            ).first()
+        if row is None:
+            return None
+        if row.serial != row.current_serial:
+            # A rotated key speaks for the appliance from its first signed
+            # request on; a key replaced by a rotation no longer does.
+            if row.replaces != row.current_serial:
+                return None
+            found["promote"] = row
+        found["row"] = row
+        return VerifyKey.from_hex(row.subject_key)
+
+    async def nonce_seen(key_id: str, nonce: str, created: int) -> bool:
+        async with service.engine.begin() as connection:
+            inserted = await insert_ignore(
+                connection,
+                request_nonces,
+                [{"key_id": key_id, "nonce": nonce, "created": created}],
+            )
+        return inserted == 0
+
+    http = HttpRequest.build(request.method, target_uri(request), request.headers.items())
+    try:
+        signature = await averify_request(
+            http,
+            body,
+            resolve_key=resolve_key,
+            nonce_seen=nonce_seen,
+            now=service.clock(),
+            limits=service.limits,
+        )
+    except ProtocolError as exc:
+        raise Problem.from_protocol(exc) from None
+    row = found["row"]
+    if "promote" in found:
+        async with service.engine.begin() as connection:
+            await connection.execute(
+                sa.update(appliances)
+                .where(
+                    appliances.c.id == row.appliance_id, appliances.c.current_serial == row.replaces
+                )
+                .values(current_serial=row.serial)
+            )
+    caller = Appliance(
+        appliance_id=str(row.appliance_id),
+        site_id=str(row.site_id),
+        partner_id=str(row.partner_id),
+        serial=str(row.serial),
+        key_id=signature.key_id,
+        revoked=row.revoked_at is not None or row.appliance_revoked_at is not None,
+        signature=signature,
+    )
+    if appliance_id is not None and appliance_id != caller.appliance_id:
+        raise Problem("wrong-appliance", "the request is signed by another appliance's key")
+    if caller.revoked and not allow_revoked:
+        raise Problem("appliance-revoked", f"certificate {caller.serial} is revoked")
+    return caller

@@ -1,0 +1,222 @@
+"""``msp-central``: serve, migrate, and the administrator's one-off tasks.
+
+Every failure is one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from msp_central.api_models import SiteOverrides
+from msp_central.app import create_app
+from msp_central.config import ConfigError, Settings, load_settings
+from msp_central.context import load_root_key, write_root_key
+from msp_central.db.engine import create_engine
+from msp_central.db.migrate import DatabaseVersionError, check_current, upgrade
+from msp_central.problems import Problem
+from msp_central.queries import (
+    create_api_key,
+    create_enrollment_token,
+    create_partner,
+    create_site,
+    get_partner,
+    get_site,
+    revoke_certificate,
+)
+from msp_protocol.encoding import utc_now
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msp-central", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="settings file (.toml or .json)")
+    parser.add_argument("--state-dir", type=Path, help="overrides state_dir")
+    parser.add_argument("--database-url", help="overrides database_url")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--migrate", action="store_true", help="apply migrations first")
+
+    db = commands.add_parser("db", help="database").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="apply pending migrations")
+
+    keys = commands.add_parser("keys", help="the central root key and certificates")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    key_actions.add_parser("init", help="create the central root key (refuses to overwrite)")
+    key_actions.add_parser("show", help="print the root public key and key id")
+    revoke = key_actions.add_parser("revoke", help="revoke an appliance certificate")
+    revoke.add_argument("serial")
+    revoke.add_argument("--reason", default="")
+
+    partner = commands.add_parser("partner", help="partners").add_subparsers(
+        dest="action", required=True
+    )
+    create = partner.add_parser("create", help="create a partner; prints its API key once")
+    create.add_argument("name")
+
+    admin = commands.add_parser("admin-key", help="admin API keys").add_subparsers(
+        dest="action", required=True
+    )
+    admin.add_parser("create", help="create an admin API key; printed once")
+
+    site = commands.add_parser("site", help="sites").add_subparsers(dest="action", required=True)
+    site_create = site.add_parser("create", help="create a site for a partner")
+    site_create.add_argument("--partner", required=True)
+    site_create.add_argument("name")
+
+    token = commands.add_parser("token", help="enrollment tokens").add_subparsers(
+        dest="action", required=True
+    )
+    token_create = token.add_parser("create", help="a one-time enrollment token for a site")
+    token_create.add_argument("--site", required=True)
+    token_create.add_argument("--hours", type=int)
+    return parser
+
+
+def _print(value: dict[str, Any]) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+async def _with_db(
+    settings: Settings, work: Callable[[AsyncConnection], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    engine = create_engine(settings.resolved_database_url())
+    try:
+        await check_current(engine)
+        async with engine.begin() as connection:
+            return await work(connection)
+    finally:
+        await engine.dispose()
+
+
+async def _upgrade(settings: Settings) -> str:
+    engine = create_engine(settings.resolved_database_url())
+    try:
+        return await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = load_settings(
+        args.config,
+        state_dir=args.state_dir,
+        database_url=args.database_url,
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+    )
+    now = utc_now()
+    match args.command, getattr(args, "action", None):
+        case "serve", _:
+            if args.migrate:
+                revision = asyncio.run(_upgrade(settings))
+                logging.getLogger("msp_central").info("database at revision %s", revision)
+            key = load_root_key(settings.key_file)
+            print(
+                f"msp-central: serving on http://{settings.host}:{settings.port} "
+                f"(root key {key.key_id})",
+                file=sys.stderr,
+            )
+            web.run_app(
+                create_app(settings, root=key),
+                host=settings.host,
+                port=settings.port,
+                print=None,
+                shutdown_timeout=10,
+            )
+        case "db", "upgrade":
+            print(f"database at revision {asyncio.run(_upgrade(settings))}")
+        case "keys", "init":
+            key = write_root_key(settings.key_file)
+            _print(
+                {
+                    "key_file": str(settings.key_file),
+                    "key_id": key.key_id,
+                    "public_key": key.verify_key.hex,
+                }
+            )
+        case "keys", "show":
+            key = load_root_key(settings.key_file)
+            _print({"key_id": key.key_id, "public_key": key.verify_key.hex})
+        case "keys", "revoke":
+            root = load_root_key(settings.key_file)
+
+            async def revoke(connection: AsyncConnection) -> dict[str, Any]:
+                result = await revoke_certificate(connection, root, args.serial, args.reason, now)
+                return result.model_dump(mode="json")
+
+            _print(asyncio.run(_with_db(settings, revoke)))
+        case "partner", "create":
+
+            async def partner(connection: AsyncConnection) -> dict[str, Any]:
+                row, key = await create_partner(connection, args.name, now)
+                return {"partner_id": row.id, "name": row.name, "api_key": key}
+
+            _print(asyncio.run(_with_db(settings, partner)))
+        case "admin-key", "create":
+
+            async def admin(connection: AsyncConnection) -> dict[str, Any]:
+                return {"api_key": await create_api_key(connection, "admin", None, now)}
+
+            _print(asyncio.run(_with_db(settings, admin)))
+        case "site", "create":
+
+            async def site(connection: AsyncConnection) -> dict[str, Any]:
+                await get_partner(connection, args.partner)
+                row = await create_site(connection, args.partner, args.name, SiteOverrides(), now)
+                return {"site_id": row.id, "partner_id": row.partner_id, "name": row.name}
+
+            _print(asyncio.run(_with_db(settings, site)))
+        case "token", "create":
+
+            async def token(connection: AsyncConnection) -> dict[str, Any]:
+                await get_site(connection, args.site)
+                lifetime = settings.enrollment_token_lifetime
+                if args.hours is not None:
+                    lifetime = timedelta(hours=args.hours)
+                secret, expires = await create_enrollment_token(
+                    connection, args.site, lifetime, now
+                )
+                return {"token": secret, "site_id": args.site, "expires_at": expires.isoformat()}
+
+            _print(asyncio.run(_with_db(settings, token)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(argv)
+    except (
+        ConfigError,
+        DatabaseVersionError,
+        FileExistsError,
+        FileNotFoundError,
+        PermissionError,
+        ValueError,
+    ) as exc:
+        print(f"msp-central: {exc}", file=sys.stderr)
+        return 1
+    except Problem as problem:
+        print(f"msp-central: {problem.detail}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"msp-central: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Server configuration: a TOML or JSON file, overridden by the environment.
+
+Every setting can be given as ``MSP_CENTRAL_<NAME>`` (for example
+``MSP_CENTRAL_DATABASE_URL``). Secrets are never settings themselves, only
+paths to files holding them: the central root key (``root_key_file``) and,
+for PostgreSQL with a password, the database URL (``database_url_file``).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from msp_protocol.limits import DEFAULT_LIMITS
+
+
+class ConfigError(Exception):
+    """The configuration file or environment is unusable (one line, for the CLI)."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MSP_CENTRAL_", extra="forbid", frozen=True)
+
+    # Where the embedded SQLite database and the default key file live.
+    state_dir: Path = Path("/var/lib/msp-central")
+    # SQLAlchemy URL; default: SQLite in state_dir. PostgreSQL:
+    # postgresql+asyncpg://user@host/db. A URL holding a password belongs in
+    # database_url_file instead.
+    database_url: str | None = None
+    database_url_file: Path | None = None
+    # The central root key (Ed25519 seed, hex). Default: state_dir/keys/root.key.
+    root_key_file: Path | None = None
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # The URL appliances use to reach this server, when it sits behind a
+    # reverse proxy: RFC 9421 signatures cover the full target URI, which must
+    # be rebuilt as the appliance saw it.
+    public_url: str | None = None
+    # Run pending database migrations when serving starts.
+    migrate_on_start: bool = False
+
+    certificate_lifetime_days: Annotated[int, Field(ge=1, le=90)] = 30
+    bundle_lifetime_hours: Annotated[int, Field(ge=1, le=24 * 90)] = 24 * 7
+    enrollment_token_hours: Annotated[int, Field(ge=1, le=24 * 30)] = 72
+    # Request bodies: the audit sync endpoint may take a full batch; every
+    # other endpoint far less.
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    max_sync_body_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_LIMITS.max_json_bytes
+
+    @field_validator("public_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file (passed as init values), so an
+        # operator can override one value of a generated file.
+        return (env_settings, init_settings)
+
+    @property
+    def certificate_lifetime(self) -> timedelta:
+        return timedelta(days=self.certificate_lifetime_days)
+
+    @property
+    def bundle_lifetime(self) -> timedelta:
+        return timedelta(hours=self.bundle_lifetime_hours)
+
+    @property
+    def enrollment_token_lifetime(self) -> timedelta:
+        return timedelta(hours=self.enrollment_token_hours)
+
+    @property
+    def key_file(self) -> Path:
+        return self.root_key_file or self.state_dir / "keys" / "root.key"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url_file is not None:
+            try:
+                return self.database_url_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read database_url_file {self.database_url_file}: {exc.strerror}"
+                ) from None
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.state_dir / 'central.db'}"
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``path`` (``.toml`` or ``.json``), the environment and
+    ``overrides`` (command-line values, which win over the file)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"config file {path} does not parse: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold an object of settings")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        raise ConfigError(f"invalid setting {where}: {error['msg']}") from None

@@ -1,0 +1,83 @@
+"""The database engine: SQLite (embedded default) or PostgreSQL.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` (a receipt the server
+signed is on disk), foreign keys on, and every transaction ``BEGIN
+IMMEDIATE``: writers queue on the database lock at the start instead of
+failing half-way with "database is locked". PostgreSQL serialises the
+writers of one appliance's log with ``SELECT … FOR UPDATE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Table, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def create_engine(url: str) -> AsyncEngine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(
+            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        )
+        _configure_sqlite(engine)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return create_async_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    raise ValueError(
+        f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Let SQLAlchemy, not the driver, decide where transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=FULL",
+            "PRAGMA foreign_keys=ON",
+            f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    async with engine.begin() as connection:
+        yield connection
+
+
+async def insert_ignore(
+    connection: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]]
+) -> int:
+    """Insert rows, skipping any whose primary key exists; return how many
+    were inserted. Never raises for a duplicate, so the transaction survives
+    (PostgreSQL aborts a transaction on any error)."""
+    if not rows:
+        return 0
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        statement: Any = postgresql.insert(table).on_conflict_do_nothing()
+    else:
+        statement = sqlite.insert(table).on_conflict_do_nothing()
+    result = await connection.execute(statement, list(rows))
+    return int(result.rowcount)

@@ -1,0 +1,314 @@
+"""The database schema, as SQLAlchemy Core tables.
+
+The migrations in ``migrations/versions`` create and evolve exactly this
+schema; a test compares the two on every backend. Times are stored as
+timezone-aware UTC; binary values (hashes, canonical entry bytes) as bytes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime stored")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+ID = 64  # identifiers: msp_protocol.encoding.Identifier allows at most 64 characters
+
+# --- the compliance catalogue (loaded from data/frameworks-vN.json by a migration)
+
+frameworks = Table(
+    "frameworks",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("edition", String(300), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("catalogue_version", Integer, nullable=False),
+)
+
+controls = Table(
+    "controls",
+    metadata,
+    Column("framework_id", String(32), ForeignKey("frameworks.id"), primary_key=True),
+    Column("control_id", String(64), primary_key=True),
+    Column("title", String(300), nullable=False),
+    Column("position", Integer, nullable=False),
+)
+
+runbooks = Table(
+    "runbooks",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("title", String(200), nullable=False),
+    # basic: compliance runbooks; full: adds the OS maintenance runbooks.
+    Column("tier", String(16), nullable=False),
+    Column("check_name", String(64), nullable=False),
+    Column("l1_action", String(64), nullable=True),
+    Column("description", Text, nullable=False),
+)
+
+control_runbook_mapping = Table(
+    "control_runbook_mapping",
+    metadata,
+    Column("framework_id", String(32), primary_key=True),
+    Column("control_id", String(64), primary_key=True),
+    Column("runbook_id", String(ID), ForeignKey("runbooks.id"), primary_key=True),
+)
+
+presets = Table(
+    "presets",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("tier", String(16), nullable=False),
+    Column("frameworks", JSON, nullable=False),
+    Column("position", Integer, nullable=False),
+)
+
+# --- partners, their keys and sites
+
+partners = Table(
+    "partners",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    # Defaults every site inherits unless it overrides them.
+    Column("industry", String(32), nullable=True),
+    Column("tier", String(16), nullable=False),
+    Column("frameworks", JSON, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    # SHA-256 of the key: keys are 256-bit random, so a fast hash is enough
+    # (nothing to brute-force), and lookups stay one indexed read.
+    Column("key_sha256", String(64), primary_key=True),
+    Column("prefix", String(16), nullable=False),  # shown in listings, never enough to use
+    Column("role", String(16), nullable=False),  # partner | admin
+    Column("partner_id", String(ID), ForeignKey("partners.id"), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+sites = Table(
+    "sites",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("partner_id", String(ID), ForeignKey("partners.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    # Per-site overrides; NULL inherits the partner's default.
+    Column("industry", String(32), nullable=True),
+    Column("tier", String(16), nullable=True),
+    Column("frameworks", JSON, nullable=True),
+)
+
+enrollment_tokens = Table(
+    "enrollment_tokens",
+    metadata,
+    Column("token_sha256", String(64), primary_key=True),
+    Column("site_id", String(ID), ForeignKey("sites.id"), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("used_at", UTCDateTime, nullable=True),
+    Column("appliance_id", String(ID), nullable=True),
+)
+
+# --- appliances and their certificates
+
+appliances = Table(
+    "appliances",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("site_id", String(ID), ForeignKey("sites.id"), nullable=False, index=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("current_serial", String(32), nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("last_seen_at", UTCDateTime, nullable=True),
+    Column("last_sync_at", UTCDateTime, nullable=True),
+    # The last heartbeat as the appliance sent it (version, log size, queues, clock).
+    Column("heartbeat", JSON, nullable=True),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("serial", String(32), primary_key=True),
+    Column("appliance_id", String(ID), ForeignKey("appliances.id"), nullable=False, index=True),
+    Column("key_id", String(16), nullable=False, index=True),
+    Column("subject_key", String(64), nullable=False),
+    Column("envelope", Text, nullable=False),
+    Column("not_before", UTCDateTime, nullable=False),
+    Column("not_after", UTCDateTime, nullable=False),
+    Column("issued_at", UTCDateTime, nullable=False),
+    Column("purpose", String(16), nullable=False),  # enroll | renew | rotate
+    # The certificate this one replaces (renew, rotate). A rotated key becomes
+    # the appliance's current one at its first signed request, so a rotation
+    # whose answer was lost can be retried with the old key.
+    Column("replaces", String(32), nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("cutoff_size", BigInteger, nullable=True),
+    Column("revocation_reason", String(256), nullable=True),
+)
+
+revocation_lists = Table(
+    "revocation_lists",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("envelope", Text, nullable=False),
+    Column("issued_at", UTCDateTime, nullable=False),
+)
+
+# RFC 9421 nonces seen within the freshness window, shared by every replica.
+request_nonces = Table(
+    "request_nonces",
+    metadata,
+    Column("key_id", String(16), primary_key=True),
+    Column("nonce", String(128), primary_key=True),
+    Column("created", BigInteger, nullable=False, index=True),
+)
+
+# --- witnessed audit logs
+
+audit_logs = Table(
+    "audit_logs",
+    metadata,
+    Column("appliance_id", String(ID), ForeignKey("appliances.id"), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("root", String(64), nullable=False),
+    Column("nodes", JSON, nullable=False),  # the compact range at size
+    Column("checkpoint_sha256", String(64), nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+audit_entries = Table(
+    "audit_entries",
+    metadata,
+    Column("appliance_id", String(ID), primary_key=True),
+    Column("idx", BigInteger, primary_key=True, autoincrement=False),
+    Column("leaf_hash", LargeBinary(32), nullable=False),
+    Column("raw", LargeBinary, nullable=False),  # the exact canonical bytes
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("appliance_id", String(ID), primary_key=True),
+    Column("size", BigInteger, primary_key=True, autoincrement=False),
+    Column("root", String(64), nullable=False),
+    Column("checkpoint", Text, nullable=False),
+    Column("receipt", Text, nullable=False),
+    Column("serial", String(32), nullable=False),
+    # Signed by a certificate that had expired (an appliance offline too long):
+    # accepted, kept for review.
+    Column("signed_after_expiry", Boolean, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+)
+
+evidence = Table(
+    "evidence",
+    metadata,
+    Column("bundle_id", String(ID), primary_key=True),
+    Column("appliance_id", String(ID), nullable=False, index=True),
+    Column("site_id", String(ID), nullable=False, index=True),
+    Column("check_id", String(64), nullable=False),
+    Column("result", String(16), nullable=False),
+    Column("controls", JSON, nullable=False),
+    Column("collected_at", UTCDateTime, nullable=False),
+    Column("log_index", BigInteger, nullable=False),
+    Column("payload_sha256", String(64), nullable=False),
+    Column("envelope", Text, nullable=False),
+    Column("serial", String(32), nullable=False),
+    Column("signed_after_expiry", Boolean, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+)
+
+escalations = Table(
+    "escalations",
+    metadata,
+    Column("escalation_id", String(ID), primary_key=True),
+    Column("appliance_id", String(ID), nullable=False),
+    Column("site_id", String(ID), nullable=False, index=True),
+    Column("severity", String(16), nullable=False),
+    Column("title", String(200), nullable=False),
+    Column("document", JSON, nullable=False),  # the escalation exactly as received
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("acknowledged_at", UTCDateTime, nullable=True),
+    Column("acknowledged_by", String(16), nullable=True),  # api key prefix
+)
+
+security_alerts = Table(
+    "security_alerts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("appliance_id", String(ID), nullable=True, index=True),
+    Column("site_id", String(ID), nullable=True, index=True),
+    Column("code", String(64), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+config_bundles = Table(
+    "config_bundles",
+    metadata,
+    Column("site_id", String(ID), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("version", BigInteger, primary_key=True, autoincrement=False),
+    Column("content_sha256", String(64), nullable=False),
+    Column("envelope", Text, nullable=False),
+    Column("issued_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+)
+
+Index("ix_escalations_open", escalations.c.site_id, escalations.c.acknowledged_at)

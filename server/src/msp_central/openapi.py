@@ -1,0 +1,180 @@
+"""The OpenAPI 3.1 document, served at ``/api/v1/openapi.json``.
+
+Schemas come from the pydantic models the handlers use to parse requests
+and build responses (:mod:`msp_central.api_models` and the protocol's wire
+models), so the document describes exactly what is sent. The tests validate
+every response they receive against it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from msp_central import __version__
+from msp_central import api_models as m
+from msp_protocol.bundle import Escalation
+from msp_protocol.canonical import canonicalize
+from msp_protocol.dsse import Envelope
+from msp_protocol.sync import SyncRequest, SyncResponse
+
+Security = list[dict[str, list[str]]]
+PARTNER: Security = [{"partnerKey": []}]
+ADMIN: Security = [{"adminKey": []}]
+ANY_KEY: Security = [{"partnerKey": []}, {"adminKey": []}]
+APPLIANCE: Security = [{"httpSignature": []}]
+NONE: Security = []
+
+# (method, path, summary, security, request model, {status: response model or None})
+OPERATIONS: list[
+    tuple[str, str, str, list[dict[str, list[str]]], type[BaseModel] | None, dict[int, Any]]
+] = [
+    ("get", "/api/v1/frameworks", "The ten frameworks, their controls and mapped runbooks", ANY_KEY, None, {200: list[m.FrameworkOut]}),
+    ("get", "/api/v1/frameworks/{framework_id}", "One framework", ANY_KEY, None, {200: m.FrameworkOut}),
+    ("get", "/api/v1/runbooks", "Every runbook and its coverage tier", ANY_KEY, None, {200: list[m.RunbookOut]}),
+    ("get", "/api/v1/presets", "Industry presets", ANY_KEY, None, {200: list[m.PresetOut]}),
+    ("post", "/api/v1/partners", "Create a partner and its first API key", ADMIN, m.PartnerCreate, {201: m.PartnerCreated}),
+    ("get", "/api/v1/partners", "List partners", ADMIN, None, {200: list[m.PartnerOut]}),
+    ("get", "/api/v1/partner", "The calling partner and its defaults", PARTNER, None, {200: m.PartnerOut}),
+    ("put", "/api/v1/partner/defaults", "Set the partner's defaults", PARTNER, m.PartnerDefaults, {200: m.PartnerOut}),
+    ("post", "/api/v1/partner/apply-preset", "Set the partner's defaults from a preset", PARTNER, m.ApplyPreset, {200: m.PartnerOut}),
+    ("get", "/api/v1/sites", "The partner's sites", PARTNER, None, {200: list[m.SiteOut]}),
+    ("post", "/api/v1/sites", "Create a site", PARTNER, m.SiteCreate, {201: m.SiteOut}),
+    ("get", "/api/v1/sites/{site_id}", "One site", PARTNER, None, {200: m.SiteOut}),
+    ("put", "/api/v1/sites/{site_id}/overrides", "Set a site's overrides", PARTNER, m.SiteOverrides, {200: m.SiteOut}),
+    ("post", "/api/v1/sites/{site_id}/apply-preset", "Override a site with a preset", PARTNER, m.ApplyPreset, {200: m.SiteOut}),
+    ("get", "/api/v1/sites/{site_id}/effective-config", "A site's effective configuration", PARTNER, None, {200: m.EffectiveConfig}),
+    ("get", "/api/v1/framework-usage", "Framework usage across the partner's sites", PARTNER, None, {200: m.FrameworkUsage}),
+    ("post", "/api/v1/sites/{site_id}/enrollment-tokens", "A one-time enrollment token", PARTNER, m.TokenCreate, {201: m.TokenOut}),
+    ("get", "/api/v1/sites/{site_id}/appliances", "A site's appliances and their state", PARTNER, None, {200: list[m.ApplianceOut]}),
+    ("get", "/api/v1/sites/{site_id}/evidence", "A site's evidence bundles", PARTNER, None, {200: list[m.EvidenceOut]}),
+    ("post", "/api/v1/certificates/{serial}/revoke", "Revoke an appliance certificate", PARTNER, m.RevokeIn, {200: m.RevokeOut}),
+    ("get", "/api/v1/escalations", "The partner's escalations", PARTNER, None, {200: list[m.EscalationOut]}),
+    ("post", "/api/v1/escalations/{escalation_id}/acknowledge", "Acknowledge an escalation", PARTNER, None, {200: m.EscalationOut}),
+    ("get", "/api/v1/security-alerts", "Security alerts raised by ingest", PARTNER, None, {200: list[m.AlertOut]}),
+    ("post", "/api/v1/enroll", "Enroll an appliance (token + proof of possession)", NONE, m.EnrollIn, {200: m.EnrollOut, 201: m.EnrollOut}),
+    ("post", "/api/v1/appliances/{appliance_id}/certificates", "Renew or rotate the appliance's certificate", APPLIANCE, m.CertificateIn, {201: m.CertificateOut}),
+    ("get", "/api/v1/revocations", "The signed revocation list", APPLIANCE, None, {200: Envelope, 304: None}),
+    ("post", "/api/v1/appliances/{appliance_id}/heartbeat", "Report the appliance's state", APPLIANCE, m.HeartbeatIn, {200: m.HeartbeatOut}),
+    ("get", "/api/v1/appliances/{appliance_id}/bundles/{kind}", "A signed config bundle (ETag)", APPLIANCE, None, {200: Envelope, 304: None}),
+    ("post", "/api/v1/appliances/{appliance_id}/audit/sync", "Witnessed audit sync", APPLIANCE, SyncRequest, {200: SyncResponse}),
+    ("post", "/api/v1/appliances/{appliance_id}/evidence", "Submit a signed evidence bundle", APPLIANCE, Envelope, {200: m.EvidenceAccepted, 201: m.EvidenceAccepted}),
+    ("post", "/api/v1/appliances/{appliance_id}/escalations", "Raise an urgent escalation", APPLIANCE, Escalation, {200: m.EscalationAccepted, 201: m.EscalationAccepted}),
+    ("get", "/api/v1/openapi.json", "This document", NONE, None, {200: None}),
+]  # fmt: skip
+
+REF = "#/components/schemas/{model}"
+
+
+def _schema_of(annotation: Any, schemas: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {"$ref": REF.format(model=annotation.__name__)}
+    (item,) = annotation.__args__  # list[Model]
+    return {"type": "array", "items": _schema_of(item, schemas)}
+
+
+def _models() -> list[type[BaseModel]]:
+    found: dict[str, type[BaseModel]] = {"Problem": m.Problem}
+    for _method, _path, _summary, _security, request, responses in OPERATIONS:
+        for annotation in [request, *responses.values()]:
+            model = annotation
+            while model is not None and not isinstance(model, type):
+                (model,) = model.__args__
+            if model is not None:
+                found[model.__name__] = model
+    return list(found.values())
+
+
+@cache
+def document() -> dict[str, Any]:
+    models = _models()
+    _, top = models_json_schema(
+        [(model, "validation" if model is not m.Problem else "serialization") for model in models],
+        ref_template=REF,
+    )
+    schemas: dict[str, Any] = top.get("$defs", {})
+    paths: dict[str, Any] = {}
+    problem = {
+        "description": "An RFC 9457 problem",
+        "content": {"application/problem+json": {"schema": {"$ref": REF.format(model="Problem")}}},
+    }
+    for method, path, summary, security, request, responses in OPERATIONS:
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "operationId": f"{method}_{path.removeprefix('/api/v1/').replace('/', '_').replace('{', '').replace('}', '').replace('-', '_').replace('.', '_')}",
+            "security": security,
+            "responses": {
+                str(status): (
+                    {"description": "Not modified"}
+                    if model is None and status == 304
+                    else {
+                        "description": "Success",
+                        "content": {
+                            "application/json": {
+                                "schema": _schema_of(model, schemas) if model else {}
+                            }
+                        },
+                    }
+                )
+                for status, model in responses.items()
+            }
+            | {"default": problem},
+        }
+        parameters = [
+            {"name": part[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+            for part in path.split("/")
+            if part.startswith("{")
+        ]
+        if parameters:
+            operation["parameters"] = parameters
+        if request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _schema_of(request, schemas)}},
+            }
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "MSP Central Command",
+            "version": __version__,
+            "description": (
+                "Partners (Bearer API keys) manage sites and compliance settings; appliances "
+                "(RFC 9421 signatures: ed25519, covering @method, @target-uri and "
+                "content-digest, with created, nonce and keyid) report their witnessed audit "
+                "log, evidence and escalations. Errors are RFC 9457 problems whose type is "
+                "urn:msp:problem:<code>."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "partnerKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A partner API key",
+                },
+                "adminKey": {"type": "http", "scheme": "bearer", "description": "An admin API key"},
+                "httpSignature": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Signature",
+                    "description": "RFC 9421 HTTP Message Signature (label msp) by the appliance's delegated key",
+                },
+            },
+        },
+        "paths": paths,
+    }
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/v1/openapi.json")
+async def serve_document(request: web.Request) -> web.Response:
+    return web.Response(body=canonicalize(document()), content_type="application/json")

@@ -1,0 +1,353 @@
+"""Queries shared by the HTTP handlers and the CLI.
+
+Every function takes an open connection (the caller owns the transaction)
+and raises :class:`~msp_central.problems.Problem` for what the caller did
+wrong.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from msp_central.api_models import (
+    EffectiveConfig,
+    PartnerDefaults,
+    PartnerOut,
+    RevokeOut,
+    SiteOut,
+    SiteOverrides,
+)
+from msp_central.catalogue import Tier
+from msp_central.context import new_secret, secret_sha256
+from msp_central.db.tables import (
+    api_keys,
+    appliances,
+    audit_logs,
+    certificates,
+    enrollment_tokens,
+    frameworks,
+    partners,
+    presets,
+    revocation_lists,
+    runbooks,
+    security_alerts,
+    sites,
+)
+from msp_central.problems import Problem
+from msp_protocol.delegation import Revocation, RevocationList, sign_revocations
+from msp_protocol.dsse import Envelope
+from msp_protocol.keys import SigningKey
+
+Row = sa.Row[Any]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+# --- partners and keys ------------------------------------------------------------------
+
+
+def partner_out(row: Row) -> PartnerOut:
+    return PartnerOut(
+        id=row.id,
+        name=row.name,
+        created_at=row.created_at,
+        defaults=PartnerDefaults(
+            industry=row.industry, tier=Tier(row.tier), frameworks=list(row.frameworks)
+        ),
+    )
+
+
+async def create_partner(connection: AsyncConnection, name: str, now: datetime) -> tuple[Row, str]:
+    """A partner with empty defaults, and its first API key (returned once)."""
+    partner_id = new_id("partner")
+    await connection.execute(
+        sa.insert(partners).values(
+            id=partner_id, name=name, created_at=now, industry=None, tier="basic", frameworks=[]
+        )
+    )
+    key = await create_api_key(connection, "partner", partner_id, now)
+    row = (await connection.execute(sa.select(partners).where(partners.c.id == partner_id))).one()
+    return row, key
+
+
+async def create_api_key(
+    connection: AsyncConnection, role: str, partner_id: str | None, now: datetime
+) -> str:
+    key = new_secret("mspk")
+    await connection.execute(
+        sa.insert(api_keys).values(
+            key_sha256=secret_sha256(key),
+            prefix=key[:12],
+            role=role,
+            partner_id=partner_id,
+            created_at=now,
+        )
+    )
+    return key
+
+
+async def get_partner(connection: AsyncConnection, partner_id: str) -> Row:
+    row = (await connection.execute(sa.select(partners).where(partners.c.id == partner_id))).first()
+    if row is None:
+        raise Problem("not-found", f"no partner {partner_id[:64]}")
+    return row
+
+
+# --- the catalogue -----------------------------------------------------------------------
+
+
+async def known_frameworks(connection: AsyncConnection) -> dict[str, str]:
+    rows = await connection.execute(
+        sa.select(frameworks.c.id, frameworks.c.name).order_by(frameworks.c.position)
+    )
+    return {row.id: row.name for row in rows}
+
+
+async def check_frameworks(connection: AsyncConnection, names: list[str] | None) -> None:
+    if names is None:
+        return
+    known = await known_frameworks(connection)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise Problem("malformed-document", f"unknown framework {unknown[0]}")
+    if len(set(names)) != len(names):
+        raise Problem("malformed-document", "a framework is listed twice")
+
+
+async def get_preset(connection: AsyncConnection, preset_id: str) -> Row:
+    row = (await connection.execute(sa.select(presets).where(presets.c.id == preset_id))).first()
+    if row is None:
+        raise Problem("not-found", f"no preset {preset_id[:32]}")
+    return row
+
+
+async def runbooks_for_tier(connection: AsyncConnection, tier: Tier) -> list[str]:
+    query = sa.select(runbooks.c.id).order_by(runbooks.c.id)
+    if tier == Tier.BASIC:
+        query = query.where(runbooks.c.tier == Tier.BASIC.value)
+    return list((await connection.execute(query)).scalars())
+
+
+# --- sites ------------------------------------------------------------------------------
+
+
+def overrides_of(site: Row) -> SiteOverrides:
+    return SiteOverrides(
+        industry=site.industry,
+        tier=Tier(site.tier) if site.tier else None,
+        frameworks=list(site.frameworks) if site.frameworks is not None else None,
+    )
+
+
+async def effective_config(connection: AsyncConnection, site: Row, partner: Row) -> EffectiveConfig:
+    """The settings a site runs with: each one the site's override if it has
+    one, else the partner's default."""
+    tier = Tier(site.tier or partner.tier)
+    chosen_frameworks = site.frameworks if site.frameworks is not None else partner.frameworks
+    return EffectiveConfig(
+        site_id=site.id,
+        industry=site.industry or partner.industry,
+        tier=tier,
+        frameworks=list(chosen_frameworks),
+        runbooks=await runbooks_for_tier(connection, tier),
+        sources={
+            "industry": "site" if site.industry else "partner",
+            "tier": "site" if site.tier else "partner",
+            "frameworks": "site" if site.frameworks is not None else "partner",
+        },
+    )
+
+
+async def site_out(connection: AsyncConnection, site: Row, partner: Row | None = None) -> SiteOut:
+    partner = partner or await get_partner(connection, site.partner_id)
+    return SiteOut(
+        id=site.id,
+        partner_id=site.partner_id,
+        name=site.name,
+        created_at=site.created_at,
+        overrides=overrides_of(site),
+        effective=await effective_config(connection, site, partner),
+    )
+
+
+async def get_site(connection: AsyncConnection, site_id: str, partner_id: str | None = None) -> Row:
+    query = sa.select(sites).where(sites.c.id == site_id)
+    if partner_id is not None:
+        query = query.where(sites.c.partner_id == partner_id)
+    row = (await connection.execute(query)).first()
+    if row is None:
+        raise Problem("not-found", f"no site {site_id[:64]}")
+    return row
+
+
+async def create_site(
+    connection: AsyncConnection, partner_id: str, name: str, overrides: SiteOverrides, now: datetime
+) -> Row:
+    await check_frameworks(connection, overrides.frameworks)
+    site_id = new_id("site")
+    await connection.execute(
+        sa.insert(sites).values(
+            id=site_id,
+            partner_id=partner_id,
+            name=name,
+            created_at=now,
+            industry=overrides.industry,
+            tier=overrides.tier.value if overrides.tier else None,
+            frameworks=overrides.frameworks,
+        )
+    )
+    return await get_site(connection, site_id)
+
+
+async def create_enrollment_token(
+    connection: AsyncConnection, site_id: str, lifetime: timedelta, now: datetime
+) -> tuple[str, datetime]:
+    token = new_secret("msp-enroll")
+    expires = now + lifetime
+    await connection.execute(
+        sa.insert(enrollment_tokens).values(
+            token_sha256=secret_sha256(token), site_id=site_id, created_at=now, expires_at=expires
+        )
+    )
+    return token, expires
+
+
+# --- revocation -------------------------------------------------------------------------
+
+
+async def current_revocations(connection: AsyncConnection) -> tuple[int, str] | None:
+    row = (
+        await connection.execute(
+            sa.select(revocation_lists.c.version, revocation_lists.c.envelope)
+            .order_by(revocation_lists.c.version.desc())
+            .limit(1)
+        )
+    ).first()
+    return (int(row.version), str(row.envelope)) if row else None
+
+
+async def revocation_list(connection: AsyncConnection) -> RevocationList | None:
+    current = await current_revocations(connection)
+    if current is None:
+        return None
+    envelope = Envelope.from_json(current[1].encode())
+    return RevocationList.from_json(envelope.payload_bytes())
+
+
+async def revoke_certificate(
+    connection: AsyncConnection,
+    root: SigningKey,
+    serial: str,
+    reason: str,
+    now: datetime,
+    *,
+    partner_id: str | None = None,
+) -> RevokeOut:
+    """Revoke a certificate. Its cutoff is the size of the log the server has
+    witnessed: checkpoints up to it stay valid (they were cosigned before
+    anyone knew), anything larger signed under this serial is refused. A new
+    revocation list (next version, every revoked serial) is signed."""
+    query = (
+        sa.select(certificates, appliances.c.current_serial, sites.c.partner_id)
+        .join(appliances, appliances.c.id == certificates.c.appliance_id)
+        .join(sites, sites.c.id == appliances.c.site_id)
+        .where(certificates.c.serial == serial)
+    )
+    if partner_id is not None:
+        query = query.where(sites.c.partner_id == partner_id)
+    cert = (await connection.execute(query)).first()
+    if cert is None:
+        raise Problem("not-found", f"no certificate {serial[:32]}")
+    if cert.revoked_at is None:
+        witnessed = (
+            await connection.execute(
+                sa.select(audit_logs.c.size).where(audit_logs.c.appliance_id == cert.appliance_id)
+            )
+        ).scalar()
+        await connection.execute(
+            sa.update(certificates)
+            .where(certificates.c.serial == serial)
+            .values(revoked_at=now, cutoff_size=int(witnessed or 0), revocation_reason=reason)
+        )
+        if cert.current_serial == serial:
+            await connection.execute(
+                sa.update(appliances)
+                .where(appliances.c.id == cert.appliance_id)
+                .values(revoked_at=now)
+            )
+        await publish_revocations(connection, root, now)
+    stored = (
+        await connection.execute(sa.select(certificates).where(certificates.c.serial == serial))
+    ).one()
+    current = await current_revocations(connection)
+    assert current is not None
+    return RevokeOut(
+        serial=serial,
+        appliance_id=stored.appliance_id,
+        cutoff_size=int(stored.cutoff_size),
+        revocation_list_version=current[0],
+    )
+
+
+async def publish_revocations(connection: AsyncConnection, root: SigningKey, now: datetime) -> None:
+    revoked = await connection.execute(
+        sa.select(certificates)
+        .where(certificates.c.revoked_at.is_not(None))
+        .order_by(certificates.c.revoked_at, certificates.c.serial)
+    )
+    current = await current_revocations(connection)
+    version = (current[0] if current else 0) + 1
+    revocations = RevocationList(
+        version=version,
+        issuer=root.key_id,
+        issued_at=now,
+        revoked=tuple(
+            Revocation(
+                serial=row.serial,
+                appliance_id=row.appliance_id,
+                cutoff_size=int(row.cutoff_size),
+                revoked_at=row.revoked_at,
+                reason=row.revocation_reason or "",
+            )
+            for row in revoked
+        ),
+    )
+    envelope = sign_revocations(root, revocations)
+    await connection.execute(
+        sa.insert(revocation_lists).values(
+            version=version, envelope=envelope.canonical_bytes().decode(), issued_at=now
+        )
+    )
+
+
+# --- alerts -----------------------------------------------------------------------------
+
+
+async def record_alert(
+    engine: AsyncEngine,
+    *,
+    appliance_id: str | None,
+    site_id: str | None,
+    code: str,
+    detail: str,
+    now: datetime,
+) -> None:
+    """A security alert, in its own transaction: it must survive the refusal
+    of the request that raised it."""
+    async with engine.begin() as connection:
+        await connection.execute(
+            sa.insert(security_alerts).values(
+                appliance_id=appliance_id,
+                site_id=site_id,
+                code=code,
+                detail=detail[:2000],
+                created_at=now,
+            )
+        )

@@ -1,0 +1,817 @@
+"""The appliance API: enrollment, certificates, revocations, heartbeat,
+config bundles, witnessed audit sync, evidence and escalations.
+
+Everything but enrollment is authenticated with RFC 9421 signatures by the
+appliance's current key (see :mod:`msp_central.auth`); enrollment is
+authenticated by the one-time token and the request's proof of possession.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from aiohttp import web
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from msp_central.api_models import (
+    CertificateIn,
+    CertificateOut,
+    EnrollIn,
+    EnrollOut,
+    EscalationAccepted,
+    EvidenceAccepted,
+    HeartbeatIn,
+    HeartbeatOut,
+)
+from msp_central.auth import Appliance, require_appliance
+from msp_central.catalogue import Tier
+from msp_central.context import Central, central, json_response, parse_body, read_body
+from msp_central.db.engine import insert_ignore
+from msp_central.db.tables import (
+    appliances,
+    audit_checkpoints,
+    audit_entries,
+    audit_logs,
+    certificates,
+    config_bundles,
+    control_runbook_mapping,
+    controls,
+    enrollment_tokens,
+    escalations,
+    evidence,
+    frameworks,
+    runbooks,
+)
+from msp_central.problems import Problem
+from msp_central.queries import (
+    current_revocations,
+    effective_config,
+    get_partner,
+    get_site,
+    new_id,
+    publish_revocations,
+    record_alert,
+    revocation_list,
+)
+from msp_protocol.bundle import BundleKind, ConfigBundle, Escalation, sign_bundle
+from msp_protocol.canonical import canonicalize, parse_json
+from msp_protocol.delegation import (
+    DelegationCertificate,
+    DelegationRequest,
+    Purpose,
+    VerifiedDelegation,
+    check_delegation,
+    check_delegation_request,
+    issue_delegation,
+    token_digest,
+)
+from msp_protocol.dsse import Envelope, unverified_payload
+from msp_protocol.errors import MalformedError, ProtocolError
+from msp_protocol.evidence import EvidenceEntryData, check_evidence
+from msp_protocol.keys import VerifyKey
+from msp_protocol.log import make_receipt, parse_entry
+from msp_protocol.merkle import EMPTY_ROOT
+from msp_protocol.result import Result
+from msp_protocol.sync import (
+    MAX_BATCH_ENTRIES,
+    AlreadyWitnessed,
+    SyncAccepted,
+    SyncRequest,
+    SyncResponse,
+    WitnessState,
+    check_sync,
+    failure_details,
+)
+
+routes = web.RouteTableDef()
+
+
+async def _alert(service: Central, caller: Appliance, code: str, detail: str) -> None:
+    await record_alert(
+        service.engine,
+        appliance_id=caller.appliance_id,
+        site_id=caller.site_id,
+        code=code,
+        detail=detail,
+        now=service.clock(),
+    )
+
+
+# --- enrollment and certificates ------------------------------------------------------
+
+
+def _refused(result: Result[Any]) -> Problem:
+    code = "stale-request" if "stale-request" in result.codes else "delegation-request-refused"
+    return Problem(code, result.describe())
+
+
+def _store_certificate(
+    envelope: Envelope, appliance_id: str, purpose: str, now: datetime, replaces: str | None
+) -> dict[str, Any]:
+    certificate = DelegationCertificate.from_json(envelope.payload_bytes())
+    return {
+        "serial": certificate.serial,
+        "appliance_id": appliance_id,
+        "key_id": certificate.subject_key_id,
+        "subject_key": certificate.subject_key,
+        "envelope": envelope.canonical_bytes().decode(),
+        "not_before": certificate.not_before,
+        "not_after": certificate.not_after,
+        "issued_at": now,
+        "purpose": purpose,
+        "replaces": replaces,
+    }
+
+
+@routes.post("/api/v1/enroll")
+async def enroll(request: web.Request) -> web.Response:
+    """First certificate for a new appliance: a one-time token of the site,
+    and a request signed by the key to certify (proof of possession). A
+    retry with the same token and key (an answer lost on the way) gets the
+    certificate issued the first time."""
+    service = central(request)
+    body = parse_body(await read_body(request), EnrollIn, request)
+    now = service.clock()
+    checked = check_delegation_request(
+        body.request,
+        purpose="enroll",
+        audience=service.root.key_id,
+        now=now,
+        enrollment_token=body.token,
+        limits=service.limits,
+    )
+    if not checked.ok:
+        raise _refused(checked)
+    asked = checked.unwrap().request
+    subject = VerifyKey.from_hex(asked.subject_key)
+    async with service.engine.begin() as connection:
+        token = (
+            await connection.execute(
+                sa.select(enrollment_tokens)
+                .where(enrollment_tokens.c.token_sha256 == token_digest(body.token))
+                .with_for_update()
+            )
+        ).first()
+        if token is None or token.expires_at <= now:
+            raise Problem("bad-enrollment-token", "the enrollment token is unknown or expired")
+        if token.used_at is not None:
+            first = (
+                await connection.execute(
+                    sa.select(certificates.c.envelope).where(
+                        certificates.c.appliance_id == token.appliance_id,
+                        certificates.c.key_id == subject.key_id,
+                        certificates.c.purpose == "enroll",
+                    )
+                )
+            ).first()
+            if first is None:
+                raise Problem("bad-enrollment-token", "the enrollment token was already used")
+            return json_response(
+                EnrollOut(
+                    appliance_id=token.appliance_id,
+                    site_id=token.site_id,
+                    certificate=Envelope.from_json(first.envelope.encode()),
+                )
+            )
+        appliance_id = new_id("appliance")
+        envelope = issue_delegation(
+            service.root,
+            subject=subject,
+            appliance_id=appliance_id,
+            site_id=token.site_id,
+            scopes=asked.scopes,
+            not_before=now.replace(microsecond=0),
+            lifetime=service.settings.certificate_lifetime,
+            limits=service.limits,
+        )
+        row = _store_certificate(envelope, appliance_id, "enroll", now, None)
+        await connection.execute(
+            sa.insert(appliances).values(
+                id=appliance_id, site_id=token.site_id, created_at=now, current_serial=row["serial"]
+            )
+        )
+        await connection.execute(sa.insert(certificates).values(**row))
+        await connection.execute(
+            sa.insert(audit_logs).values(
+                appliance_id=appliance_id,
+                size=0,
+                root=EMPTY_ROOT.hex(),
+                nodes=[],
+                checkpoint_sha256=None,
+                updated_at=now,
+            )
+        )
+        await connection.execute(
+            sa.update(enrollment_tokens)
+            .where(enrollment_tokens.c.token_sha256 == token.token_sha256)
+            .values(used_at=now, appliance_id=appliance_id)
+        )
+    return json_response(
+        EnrollOut(appliance_id=appliance_id, site_id=token.site_id, certificate=envelope),
+        status=201,
+    )
+
+
+@routes.post("/api/v1/appliances/{appliance_id}/certificates")
+async def renew_or_rotate(request: web.Request) -> web.Response:
+    """Renew (same key, new window) or rotate (new key, signed by both). The
+    HTTP request is signed by the current key; so is the delegation request.
+    A certificate that expired while the appliance was offline may still be
+    renewed: the key was never revoked, and it proves possession."""
+    service = central(request)
+    raw = await read_body(request)
+    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
+    body = parse_body(raw, CertificateIn, request)
+    try:
+        asked = DelegationRequest.from_wire(unverified_payload(body.request, limits=service.limits))
+    except MalformedError as exc:
+        raise Problem.from_protocol(exc) from None
+    if asked.purpose == "enroll":
+        raise Problem("delegation-request-refused", "enroll at /api/v1/enroll with a token")
+    purpose: Purpose = asked.purpose
+    now = service.clock()
+    async with service.engine.begin() as connection:
+        current_row = (
+            await connection.execute(
+                sa.select(certificates).where(certificates.c.serial == caller.serial)
+            )
+        ).one()
+        current = DelegationCertificate.from_json(
+            Envelope.from_json(current_row.envelope.encode()).payload_bytes()
+        )
+        checked = check_delegation_request(
+            body.request,
+            purpose=purpose,
+            audience=service.root.key_id,
+            now=now,
+            current=current,
+            limits=service.limits,
+        )
+        if not checked.ok:
+            raise _refused(checked)
+        if not set(asked.scopes) <= set(current.scopes):
+            raise Problem("scope-not-granted", "a renewal or rotation cannot widen the scopes")
+        envelope = issue_delegation(
+            service.root,
+            subject=VerifyKey.from_hex(asked.subject_key),
+            appliance_id=caller.appliance_id,
+            site_id=caller.site_id,
+            scopes=asked.scopes,
+            not_before=now.replace(microsecond=0),
+            lifetime=service.settings.certificate_lifetime,
+            limits=service.limits,
+        )
+        row = _store_certificate(envelope, caller.appliance_id, purpose, now, caller.serial)
+        await connection.execute(sa.insert(certificates).values(**row))
+        if purpose == "renew":
+            await connection.execute(
+                sa.update(appliances)
+                .where(appliances.c.id == caller.appliance_id)
+                .values(current_serial=row["serial"])
+            )
+    return json_response(CertificateOut(certificate=envelope), status=201)
+
+
+@routes.get("/api/v1/revocations")
+async def get_revocations(request: web.Request) -> web.Response:
+    """The signed revocation list. A revoked appliance may fetch it: that is
+    how it learns to stop signing."""
+    service = central(request)
+    await require_appliance(request, await read_body(request), allow_revoked=True)
+    async with service.engine.connect() as connection:
+        current = await current_revocations(connection)
+    if current is None:
+        try:
+            async with service.engine.begin() as connection:
+                await publish_revocations(connection, service.root, service.clock())
+        except IntegrityError:
+            pass  # another replica published version 1 first
+        async with service.engine.connect() as connection:
+            current = await current_revocations(connection)
+    assert current is not None
+    etag = f'"revocations-{current[0]}"'
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"ETag": etag})
+    return web.Response(
+        body=current[1].encode(), content_type="application/json", headers={"ETag": etag}
+    )
+
+
+@routes.post("/api/v1/appliances/{appliance_id}/heartbeat")
+async def heartbeat(request: web.Request) -> web.Response:
+    service = central(request)
+    raw = await read_body(request)
+    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
+    beat = parse_body(raw, HeartbeatIn, request)
+    now = service.clock()
+    async with service.engine.begin() as connection:
+        await connection.execute(
+            sa.update(appliances)
+            .where(appliances.c.id == caller.appliance_id)
+            .values(last_seen_at=now, heartbeat=beat.model_dump(mode="json"))
+        )
+        witnessed = (
+            await connection.execute(
+                sa.select(audit_logs.c.size).where(audit_logs.c.appliance_id == caller.appliance_id)
+            )
+        ).scalar_one()
+    return json_response(
+        HeartbeatOut(
+            server_time=now,
+            clock_skew_seconds=round((beat.clock - now).total_seconds(), 3),
+            witnessed_size=int(witnessed),
+        )
+    )
+
+
+# --- signed config bundles ---------------------------------------------------------------
+
+
+async def bundle_content(
+    connection: AsyncConnection, kind: BundleKind, site_id: str
+) -> dict[str, Any]:
+    site = await get_site(connection, site_id)
+    config = await effective_config(
+        connection, site, await get_partner(connection, site.partner_id)
+    )
+    if kind == BundleKind.SITE_CONFIG:
+        return config.model_dump(mode="json")
+    if kind == BundleKind.RUNBOOKS:
+        query = sa.select(runbooks).order_by(runbooks.c.id)
+        if config.tier == Tier.BASIC:
+            query = query.where(runbooks.c.tier == Tier.BASIC.value)
+        rows = (await connection.execute(query)).all()
+        return {
+            "tier": config.tier.value,
+            "runbooks": [
+                {
+                    "id": r.id,
+                    "title": r.title,
+                    "tier": r.tier,
+                    "check": r.check_name,
+                    "l1_action": r.l1_action,
+                }
+                for r in rows
+            ],
+        }
+    chosen = config.frameworks
+    framework_rows = (
+        await connection.execute(
+            sa.select(frameworks).where(frameworks.c.id.in_(chosen)).order_by(frameworks.c.position)
+        )
+    ).all()
+    control_rows = (
+        await connection.execute(
+            sa.select(controls)
+            .where(controls.c.framework_id.in_(chosen))
+            .order_by(controls.c.framework_id, controls.c.position)
+        )
+    ).all()
+    mapping_rows = (
+        await connection.execute(
+            sa.select(control_runbook_mapping)
+            .where(control_runbook_mapping.c.framework_id.in_(chosen))
+            .order_by(control_runbook_mapping.c.runbook_id)
+        )
+    ).all()
+    mapped: dict[tuple[str, str], list[str]] = {}
+    for m in mapping_rows:
+        mapped.setdefault((m.framework_id, m.control_id), []).append(m.runbook_id)
+    return {
+        "frameworks": [
+            {
+                "id": f.id,
+                "name": f.name,
+                "edition": f.edition,
+                "controls": [
+                    {
+                        "id": c.control_id,
+                        "title": c.title,
+                        "runbooks": mapped.get((c.framework_id, c.control_id), []),
+                    }
+                    for c in control_rows
+                    if c.framework_id == f.id
+                ],
+            }
+            for f in framework_rows
+        ]
+    }
+
+
+@routes.get("/api/v1/appliances/{appliance_id}/bundles/{kind}")
+async def get_bundle(request: web.Request) -> web.Response:
+    """The appliance's current signed bundle of ``kind``. A new version is
+    signed when the content changed or the last one passed half its life;
+    versions only go up. ``If-None-Match`` with the current ETag gets 304."""
+    service = central(request)
+    caller = await require_appliance(
+        request, await read_body(request), appliance_id=request.match_info["appliance_id"]
+    )
+    try:
+        kind = BundleKind(request.match_info["kind"])
+    except ValueError:
+        raise Problem("not-found", f"no bundle kind {request.match_info['kind'][:32]}") from None
+    for _attempt in range(3):
+        now = service.clock()
+        try:
+            async with service.engine.begin() as connection:
+                content = await bundle_content(connection, kind, caller.site_id)
+                digest = hashlib.sha256(canonicalize(content)).hexdigest()
+                latest = (
+                    await connection.execute(
+                        sa.select(config_bundles)
+                        .where(
+                            config_bundles.c.site_id == caller.site_id,
+                            config_bundles.c.kind == kind.value,
+                        )
+                        .order_by(config_bundles.c.version.desc())
+                        .limit(1)
+                    )
+                ).first()
+                lifetime = service.settings.bundle_lifetime
+                fresh = (
+                    latest is not None
+                    and latest.content_sha256 == digest
+                    and latest.expires_at - now > lifetime / 2
+                )
+                if latest is not None and fresh:
+                    version, text = int(latest.version), str(latest.envelope)
+                else:
+                    version = int(latest.version) + 1 if latest is not None else 1
+                    envelope = sign_bundle(
+                        service.root,
+                        ConfigBundle(
+                            kind=kind,
+                            site_id=caller.site_id,
+                            version=version,
+                            issued_at=now,
+                            expires_at=now + lifetime,
+                            content=content,
+                        ),
+                    )
+                    text = envelope.canonical_bytes().decode()
+                    await connection.execute(
+                        sa.insert(config_bundles).values(
+                            site_id=caller.site_id,
+                            kind=kind.value,
+                            version=version,
+                            content_sha256=digest,
+                            envelope=text,
+                            issued_at=now,
+                            expires_at=now + lifetime,
+                        )
+                    )
+            break
+        except IntegrityError:
+            continue  # another replica signed this version first: read it
+    else:
+        raise Problem("conflict", "bundle versions kept changing; retry")
+    etag = f'"{kind.value}-{version}"'
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"ETag": etag})
+    return web.Response(body=text.encode(), content_type="application/json", headers={"ETag": etag})
+
+
+# --- witnessed audit sync ----------------------------------------------------------------
+
+
+async def _signer_delegation(
+    connection: AsyncConnection, service: Central, caller: Appliance, envelope: Envelope
+) -> tuple[VerifiedDelegation, sa.Row[Any]]:
+    """The certificate of the key that signed ``envelope``: one of this
+    appliance's (a superseded key's too: its old signatures stay valid).
+    Expired certificates are accepted and flagged (``signed_after_expiry``)."""
+    key_id = envelope.signatures[0].keyid
+    row = (
+        await connection.execute(
+            sa.select(certificates)
+            .where(
+                certificates.c.appliance_id == caller.appliance_id,
+                certificates.c.key_id == key_id,
+            )
+            .order_by(certificates.c.issued_at.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        raise Problem(
+            "unknown-key", f"key {key_id} was never delegated to this appliance", status=422
+        )
+    verified = check_delegation(
+        Envelope.from_json(row.envelope.encode()),
+        roots=[service.root.verify_key],
+        at=service.clock(),
+        appliance_id=caller.appliance_id,
+        allow_expired=True,
+        limits=service.limits,
+    )
+    return verified.unwrap(), row
+
+
+@routes.post("/api/v1/appliances/{appliance_id}/audit/sync")
+async def audit_sync(request: web.Request) -> web.Response:
+    """Witness a batch of the appliance's audit log (design §4): check it
+    against what was witnessed, store entries and checkpoint atomically and
+    answer with a receipt. 409 ``stale-size`` tells the appliance where the
+    server's log ends; any verification failure is a 422 and a security
+    alert, and stores nothing."""
+    service = central(request)
+    raw = await read_body(request, service.settings.max_sync_body_bytes)
+    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
+    sync = _parse_sync(raw, request)
+    try:
+        return await _witness(service, caller, sync)
+    except Problem as problem:
+        if problem.status == 422:
+            await _alert(service, caller, problem.code, problem.detail)
+        raise
+    except ProtocolError as exc:
+        await _alert(service, caller, exc.code, str(exc))
+        raise Problem.from_protocol(exc) from None
+
+
+def _parse_sync(raw: bytes, request: web.Request) -> SyncRequest:
+    # An oversized batch is refused by its count before the model is built.
+    if raw.count(b",") >= 4 * MAX_BATCH_ENTRIES:
+        try:
+            value = parse_json(raw)
+        except MalformedError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("entries"), list):
+            count = len(value["entries"])
+            if count > MAX_BATCH_ENTRIES:
+                raise Problem(
+                    "batch-too-large", f"batch of {count} entries, limit {MAX_BATCH_ENTRIES}"
+                )
+    return parse_body(raw, SyncRequest, request)
+
+
+async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> web.Response:
+    now = service.clock()
+    async with service.engine.begin() as connection:
+        delegation, cert_row = await _signer_delegation(
+            connection, service, caller, sync.checkpoint
+        )
+        revocations = await revocation_list(connection)
+        log = (
+            await connection.execute(
+                sa.select(audit_logs)
+                .where(audit_logs.c.appliance_id == caller.appliance_id)
+                .with_for_update()
+            )
+        ).one()
+        state = WitnessState(
+            size=int(log.size),
+            root=log.root,
+            nodes=tuple(log.nodes),
+            checkpoint_sha256=log.checkpoint_sha256,
+        )
+        stored: dict[int, bytes] = {}
+        overlap_end = min(state.size, sync.old_size + len(sync.entries))
+        if sync.old_size < overlap_end:
+            stored = dict(
+                (
+                    await connection.execute(
+                        sa.select(audit_entries.c.idx, audit_entries.c.leaf_hash).where(
+                            audit_entries.c.appliance_id == caller.appliance_id,
+                            audit_entries.c.idx >= sync.old_size,
+                            audit_entries.c.idx < overlap_end,
+                        )
+                    )
+                ).all()
+            )
+        result = check_sync(
+            sync,
+            state=state,
+            delegation=delegation,
+            stored_leaf=lambda index: bytes(stored[index]),
+            revocations=revocations,
+            limits=service.limits,
+        )
+        if not result.ok:
+            failure = result.failures[0]
+            raise Problem.from_protocol(failure, **failure_details(failure))
+        outcome = result.unwrap()
+        if isinstance(outcome, AlreadyWitnessed):
+            receipt_text = (
+                await connection.execute(
+                    sa.select(audit_checkpoints.c.receipt).where(
+                        audit_checkpoints.c.appliance_id == caller.appliance_id,
+                        audit_checkpoints.c.size == state.size,
+                    )
+                )
+            ).scalar_one()
+            return json_response(
+                SyncResponse(size=state.size, receipt=Envelope.from_json(receipt_text.encode()))
+            )
+        assert isinstance(outcome, SyncAccepted)
+        receipt = make_receipt(service.root, outcome.checkpoint, now)
+        if outcome.records:
+            await connection.execute(
+                sa.insert(audit_entries),
+                [
+                    {
+                        "appliance_id": caller.appliance_id,
+                        "idx": state.size + offset,
+                        "leaf_hash": record.leaf_hash,
+                        "raw": record.raw,
+                    }
+                    for offset, record in enumerate(outcome.records)
+                ],
+            )
+        new = outcome.state
+        await connection.execute(
+            sa.insert(audit_checkpoints).values(
+                appliance_id=caller.appliance_id,
+                size=new.size,
+                root=new.root,
+                checkpoint=outcome.checkpoint.envelope.canonical_bytes().decode(),
+                receipt=receipt.canonical_bytes().decode(),
+                serial=cert_row.serial,
+                signed_after_expiry=delegation.signed_after_expiry,
+                received_at=now,
+            )
+        )
+        updated = await connection.execute(
+            sa.update(audit_logs)
+            .where(
+                audit_logs.c.appliance_id == caller.appliance_id, audit_logs.c.size == state.size
+            )
+            .values(
+                size=new.size,
+                root=new.root,
+                nodes=list(new.nodes),
+                checkpoint_sha256=new.checkpoint_sha256,
+                updated_at=now,
+            )
+        )
+        if updated.rowcount != 1:
+            raise Problem("conflict", "the log changed during this sync; retry")
+        await connection.execute(
+            sa.update(appliances)
+            .where(appliances.c.id == caller.appliance_id)
+            .values(last_sync_at=now, last_seen_at=now)
+        )
+    return json_response(SyncResponse(size=new.size, receipt=receipt))
+
+
+# --- evidence and escalations --------------------------------------------------------------
+
+
+@routes.post("/api/v1/appliances/{appliance_id}/evidence")
+async def submit_evidence(request: web.Request) -> web.Response:
+    """Store a signed evidence bundle (idempotent by bundle id). The signer's
+    certificate must grant the evidence scope and cover the bundle's log
+    position; when the bundle's audit entry is already witnessed, it must
+    record this very bundle."""
+    service = central(request)
+    raw = await read_body(request, service.limits.max_evidence_bytes * 2)
+    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
+    envelope = parse_body(raw, Envelope, request)
+    try:
+        return await _store_evidence(service, caller, envelope)
+    except Problem as problem:
+        if problem.status == 422:
+            await _alert(service, caller, problem.code, problem.detail)
+        raise
+
+
+async def _store_evidence(service: Central, caller: Appliance, envelope: Envelope) -> web.Response:
+    now = service.clock()
+    async with service.engine.begin() as connection:
+        delegation, cert_row = await _signer_delegation(connection, service, caller, envelope)
+        checked = check_evidence(envelope, delegation=delegation, limits=service.limits)
+        if not checked.ok:
+            failure = checked.failures[0]
+            code = (
+                failure.code
+                if failure.code in ("scope-not-granted", "wrong-subject")
+                else "bad-evidence"
+            )
+            raise Problem(code, checked.describe())
+        verified = checked.unwrap()
+        bundle = verified.bundle
+        if cert_row.revoked_at is not None and bundle.log_index >= int(cert_row.cutoff_size):
+            raise Problem(
+                "certificate-revoked",
+                f"bundle at log index {bundle.log_index} signed under certificate "
+                f"{cert_row.serial}, revoked from log size {cert_row.cutoff_size}",
+            )
+        in_log = await _evidence_in_log(
+            connection, caller, bundle.log_index, verified.digest, bundle.bundle_id
+        )
+        inserted = await insert_ignore(
+            connection,
+            evidence,
+            [
+                {
+                    "bundle_id": bundle.bundle_id,
+                    "appliance_id": caller.appliance_id,
+                    "site_id": caller.site_id,
+                    "check_id": bundle.check_id,
+                    "result": bundle.result,
+                    "controls": {k: list(v) for k, v in bundle.controls.items()},
+                    "collected_at": bundle.collected_at,
+                    "log_index": bundle.log_index,
+                    "payload_sha256": verified.digest,
+                    "envelope": envelope.canonical_bytes().decode(),
+                    "serial": cert_row.serial,
+                    "signed_after_expiry": delegation.signed_after_expiry,
+                    "received_at": now,
+                }
+            ],
+        )
+        if not inserted:
+            held = (
+                await connection.execute(
+                    sa.select(evidence.c.payload_sha256, evidence.c.appliance_id).where(
+                        evidence.c.bundle_id == bundle.bundle_id
+                    )
+                )
+            ).one()
+            if held.payload_sha256 != verified.digest or held.appliance_id != caller.appliance_id:
+                raise Problem("conflict", f"another bundle is stored as {bundle.bundle_id}")
+    return json_response(
+        EvidenceAccepted(
+            bundle_id=bundle.bundle_id,
+            stored=bool(inserted),
+            signed_after_expiry=delegation.signed_after_expiry,
+            in_log=in_log,
+        ),
+        status=201 if inserted else 200,
+    )
+
+
+async def _evidence_in_log(
+    connection: AsyncConnection, caller: Appliance, index: int, digest: str, bundle_id: str
+) -> bool | None:
+    raw = (
+        await connection.execute(
+            sa.select(audit_entries.c.raw).where(
+                audit_entries.c.appliance_id == caller.appliance_id, audit_entries.c.idx == index
+            )
+        )
+    ).scalar()
+    if raw is None:
+        return None
+    entry = parse_entry(bytes(raw), expected_index=index).entry
+    try:
+        data = EvidenceEntryData.from_wire(entry.data)
+    except MalformedError:
+        data = None
+    if data is None or data.bundle_id != bundle_id or data.payload_sha256 != digest:
+        raise Problem(
+            "evidence-not-in-log",
+            f"witnessed audit entry {index} does not record bundle {bundle_id} with this payload",
+        )
+    return True
+
+
+@routes.post("/api/v1/appliances/{appliance_id}/escalations")
+async def escalate(request: web.Request) -> web.Response:
+    """Store an urgent escalation (idempotent by escalation id)."""
+    service = central(request)
+    raw = await read_body(request)
+    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
+    escalation = parse_body(raw, Escalation, request)
+    if escalation.appliance_id != caller.appliance_id or escalation.site_id != caller.site_id:
+        raise Problem("wrong-subject", "the escalation names another appliance or site")
+    document = escalation.to_wire()
+    async with service.engine.begin() as connection:
+        inserted = await insert_ignore(
+            connection,
+            escalations,
+            [
+                {
+                    "escalation_id": escalation.escalation_id,
+                    "appliance_id": caller.appliance_id,
+                    "site_id": caller.site_id,
+                    "severity": escalation.severity,
+                    "title": escalation.title,
+                    "document": document,
+                    "created_at": escalation.created_at,
+                    "received_at": service.clock(),
+                }
+            ],
+        )
+        if not inserted:
+            held = (
+                await connection.execute(
+                    sa.select(escalations.c.document).where(
+                        escalations.c.escalation_id == escalation.escalation_id
+                    )
+                )
+            ).scalar_one()
+            if canonicalize(held) != canonicalize(document):
+                raise Problem(
+                    "escalation-conflict",
+                    f"another escalation is stored as {escalation.escalation_id}",
+                )
+    return json_response(
+        EscalationAccepted(escalation_id=escalation.escalation_id, stored=bool(inserted)),
+        status=201 if inserted else 200,
+    )

@@ -1,0 +1,478 @@
+"""The partner API: defaults, sites, effective configuration, framework
+usage, enrollment tokens, appliances, escalations, alerts, evidence. Every
+query is scoped to the caller's partner; another partner's site is "not
+found". Plus the admin API that creates partners."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from aiohttp import web
+
+from msp_central.api_models import (
+    AlertOut,
+    ApplianceOut,
+    ApplyPreset,
+    EscalationOut,
+    EvidenceOut,
+    FrameworkUsage,
+    FrameworkUse,
+    PartnerCreate,
+    PartnerCreated,
+    PartnerDefaults,
+    RevokeIn,
+    SiteCreate,
+    SiteFrameworks,
+    SiteOverrides,
+    TokenCreate,
+    TokenOut,
+)
+from msp_central.auth import KeyHolder, require_admin, require_partner
+from msp_central.context import central, json_response, parse_body, read_body
+from msp_central.db.tables import (
+    appliances,
+    audit_checkpoints,
+    audit_logs,
+    certificates,
+    escalations,
+    evidence,
+    partners,
+    security_alerts,
+    sites,
+)
+from msp_central.problems import Problem
+from msp_central.queries import (
+    check_frameworks,
+    create_enrollment_token,
+    create_partner,
+    create_site,
+    effective_config,
+    get_partner,
+    get_preset,
+    get_site,
+    known_frameworks,
+    partner_out,
+    revoke_certificate,
+    site_out,
+)
+
+routes = web.RouteTableDef()
+
+# An appliance that sent nothing for this long is shown as offline.
+ONLINE_WINDOW_SECONDS = 10 * 60
+
+
+def _partner_id(holder: KeyHolder) -> str:
+    assert holder.partner_id is not None
+    return holder.partner_id
+
+
+# --- admin ------------------------------------------------------------------------------
+
+
+@routes.post("/api/v1/partners")
+async def create_partner_handler(request: web.Request) -> web.Response:
+    await require_admin(request)
+    body = parse_body(await read_body(request), PartnerCreate, request)
+    service = central(request)
+    async with service.engine.begin() as connection:
+        row, key = await create_partner(connection, body.name, service.clock())
+    return json_response(PartnerCreated(partner=partner_out(row), api_key=key), status=201)
+
+
+@routes.get("/api/v1/partners")
+async def list_partners(request: web.Request) -> web.Response:
+    await require_admin(request)
+    async with central(request).engine.connect() as connection:
+        rows = (await connection.execute(sa.select(partners).order_by(partners.c.created_at))).all()
+    return json_response([partner_out(row) for row in rows])
+
+
+# --- the partner and its defaults ---------------------------------------------------------
+
+
+@routes.get("/api/v1/partner")
+async def get_partner_handler(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    async with central(request).engine.connect() as connection:
+        return json_response(partner_out(await get_partner(connection, _partner_id(holder))))
+
+
+async def _set_defaults(
+    request: web.Request, holder: KeyHolder, defaults: PartnerDefaults
+) -> web.Response:
+    async with central(request).engine.begin() as connection:
+        await check_frameworks(connection, defaults.frameworks)
+        await connection.execute(
+            sa.update(partners)
+            .where(partners.c.id == holder.partner_id)
+            .values(
+                industry=defaults.industry,
+                tier=defaults.tier.value,
+                frameworks=list(defaults.frameworks),
+            )
+        )
+        return json_response(partner_out(await get_partner(connection, _partner_id(holder))))
+
+
+@routes.put("/api/v1/partner/defaults")
+async def put_defaults(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    defaults = parse_body(await read_body(request), PartnerDefaults, request)
+    return await _set_defaults(request, holder, defaults)
+
+
+@routes.post("/api/v1/partner/apply-preset")
+async def apply_partner_preset(request: web.Request) -> web.Response:
+    """Set the partner's defaults to an industry preset in one call."""
+    holder = await require_partner(request)
+    body = parse_body(await read_body(request), ApplyPreset, request)
+    async with central(request).engine.connect() as connection:
+        preset = await get_preset(connection, body.preset)
+    defaults = PartnerDefaults(
+        industry=body.preset, tier=preset.tier, frameworks=list(preset.frameworks)
+    )
+    return await _set_defaults(request, holder, defaults)
+
+
+# --- sites -----------------------------------------------------------------------------
+
+
+@routes.get("/api/v1/sites")
+async def list_sites(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    async with central(request).engine.connect() as connection:
+        partner = await get_partner(connection, _partner_id(holder))
+        rows = (
+            await connection.execute(
+                sa.select(sites)
+                .where(sites.c.partner_id == partner.id)
+                .order_by(sites.c.created_at)
+            )
+        ).all()
+        return json_response([await site_out(connection, row, partner) for row in rows])
+
+
+@routes.post("/api/v1/sites")
+async def create_site_handler(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    body = parse_body(await read_body(request), SiteCreate, request)
+    service = central(request)
+    async with service.engine.begin() as connection:
+        row = await create_site(
+            connection, _partner_id(holder), body.name, body.overrides, service.clock()
+        )
+        return json_response(await site_out(connection, row), status=201)
+
+
+@routes.get("/api/v1/sites/{site_id}")
+async def get_site_handler(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    async with central(request).engine.connect() as connection:
+        row = await get_site(connection, request.match_info["site_id"], holder.partner_id)
+        return json_response(await site_out(connection, row))
+
+
+async def _set_overrides(
+    request: web.Request, holder: KeyHolder, overrides: SiteOverrides
+) -> web.Response:
+    site_id = request.match_info["site_id"]
+    async with central(request).engine.begin() as connection:
+        await get_site(connection, site_id, holder.partner_id)
+        await check_frameworks(connection, overrides.frameworks)
+        await connection.execute(
+            sa.update(sites)
+            .where(sites.c.id == site_id)
+            .values(
+                industry=overrides.industry,
+                tier=overrides.tier.value if overrides.tier else None,
+                frameworks=overrides.frameworks,
+            )
+        )
+        return json_response(await site_out(connection, await get_site(connection, site_id)))
+
+
+@routes.put("/api/v1/sites/{site_id}/overrides")
+async def put_overrides(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    overrides = parse_body(await read_body(request), SiteOverrides, request)
+    return await _set_overrides(request, holder, overrides)
+
+
+@routes.post("/api/v1/sites/{site_id}/apply-preset")
+async def apply_site_preset(request: web.Request) -> web.Response:
+    """Override one site with an industry preset (industry, tier, frameworks)."""
+    holder = await require_partner(request)
+    body = parse_body(await read_body(request), ApplyPreset, request)
+    async with central(request).engine.connect() as connection:
+        preset = await get_preset(connection, body.preset)
+    overrides = SiteOverrides(
+        industry=body.preset, tier=preset.tier, frameworks=list(preset.frameworks)
+    )
+    return await _set_overrides(request, holder, overrides)
+
+
+@routes.get("/api/v1/sites/{site_id}/effective-config")
+async def get_effective(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    async with central(request).engine.connect() as connection:
+        site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
+        partner = await get_partner(connection, site.partner_id)
+        return json_response(await effective_config(connection, site, partner))
+
+
+@routes.get("/api/v1/framework-usage")
+async def framework_usage(request: web.Request) -> web.Response:
+    """Which frameworks each of the partner's sites runs, and how many sites
+    use each framework."""
+    holder = await require_partner(request)
+    async with central(request).engine.connect() as connection:
+        partner = await get_partner(connection, _partner_id(holder))
+        names = await known_frameworks(connection)
+        rows = (
+            await connection.execute(
+                sa.select(sites)
+                .where(sites.c.partner_id == partner.id)
+                .order_by(sites.c.created_at)
+            )
+        ).all()
+    users: dict[str, list[str]] = defaultdict(list)
+    per_site = []
+    for site in rows:
+        chosen = list(site.frameworks if site.frameworks is not None else partner.frameworks)
+        per_site.append(SiteFrameworks(site_id=site.id, name=site.name, frameworks=chosen))
+        for framework in chosen:
+            users[framework].append(site.id)
+    return json_response(
+        FrameworkUsage(
+            site_count=len(rows),
+            frameworks=[
+                FrameworkUse(framework=fid, name=name, site_count=len(users[fid]), sites=users[fid])
+                for fid, name in names.items()
+            ],
+            sites=per_site,
+        )
+    )
+
+
+@routes.post("/api/v1/sites/{site_id}/enrollment-tokens")
+async def create_token(request: web.Request) -> web.Response:
+    """A single-use, expiring token an appliance of this site enrolls with.
+    The token is shown once; the server keeps only its hash."""
+    holder = await require_partner(request)
+    body = parse_body(await read_body(request), TokenCreate, request)
+    service = central(request)
+    site_id = request.match_info["site_id"]
+    lifetime = service.settings.enrollment_token_lifetime
+    if body.hours is not None:
+        lifetime = timedelta(hours=body.hours)
+    async with service.engine.begin() as connection:
+        await get_site(connection, site_id, holder.partner_id)
+        token, expires = await create_enrollment_token(
+            connection, site_id, lifetime, service.clock()
+        )
+    return json_response(TokenOut(token=token, site_id=site_id, expires_at=expires), status=201)
+
+
+# --- appliances ------------------------------------------------------------------------
+
+
+@routes.get("/api/v1/sites/{site_id}/appliances")
+async def list_appliances(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    service = central(request)
+    now = service.clock()
+    async with service.engine.connect() as connection:
+        site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
+        rows = (
+            await connection.execute(
+                sa.select(
+                    appliances,
+                    audit_logs.c.size,
+                    audit_logs.c.root,
+                    certificates.c.not_after,
+                )
+                .outerjoin(audit_logs, audit_logs.c.appliance_id == appliances.c.id)
+                .outerjoin(certificates, certificates.c.serial == appliances.c.current_serial)
+                .where(appliances.c.site_id == site.id)
+                .order_by(appliances.c.created_at)
+            )
+        ).all()
+        flagged: dict[str, int] = dict(
+            (
+                await connection.execute(
+                    sa.select(audit_checkpoints.c.appliance_id, sa.func.count())
+                    .where(audit_checkpoints.c.signed_after_expiry.is_(True))
+                    .group_by(audit_checkpoints.c.appliance_id)
+                )
+            ).all()
+        )
+    result = []
+    for row in rows:
+        if row.revoked_at is not None:
+            status = "revoked"
+        elif row.last_seen_at is None:
+            status = "never-seen"
+        elif (now - row.last_seen_at).total_seconds() <= ONLINE_WINDOW_SECONDS:
+            status = "online"
+        else:
+            status = "offline"
+        result.append(
+            ApplianceOut(
+                id=row.id,
+                site_id=row.site_id,
+                created_at=row.created_at,
+                status=status,  # type: ignore[arg-type]
+                last_seen_at=row.last_seen_at,
+                last_sync_at=row.last_sync_at,
+                audit_size=int(row.size or 0),
+                audit_root=row.root or "",
+                flagged_checkpoints=int(flagged.get(row.id, 0)),
+                certificate_serial=row.current_serial,
+                certificate_not_after=row.not_after,
+                heartbeat=row.heartbeat,
+            )
+        )
+    return json_response(result)
+
+
+@routes.post("/api/v1/certificates/{serial}/revoke")
+async def revoke(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    body = parse_body(await read_body(request), RevokeIn, request)
+    service = central(request)
+    async with service.engine.begin() as connection:
+        result = await revoke_certificate(
+            connection,
+            service.root,
+            request.match_info["serial"],
+            body.reason,
+            service.clock(),
+            partner_id=holder.partner_id,
+        )
+    return json_response(result)
+
+
+# --- escalations, alerts, evidence ---------------------------------------------------------
+
+
+def _partner_sites(holder: KeyHolder) -> Any:
+    return sa.select(sites.c.id).where(sites.c.partner_id == holder.partner_id)
+
+
+@routes.get("/api/v1/escalations")
+async def list_escalations(request: web.Request) -> web.Response:
+    """The partner's escalations, newest first; ``?open=true`` for the
+    unacknowledged ones only."""
+    holder = await require_partner(request)
+    query = (
+        sa.select(escalations)
+        .where(escalations.c.site_id.in_(_partner_sites(holder)))
+        .order_by(escalations.c.received_at.desc())
+        .limit(500)
+    )
+    if request.query.get("open") == "true":
+        query = query.where(escalations.c.acknowledged_at.is_(None))
+    async with central(request).engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+    return json_response([_escalation_out(row) for row in rows])
+
+
+def _escalation_out(row: sa.Row[Any]) -> EscalationOut:
+    document = row.document
+    return EscalationOut(
+        escalation_id=row.escalation_id,
+        appliance_id=row.appliance_id,
+        site_id=row.site_id,
+        severity=row.severity,
+        title=row.title,
+        detail=document["detail"],
+        created_at=row.created_at,
+        received_at=row.received_at,
+        log_index=document.get("log_index"),
+        acknowledged_at=row.acknowledged_at,
+    )
+
+
+@routes.post("/api/v1/escalations/{escalation_id}/acknowledge")
+async def acknowledge(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    await read_body(request)
+    service = central(request)
+    escalation_id = request.match_info["escalation_id"]
+    where = (
+        escalations.c.escalation_id == escalation_id,
+        escalations.c.site_id.in_(_partner_sites(holder)),
+    )
+    async with service.engine.begin() as connection:
+        await connection.execute(
+            sa.update(escalations)
+            .where(*where, escalations.c.acknowledged_at.is_(None))
+            .values(acknowledged_at=service.clock(), acknowledged_by=holder.key_prefix)
+        )
+        row = (await connection.execute(sa.select(escalations).where(*where))).first()
+    if row is None:
+        raise Problem("not-found", f"no escalation {escalation_id[:64]}")
+    return json_response(_escalation_out(row))
+
+
+@routes.get("/api/v1/security-alerts")
+async def list_alerts(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    async with central(request).engine.connect() as connection:
+        rows = (
+            await connection.execute(
+                sa.select(security_alerts)
+                .where(security_alerts.c.site_id.in_(_partner_sites(holder)))
+                .order_by(security_alerts.c.id.desc())
+                .limit(500)
+            )
+        ).all()
+    return json_response(
+        [
+            AlertOut(
+                id=row.id,
+                appliance_id=row.appliance_id,
+                site_id=row.site_id,
+                code=row.code,
+                detail=row.detail,
+                created_at=row.created_at,
+            )
+            for row in rows
+        ]
+    )
+
+
+@routes.get("/api/v1/sites/{site_id}/evidence")
+async def list_evidence(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    async with central(request).engine.connect() as connection:
+        site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
+        rows = (
+            await connection.execute(
+                sa.select(evidence)
+                .where(evidence.c.site_id == site.id)
+                .order_by(evidence.c.received_at.desc())
+                .limit(500)
+            )
+        ).all()
+    return json_response(
+        [
+            EvidenceOut(
+                bundle_id=row.bundle_id,
+                appliance_id=row.appliance_id,
+                site_id=row.site_id,
+                check_id=row.check_id,
+                result=row.result,
+                controls=row.controls,
+                collected_at=row.collected_at,
+                log_index=row.log_index,
+                signed_after_expiry=row.signed_after_expiry,
+                received_at=row.received_at,
+            )
+            for row in rows
+        ]
+    )

@@ -1,0 +1,121 @@
+"""Fixtures: the central server on SQLite and on PostgreSQL.
+
+Each backend is migrated once per session (a real ``alembic upgrade``);
+each test then gets a clean copy: a copied SQLite file, or the PostgreSQL
+test database with every non-catalogue table truncated. PostgreSQL is the
+server on 127.0.0.1:5432; if it is down these tests fail, never skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from msp_central.app import create_app
+from msp_central.config import Settings
+from msp_central.context import CENTRAL
+from msp_central.db.engine import create_engine
+from msp_central.db.migrate import upgrade
+from msp_central.db.tables import metadata
+from tests.central.support import ROOT, Clock, Harness
+
+PG_ADMIN_URL = os.environ.get(
+    "MSP_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+CATALOGUE = {
+    "frameworks",
+    "controls",
+    "runbooks",
+    "control_runbook_mapping",
+    "presets",
+    "alembic_version",
+}
+
+
+async def _create_pg_database(name: str) -> str:
+    admin = create_engine(PG_ADMIN_URL)
+    try:
+        async with admin.connect() as plain:
+            connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
+            await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+            await connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        await admin.dispose()
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def _migrate(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "central.db"
+    asyncio.run(_migrate(f"sqlite+aiosqlite:///{path}"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    name = f"msp_central_test_{os.getpid()}"
+    url = asyncio.run(_create_pg_database(name))
+    asyncio.run(_migrate(url))
+    yield url
+
+    async def drop() -> None:
+        admin = create_engine(PG_ADMIN_URL)
+        try:
+            async with admin.connect() as plain:
+                connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
+                await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            await admin.dispose()
+
+    asyncio.run(drop())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> str:
+    if request.param == "sqlite":
+        path = tmp_path / "central.db"
+        shutil.copy(sqlite_template, path)
+        return f"sqlite+aiosqlite:///{path}"
+    url: str = request.getfixturevalue("postgres_url")
+    asyncio.run(_truncate(url))
+    return url
+
+
+async def _truncate(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        names = [t.name for t in metadata.sorted_tables if t.name not in CATALOGUE]
+        async with engine.begin() as connection:
+            await connection.execute(
+                sa.text(f"TRUNCATE {', '.join(names)} RESTART IDENTITY CASCADE")
+            )
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(state_dir=tmp_path / "state", database_url=database_url)
+
+
+@pytest.fixture
+async def harness(settings: Settings, aiohttp_client: Any) -> Harness:
+    clock = Clock()
+    app = create_app(settings, root=ROOT, clock=clock)
+    client = await aiohttp_client(app)
+    return Harness(client, app[CENTRAL].engine, clock)

@@ -1,0 +1,293 @@
+"""The central server under test: a real app on loopback, on SQLite or
+PostgreSQL, with clients that speak as an admin, a partner or an appliance,
+and every response checked against the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jsonschema
+from aiohttp.test_utils import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from msp_central.api_models import SiteOverrides
+from msp_central.openapi import document
+from msp_central.queries import create_api_key, create_partner, create_site
+from msp_protocol.delegation import DelegationCertificate, Scope, make_delegation_request
+from msp_protocol.dsse import Envelope
+from msp_protocol.encoding import utc_now
+from msp_protocol.httpsig import sign_request
+from msp_protocol.keys import SigningKey
+from msp_protocol.log import EntryRecord, genesis_entry, make_checkpoint, make_entry
+from msp_protocol.merkle import LeafHashTree, TreeState, consistency_proof
+from msp_protocol.sync import SyncRequest
+
+ROOT = SigningKey(b"\x07" * 32)
+
+
+class Clock:
+    """The server's clock: real time plus an offset the test moves."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return utc_now() + self.offset
+
+    def advance(self, delta: timedelta) -> None:
+        self.offset += delta
+
+
+# --- OpenAPI response validation -----------------------------------------------------
+
+
+def _operation(method: str, path: str) -> dict[str, Any]:
+    doc = document()
+    for template, operations in doc["paths"].items():
+        parts, actual = (
+            template.strip("/").split("/"),
+            path.split("?", maxsplit=1)[0].strip("/").split("/"),
+        )
+        if (
+            len(parts) == len(actual)
+            and all(p.startswith("{") or p == a for p, a in zip(parts, actual, strict=True))
+            and method.lower() in operations
+        ):
+            return operations[method.lower()]  # type: ignore[no-any-return]
+    raise AssertionError(f"{method} {path} is not in the OpenAPI document")
+
+
+def check_response(method: str, path: str, status: int, content_type: str, body: bytes) -> None:
+    """Validate a response against the OpenAPI document (schema by status,
+    the problem schema for errors)."""
+    operation = _operation(method, path)
+    responses = operation["responses"]
+    spec = responses.get(str(status)) or responses["default"]
+    if status >= 400:
+        assert content_type == "application/problem+json", (status, content_type, body[:200])
+        assert str(status) not in responses
+    if "content" not in spec:
+        assert not body
+        return
+    ((media, content),) = spec["content"].items()
+    assert content_type == media, (content_type, media)
+    schema = {**content["schema"], "components": document()["components"]}
+    jsonschema.Draft202012Validator(schema).validate(json.loads(body))
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+    @property
+    def code(self) -> str | None:
+        return self.body.get("code") if isinstance(self.body, dict) else None
+
+
+async def call(
+    client: TestClient[Any, Any],
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    send = dict(headers or {})
+    if body is not None:
+        send.setdefault("Content-Type", "application/json")
+    response = await client.request(method, path, data=body, headers=send)
+    raw = await response.read()
+    check_response(method, path, response.status, response.content_type, raw)
+    return Reply(response.status, json.loads(raw) if raw else None, dict(response.headers))
+
+
+def dumps(value: Any) -> bytes:
+    if isinstance(value, Envelope | SyncRequest):
+        return value.canonical_bytes()
+    return json.dumps(value).encode()
+
+
+# --- callers -------------------------------------------------------------------------
+
+
+@dataclass
+class KeyClient:
+    """A partner or admin with a bearer key."""
+
+    client: TestClient[Any, Any]
+    key: str
+    partner_id: str | None = None
+
+    async def request(self, method: str, path: str, value: Any = None) -> Reply:
+        body = dumps(value) if value is not None else None
+        return await call(
+            self.client, method, path, body=body, headers={"Authorization": f"Bearer {self.key}"}
+        )
+
+
+@dataclass
+class ApplianceClient:
+    """An enrolled appliance: its key, certificate, and its own audit log."""
+
+    client: TestClient[Any, Any]
+    clock: Callable[[], datetime]
+    key: SigningKey
+    appliance_id: str
+    site_id: str
+    certificate: Envelope
+    records: list[EntryRecord] = field(default_factory=list)
+    serial: str = ""
+
+    def url(self, path: str) -> str:
+        return str(self.client.make_url(path))
+
+    def signed(
+        self, method: str, path: str, body: bytes = b"", key: SigningKey | None = None
+    ) -> dict[str, str]:
+        headers = sign_request(
+            key or self.key,
+            method,
+            self.url(path),
+            body=body,
+            created=int(self.clock().timestamp()),
+        )
+        if body:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    async def request(
+        self, method: str, path: str, value: Any = None, *, key: SigningKey | None = None
+    ) -> Reply:
+        body = dumps(value) if value is not None else b""
+        return await call(
+            self.client,
+            method,
+            path,
+            body=body or None,
+            headers=self.signed(method, path, body, key),
+        )
+
+    # the appliance's audit log
+
+    def grow(
+        self, count: int, *, kind: str = "check.run", data: dict[str, Any] | None = None
+    ) -> None:
+        for _ in range(count):
+            index = len(self.records)
+            if index == 0:
+                record = genesis_entry(
+                    appliance_id=self.appliance_id,
+                    key_id=self.key.key_id,
+                    certificate_serial=self.serial,
+                    ts=self.clock(),
+                )
+            else:
+                record = make_entry(
+                    index, self.clock(), kind, "agent", data if data is not None else {"n": index}
+                )
+            self.records.append(record)
+
+    def batch(
+        self,
+        old: int,
+        new: int | None = None,
+        *,
+        signer: SigningKey | None = None,
+        records: list[EntryRecord] | None = None,
+    ) -> SyncRequest:
+        records = records if records is not None else self.records
+        new = len(records) if new is None else new
+        leaves = [r.leaf_hash for r in records[:new]]
+        state = TreeState()
+        state.extend(leaves)
+        return SyncRequest.build(
+            old_size=old,
+            entries=[r.raw for r in records[old:new]],
+            consistency=consistency_proof(old, new, LeafHashTree(leaves)) if old else [],
+            checkpoint=make_checkpoint(
+                signer or self.key, appliance_id=self.appliance_id, state=state, ts=self.clock()
+            ),
+        )
+
+    async def sync(self, request: SyncRequest, **kwargs: Any) -> Reply:
+        return await self.request(
+            "POST", f"/api/v1/appliances/{self.appliance_id}/audit/sync", request, **kwargs
+        )
+
+
+@dataclass
+class Harness:
+    client: TestClient[Any, Any]
+    engine: AsyncEngine
+    clock: Clock
+    root: SigningKey = ROOT
+
+    async def admin(self) -> KeyClient:
+        async with self.engine.begin() as connection:
+            key = await create_api_key(connection, "admin", None, self.clock())
+        return KeyClient(self.client, key)
+
+    async def partner(self, name: str = "Acme MSP") -> KeyClient:
+        async with self.engine.begin() as connection:
+            row, key = await create_partner(connection, name, self.clock())
+        return KeyClient(self.client, key, row.id)
+
+    async def site(self, partner: KeyClient, name: str = "Clinic") -> str:
+        assert partner.partner_id
+        async with self.engine.begin() as connection:
+            row = await create_site(
+                connection, partner.partner_id, name, SiteOverrides(), self.clock()
+            )
+        return str(row.id)
+
+    async def token(self, partner: KeyClient, site_id: str) -> str:
+        reply = await partner.request("POST", f"/api/v1/sites/{site_id}/enrollment-tokens", {})
+        assert reply.status == 201, reply.body
+        return str(reply.body["token"])
+
+    async def enroll(
+        self,
+        partner: KeyClient,
+        site_id: str | None = None,
+        *,
+        scopes: tuple[Scope, ...] = (Scope.AUDIT, Scope.EVIDENCE),
+        key: SigningKey | None = None,
+    ) -> ApplianceClient:
+        site_id = site_id or await self.site(partner)
+        token = await self.token(partner, site_id)
+        key = key or SigningKey.generate()
+        request = make_delegation_request(
+            purpose="enroll",
+            audience=self.root.key_id,
+            subject=key,
+            scopes=scopes,
+            enrollment_token=token,
+            created=self.clock(),
+        )
+        reply = await call(
+            self.client,
+            "POST",
+            "/api/v1/enroll",
+            body=dumps({"token": token, "request": request.to_wire()}),
+        )
+        assert reply.status == 201, reply.body
+        certificate = Envelope.from_wire(reply.body["certificate"])
+        serial = DelegationCertificate.from_json(certificate.payload_bytes()).serial
+        return ApplianceClient(
+            self.client,
+            self.clock,
+            key,
+            reply.body["appliance_id"],
+            site_id,
+            certificate,
+            serial=serial,
+        )
+
+
+NOW = datetime(2026, 11, 25, tzinfo=UTC)
