@@ -9,6 +9,7 @@ test. The property-based tests then prove that the fast path of
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from collections.abc import Callable
@@ -19,7 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msp_protocol import canonical
-from msp_protocol.canonical import canonicalize, canonicalize_reference, parse_json
+from msp_protocol.canonical import (
+    canonicalize,
+    canonicalize_reference,
+    parse_canonical_json,
+    parse_json,
+)
 from msp_protocol.errors import JSONError, MalformedError, UsageError
 from msp_protocol.limits import Limits
 
@@ -846,3 +852,31 @@ def test_parse_json_keeps_canonical_documents_unchanged() -> None:
         b'"\\u0000\\b\\t\\n\\u000b\\f\\r\\u001f\\"\\\\/\x7f\xe2\x80\xa8"',
     ]:
         assert canonicalize(parse_json(document)) == document
+
+
+# --- property: parse_canonical_json accepts exactly the RFC 8785 bytes -------------
+
+
+def _other_encodings(value: Any) -> list[bytes]:
+    """Encodings of ``value`` that are valid JSON but may not be canonical."""
+    return [
+        json.dumps(value, ensure_ascii=False).encode("utf-8"),
+        json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("utf-8"),
+        json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode(),
+        json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+    ]
+
+
+@settings(max_examples=400)
+@given(ROUND_TRIP_VALUES)
+def test_parse_canonical_accepts_exactly_the_reference_bytes(value: Any) -> None:
+    # Floats, non-BMP keys and strings, key order traps: the parser's fast
+    # check must agree with the reference encoder on every one.
+    reference = canonicalize_reference(value)
+    assert _same(parse_canonical_json(reference, limits=_ROOMY), value)
+    for other in _other_encodings(value):
+        if other == reference:
+            assert _same(parse_canonical_json(other, limits=_ROOMY), value)
+        else:
+            with pytest.raises(JSONError, match="not in canonical"):
+                parse_canonical_json(other, limits=_ROOMY)

@@ -357,3 +357,54 @@ def test_make_entry_agrees_with_the_model(
         return
     assert record.raw == expected
     assert parse_entry(record.raw).entry == record.entry
+
+
+# --- property: the parser's direct entry check agrees with the model ---------------
+
+_TIMES = st.one_of(
+    st.datetimes(timezones=st.just(UTC)).map(lambda d: d.strftime("%Y-%m-%dT%H:%M:%S.%fZ")),
+    st.sampled_from(
+        [
+            "2026-11-25T12:00:00Z",
+            "2026-11-25T12:00:00.5Z",
+            "2026-11-25T12:00:00.50Z",
+            "2026-11-25 12:00:00Z",
+            "2026-13-25T12:00:00Z",
+            "2026-11-25T12:00:00+00:00",
+            "",
+        ]
+    ),
+)
+_FIELD_VALUES = {
+    "index": st.one_of(st.integers(min_value=-2, max_value=2**53 + 1), st.booleans(), st.just("1"), st.floats()),
+    "ts": st.one_of(_TIMES, st.integers()),
+    "kind": st.one_of(st.sampled_from(["check.run", "a.b.c.d", "a.b.c.d.e", "Check.run", "check", "x" * 70 + ".y"]), st.text(max_size=8)),
+    "actor": st.one_of(st.sampled_from(["agent", "a" * 128, "a" * 129, "-x", "user@site/1"]), st.text(max_size=8)),
+    "data": st.one_of(st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.lists(st.integers(), max_size=2), st.none()),
+}  # fmt: skip
+
+
+@settings(max_examples=600)
+@given(
+    st.fixed_dictionaries(
+        _FIELD_VALUES,
+        optional={"extra": st.integers()},
+    ).flatmap(
+        lambda d: st.sets(st.sampled_from(sorted(d)), max_size=1).map(
+            lambda drop: {k: v for k, v in d.items() if k not in drop}
+        )
+    )
+)
+def test_direct_entry_check_agrees_with_the_model(value: dict[str, object]) -> None:
+    from msp_protocol.log import LogEntry, _entry_fast
+
+    fast = _entry_fast(value)
+    try:
+        model: LogEntry | None = LogEntry.from_wire(value)
+    except errors.MalformedError:
+        model = None
+    if fast is None:
+        assert model is None, value
+    else:
+        assert model is not None, value
+        assert fast.model_dump() == model.model_dump()

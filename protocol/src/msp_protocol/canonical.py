@@ -150,7 +150,34 @@ def parse_canonical_json(
 
     For what is hashed as-is (audit entries) this makes the bytes and the value
     interchangeable: one value, one encoding. Raises :class:`JSONError`.
+
+    This is the witness's per-entry hot path, so most documents take a fast
+    route that reaches the same verdict: parse with the C decoder and no
+    hooks, then require that the fast encoder gives back exactly ``data``.
+    Equal bytes rule out duplicate keys (a repeated key is lost in the dict,
+    and the bytes shrink), lone surrogates (they cannot encode) and NaN (the
+    encoder refuses it); what equal bytes cannot rule out is sent to the
+    strict route first: floats (JCS writes them as ECMAScript does), integers
+    of more than 15 digits (perhaps beyond ±(2**53 - 1)), characters beyond
+    U+FFFF (JCS sorts keys by UTF-16 code units) and deep nesting. Anything
+    refused is parsed again strictly, for the precise error.
     """
+    bound = limits.max_json_bytes if max_bytes is None else max_bytes
+    if (
+        len(data) <= bound
+        and (data.isascii() or _BEYOND_BMP_OR_BOM.search(data) is None)
+        and data.count(b"{") + data.count(b"[") <= limits.max_json_depth
+    ):
+        try:
+            value = _FAST_DECODER.decode(data.decode("utf-8"))
+            if _dumps(value).encode("utf-8") == data:
+                return value
+        except (ValueError, UnicodeError, RecursionError, _FloatFound):
+            pass
+    return _parse_canonical_strictly(data, limits, max_bytes)
+
+
+def _parse_canonical_strictly(data: bytes, limits: Limits, max_bytes: int | None) -> Any:
     value, _ = _parse(data, limits, max_bytes)
     try:
         canonical = canonicalize(value) == data
@@ -161,7 +188,33 @@ def parse_canonical_json(
     return value
 
 
-def _parse(data: bytes, limits: Limits, max_bytes: int | None) -> tuple[Any, str]:
+class _FloatFound(Exception):
+    pass
+
+
+def _no_float(_text: str) -> float:
+    raise _FloatFound
+
+
+def _short_int(digits: str) -> int:
+    # 15 characters are always within ±(2**53 - 1); longer numbers go the
+    # strict route, which checks the value.
+    if len(digits) > 15:
+        raise _FloatFound
+    return int(digits)
+
+
+# UTF-8 lead bytes of characters beyond U+FFFF (0xF0-0xF4; the rest cannot
+# occur in valid UTF-8) and of a byte-order mark (0xEF): strict route.
+_BEYOND_BMP_OR_BOM = re.compile(rb"[\xef-\xff]")
+_FAST_DECODER = json.JSONDecoder(
+    parse_float=_no_float, parse_constant=_no_float, parse_int=_short_int
+)
+
+
+def _parse(
+    data: bytes, limits: Limits, max_bytes: int | None, decoder: json.JSONDecoder | None = None
+) -> tuple[Any, str]:
     bound = limits.max_json_bytes if max_bytes is None else max_bytes
     if len(data) > bound:
         raise JSONError(f"JSON document too large: {len(data)} bytes, limit {bound}")
@@ -172,7 +225,7 @@ def _parse(data: bytes, limits: Limits, max_bytes: int | None) -> tuple[Any, str
     if text.startswith("\ufeff"):
         raise JSONError("JSON starts with a UTF-8 byte order mark")
     try:
-        value = _DECODER.decode(text)
+        value = (decoder or _DECODER).decode(text)
     except json.JSONDecodeError as exc:
         raise JSONError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
     except RecursionError as exc:

@@ -38,6 +38,7 @@ from msp_protocol.encoding import (
     Timestamp,
     format_time,
     from_hex,
+    parse_time,
     to_hex,
 )
 from msp_protocol.errors import (
@@ -170,12 +171,48 @@ def parse_entry(
         raise MalformedError(f"{where}: {len(raw)} bytes, limit {limits.max_entry_bytes}")
     parse = parse_canonical_json if require_canonical else parse_json
     try:
-        entry = LogEntry.from_wire(parse(raw, limits=limits, max_bytes=limits.max_entry_bytes))
+        value = parse(raw, limits=limits, max_bytes=limits.max_entry_bytes)
+        entry = _entry_fast(value) or LogEntry.from_wire(value)
     except MalformedError as exc:
         raise type(exc)(f"{where}: {exc}") from None
     if expected_index is not None and entry.index != expected_index:
         raise LogEntryError(f"{where}: carries index {entry.index}")
     return EntryRecord(raw, entry, leaf_hash(raw))
+
+
+_ENTRY_FIELDS = frozenset(LogEntry.model_fields)
+
+
+def _entry_fast(value: Any) -> LogEntry | None:
+    """The :class:`LogEntry` rules checked directly (the witness parses every
+    entry it is sent). Returns None when any rule fails, for the model to
+    find and name the problem; a property test holds both to one verdict."""
+    if type(value) is not dict or value.keys() != _ENTRY_FIELDS:
+        return None
+    index, ts, kind, actor, data = (
+        value["index"],
+        value["ts"],
+        value["kind"],
+        value["actor"],
+        value["data"],
+    )
+    if (
+        type(index) is not int
+        or not 0 <= index <= MAX_SIZE
+        or type(kind) is not str
+        or len(kind) > 64
+        or _KIND.fullmatch(kind) is None
+        or type(actor) is not str
+        or _ACTOR.fullmatch(actor) is None
+        or type(data) is not dict
+        or type(ts) is not str
+    ):
+        return None
+    try:
+        moment = parse_time(ts, what="ts")
+    except EncodingError:
+        return None
+    return LogEntry.model_construct(index=index, ts=moment, kind=kind, actor=actor, data=data)
 
 
 class LogReplay:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from msp_central.catalogue import Tier
 from msp_protocol.bundle import Severity
@@ -148,7 +148,7 @@ class FrameworkUsage(Body):
 
 
 class TokenCreate(Body):
-    hours: Annotated[int, Field(ge=1, le=24 * 30)] | None = None
+    hours: Annotated[StrictInt, Field(ge=1, le=24 * 30)] | None = None
 
 
 class TokenOut(Body):
@@ -247,9 +247,10 @@ class CertificateOut(Body):
 
 class HeartbeatIn(Body):
     version: Annotated[str, StringConstraints(strict=True, max_length=64)]
-    log_size: Annotated[int, Field(ge=0)]
+    log_size: Annotated[StrictInt, Field(ge=0)]
     queues: Annotated[
-        dict[Annotated[str, StringConstraints(max_length=32)], int], Field(max_length=16)
+        dict[Annotated[str, StringConstraints(max_length=32)], Annotated[StrictInt, Field(ge=0)]],
+        Field(max_length=16),
     ]
     clock: Timestamp
 

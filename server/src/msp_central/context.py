@@ -56,10 +56,12 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
 
 def parse_body(body: bytes, model: type[Model], request: web.Request) -> Model:
     """Strict JSON (no duplicate keys, no NaN…) into a strict model."""
-    if body and request.content_type != "application/json":
+    if not body:
+        raise Problem("malformed-json", "the request body is empty; send a JSON object")
+    if request.content_type != "application/json":
         raise Problem("unsupported-media-type", f"content type {request.content_type[:80]}")
     try:
-        value = parse_json(body or b"{}", limits=request.app[CENTRAL].limits)
+        value = parse_json(body, limits=request.app[CENTRAL].limits)
     except MalformedError as exc:
         raise Problem("malformed-json", str(exc)) from None
     if not isinstance(value, dict):
