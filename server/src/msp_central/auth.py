@@ -161,15 +161,6 @@ async def require_appliance(
     except ProtocolError as exc:
         raise Problem.from_protocol(exc) from None
     row = found["row"]
-    if "promote" in found:
-        async with service.engine.begin() as connection:
-            await connection.execute(
-                sa.update(appliances)
-                .where(
-                    appliances.c.id == row.appliance_id, appliances.c.current_serial == row.replaces
-                )
-                .values(current_serial=row.serial)
-            )
     caller = Appliance(
         appliance_id=str(row.appliance_id),
         site_id=str(row.site_id),
@@ -183,4 +174,14 @@ async def require_appliance(
         raise Problem("wrong-appliance", "the request is signed by another appliance's key")
     if caller.revoked and not allow_revoked:
         raise Problem("appliance-revoked", f"certificate {caller.serial} is revoked")
+    if "promote" in found and not caller.revoked:
+        # The rotated key's first request: from now on it is the current one.
+        async with service.engine.begin() as connection:
+            await connection.execute(
+                sa.update(appliances)
+                .where(
+                    appliances.c.id == row.appliance_id, appliances.c.current_serial == row.replaces
+                )
+                .values(current_serial=row.serial)
+            )
     return caller

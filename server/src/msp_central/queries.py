@@ -314,7 +314,9 @@ async def publish_revocations(connection: AsyncConnection, root: SigningKey, now
                 appliance_id=row.appliance_id,
                 cutoff_size=int(row.cutoff_size),
                 revoked_at=row.revoked_at,
-                reason=row.revocation_reason or "",
+                # Every appliance of every partner reads this list: the
+                # partner's reason stays in its own view, not here.
+                reason="",
             )
             for row in revoked
         ),

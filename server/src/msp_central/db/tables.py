@@ -255,11 +255,14 @@ audit_checkpoints = Table(
     Column("received_at", UTCDateTime, nullable=False),
 )
 
+# Evidence and escalations are keyed per appliance: ids are chosen by the
+# appliances, and one appliance's id must never collide with (or reveal)
+# another's.
 evidence = Table(
     "evidence",
     metadata,
+    Column("appliance_id", String(ID), primary_key=True, index=True),
     Column("bundle_id", String(ID), primary_key=True),
-    Column("appliance_id", String(ID), nullable=False, index=True),
     Column("site_id", String(ID), nullable=False, index=True),
     Column("check_id", String(64), nullable=False),
     Column("result", String(16), nullable=False),
@@ -276,8 +279,8 @@ evidence = Table(
 escalations = Table(
     "escalations",
     metadata,
+    Column("appliance_id", String(ID), primary_key=True),
     Column("escalation_id", String(ID), primary_key=True),
-    Column("appliance_id", String(ID), nullable=False),
     Column("site_id", String(ID), nullable=False, index=True),
     Column("severity", String(16), nullable=False),
     Column("title", String(200), nullable=False),

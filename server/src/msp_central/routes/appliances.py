@@ -30,7 +30,7 @@ from msp_central.api_models import (
 from msp_central.auth import Appliance, require_appliance
 from msp_central.catalogue import Tier
 from msp_central.context import Central, central, json_response, parse_body, read_body
-from msp_central.db.engine import insert_ignore
+from msp_central.db.engine import insert_ignore, insert_rows
 from msp_central.db.tables import (
     appliances,
     audit_checkpoints,
@@ -615,19 +615,15 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
             )
         assert isinstance(outcome, SyncAccepted)
         receipt = make_receipt(service.root, outcome.checkpoint, now)
-        if outcome.records:
-            await connection.execute(
-                sa.insert(audit_entries),
-                [
-                    {
-                        "appliance_id": caller.appliance_id,
-                        "idx": state.size + offset,
-                        "leaf_hash": record.leaf_hash,
-                        "raw": record.raw,
-                    }
-                    for offset, record in enumerate(outcome.records)
-                ],
-            )
+        await insert_rows(
+            connection,
+            audit_entries,
+            ("appliance_id", "idx", "leaf_hash", "raw"),
+            [
+                (caller.appliance_id, state.size + offset, record.leaf_hash, record.raw)
+                for offset, record in enumerate(outcome.records)
+            ],
+        )
         new = outcome.state
         await connection.execute(
             sa.insert(audit_checkpoints).values(
@@ -733,12 +729,13 @@ async def _store_evidence(service: Central, caller: Appliance, envelope: Envelop
         if not inserted:
             held = (
                 await connection.execute(
-                    sa.select(evidence.c.payload_sha256, evidence.c.appliance_id).where(
-                        evidence.c.bundle_id == bundle.bundle_id
+                    sa.select(evidence.c.payload_sha256).where(
+                        evidence.c.appliance_id == caller.appliance_id,
+                        evidence.c.bundle_id == bundle.bundle_id,
                     )
                 )
             ).one()
-            if held.payload_sha256 != verified.digest or held.appliance_id != caller.appliance_id:
+            if held.payload_sha256 != verified.digest:
                 raise Problem("conflict", f"another bundle is stored as {bundle.bundle_id}")
     return json_response(
         EvidenceAccepted(
@@ -807,7 +804,8 @@ async def escalate(request: web.Request) -> web.Response:
             held = (
                 await connection.execute(
                     sa.select(escalations.c.document).where(
-                        escalations.c.escalation_id == escalation.escalation_id
+                        escalations.c.appliance_id == caller.appliance_id,
+                        escalations.c.escalation_id == escalation.escalation_id,
                     )
                 )
             ).scalar_one()

@@ -60,7 +60,7 @@ def upgrade() -> None:
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("acknowledged_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("acknowledged_by", sa.String(length=16), nullable=True),
-        sa.PrimaryKeyConstraint("escalation_id", name=op.f("pk_escalations")),
+        sa.PrimaryKeyConstraint("appliance_id", "escalation_id", name=op.f("pk_escalations")),
     )
     with op.batch_alter_table("escalations", schema=None) as batch_op:
         batch_op.create_index("ix_escalations_open", ["site_id", "acknowledged_at"], unique=False)
@@ -81,7 +81,7 @@ def upgrade() -> None:
         sa.Column("serial", sa.String(length=32), nullable=False),
         sa.Column("signed_after_expiry", sa.Boolean(), nullable=False),
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("bundle_id", name=op.f("pk_evidence")),
+        sa.PrimaryKeyConstraint("appliance_id", "bundle_id", name=op.f("pk_evidence")),
     )
     with op.batch_alter_table("evidence", schema=None) as batch_op:
         batch_op.create_index(

@@ -1,0 +1,871 @@
+"""Who may call what: every endpoint of the OpenAPI document against every kind
+of caller, on SQLite and on PostgreSQL.
+
+The matrix is :data:`ROWS`: one row per operation, one column per kind of
+caller (:data:`CALLERS`). One test per kind of caller builds one world (two
+partners, their sites and appliances, escalations, evidence, security alerts,
+a revoked appliance) and walks every row; each cell that answers otherwise is
+collected, and the test fails listing them all. A walk of refused calls must
+also leave the owning partner's view of the world exactly as it was.
+
+Enrollment is public (its token is the credential) and is tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import jsonschema
+import pytest
+import sqlalchemy as sa
+
+from msp_central.db.tables import api_keys
+from msp_central.openapi import ADMIN, ANY_KEY, APPLIANCE, NONE, OPERATIONS, PARTNER
+from msp_protocol.bundle import Escalation
+from msp_protocol.delegation import (
+    DelegationCertificate,
+    RevocationList,
+    Scope,
+    make_delegation_request,
+)
+from msp_protocol.dsse import Envelope
+from msp_protocol.encoding import format_time
+from msp_protocol.evidence import EvidenceBundle, sign_evidence
+from msp_protocol.keys import SigningKey
+from tests.central.support import ROOT, ApplianceClient, Harness, KeyClient, Reply, call, dumps
+
+# --- expected answers ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expect:
+    status: int
+    code: str | None = None  # the problem code, for errors
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}" if self.code else str(self.status)
+
+
+OK = Expect(200)
+CREATED = Expect(201)
+MISSING = Expect(401, "missing-credentials")  # no Authorization header
+BAD_KEY = Expect(401, "bad-credentials")  # an unknown bearer key
+FORBIDDEN = Expect(403, "forbidden")  # a key of the wrong role
+NOT_FOUND = Expect(404, "not-found")  # another partner's object: it does not exist
+UNSIGNED = Expect(401, "malformed-signature-header")  # no RFC 9421 signature
+UNKNOWN_KEY = Expect(401, "unknown-key")  # signed by a key no appliance holds
+WRONG_APPLIANCE = Expect(403, "wrong-appliance")  # another appliance's path
+REVOKED = Expect(403, "appliance-revoked")
+
+# The kinds of caller, in the column order of ROWS.
+#
+# anonymous             no credentials at all
+# unknown_credentials   a bearer key the server never issued; for appliance
+#                       endpoints, a request signed by a key never enrolled
+# wrong_role            the admin key on partner endpoints, partner A's key on
+#                       admin endpoints (the admin key on the catalogue, which
+#                       any key may read); for appliance endpoints partner A's
+#                       bearer key, the owner of the appliance, unsigned
+# wrong_partner         partner B's key on partner A's objects; for appliance
+#                       endpoints partner B's appliance signing for A's path
+# other_site_appliance  an appliance of another site of partner A signing for
+#                       this appliance's path (partner endpoints: signed, no key)
+# revoked_appliance     an appliance of the site whose certificate partner A
+#                       revoked, on its own paths (partner endpoints: signed)
+# right_caller          the admin, partner A, or the appliance itself
+CALLERS = (
+    "anonymous",
+    "unknown_credentials",
+    "wrong_role",
+    "wrong_partner",
+    "other_site_appliance",
+    "revoked_appliance",
+    "right_caller",
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    path: str
+    expect: tuple[Expect, ...]  # one per caller, in CALLERS order
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.path}"
+
+    @property
+    def kind(self) -> str:
+        """admin, partner, catalogue or appliance, from the OpenAPI security."""
+        security = next(
+            s for m, p, _, s, _, _ in OPERATIONS if (m.upper(), p) == (self.method, self.path)
+        )
+        kinds = {
+            id(ADMIN): "admin",
+            id(PARTNER): "partner",
+            id(ANY_KEY): "catalogue",
+            id(APPLIANCE): "appliance",
+        }
+        return kinds[id(security)]
+
+
+def row(method: str, path: str, *expect: Expect) -> Row:
+    assert len(expect) == len(CALLERS), path
+    return Row(method, path, expect)
+
+
+# fmt: off
+ROWS = [
+    #    endpoint                                                       anonymous  unknown      wrong_role  wrong_partner    other_site       revoked   right
+    row("GET",  "/api/v1/frameworks",                                  MISSING,   BAD_KEY,     OK,         OK,              MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/frameworks/{framework_id}",                   MISSING,   BAD_KEY,     OK,         OK,              MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/runbooks",                                    MISSING,   BAD_KEY,     OK,         OK,              MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/presets",                                     MISSING,   BAD_KEY,     OK,         OK,              MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/partners",                                    MISSING,   BAD_KEY,     FORBIDDEN,  FORBIDDEN,       MISSING,         MISSING,  CREATED),
+    row("GET",  "/api/v1/partners",                                    MISSING,   BAD_KEY,     FORBIDDEN,  FORBIDDEN,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/partner",                                     MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("PUT",  "/api/v1/partner/defaults",                            MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/partner/apply-preset",                        MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites",                                       MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/sites",                                       MISSING,   BAD_KEY,     FORBIDDEN,  CREATED,         MISSING,         MISSING,  CREATED),
+    row("GET",  "/api/v1/sites/{site_id}",                             MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("PUT",  "/api/v1/sites/{site_id}/overrides",                   MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/sites/{site_id}/apply-preset",                MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/effective-config",            MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/framework-usage",                             MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/sites/{site_id}/enrollment-tokens",           MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  CREATED),
+    row("GET",  "/api/v1/sites/{site_id}/appliances",                  MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/evidence",                    MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/certificates/{serial}/revoke",                MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/escalations",                                 MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/escalations/{escalation_id}/acknowledge",     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/security-alerts",                             MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/appliances/{appliance_id}/certificates",      UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  CREATED),
+    row("GET",  "/api/v1/revocations",                                 UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   OK,              OK,              OK,       OK),
+    row("POST", "/api/v1/appliances/{appliance_id}/heartbeat",         UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  OK),
+    row("GET",  "/api/v1/appliances/{appliance_id}/bundles/{kind}",    UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  OK),
+    row("POST", "/api/v1/appliances/{appliance_id}/audit/sync",        UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  OK),
+    row("POST", "/api/v1/appliances/{appliance_id}/evidence",          UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  CREATED),
+    row("POST", "/api/v1/appliances/{appliance_id}/escalations",       UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  CREATED),
+]
+# fmt: on
+
+PUBLIC = {("POST", "/api/v1/enroll"), ("GET", "/api/v1/openapi.json")}
+
+
+# --- the world every walk starts from ----------------------------------------------------
+
+
+@dataclass
+class World:
+    harness: Harness
+    admin: KeyClient
+    partner: KeyClient  # partner A: owns everything the paths name
+    other_partner: KeyClient  # partner B
+    site: str  # A's site of app, revoked and target
+    other_site: str  # A's second site (sibling)
+    foreign_site: str  # B's site (foreign)
+    app: ApplianceClient
+    sibling: ApplianceClient
+    foreign: ApplianceClient
+    revoked: ApplianceClient  # its certificate revoked by partner A
+    target: ApplianceClient  # its serial is the one the revoke row names
+    stranger: SigningKey  # never enrolled
+    escalation_id: str  # raised by app
+    foreign_escalation_id: str  # raised by foreign
+    bundle_id: str  # evidence from app
+    foreign_bundle_id: str  # evidence from foreign
+
+    def ids_of_a(self) -> set[str]:
+        assert self.partner.partner_id
+        return {
+            self.partner.partner_id,
+            self.site,
+            self.other_site,
+            self.app.appliance_id,
+            self.sibling.appliance_id,
+            self.revoked.appliance_id,
+            self.target.appliance_id,
+            self.escalation_id,
+            self.bundle_id,
+        }
+
+    def ids_of_b(self) -> set[str]:
+        assert self.other_partner.partner_id
+        return {
+            self.other_partner.partner_id,
+            self.foreign_site,
+            self.foreign.appliance_id,
+            self.foreign_escalation_id,
+            self.foreign_bundle_id,
+        }
+
+
+def escalation_document(owner: ApplianceClient) -> dict[str, Any]:
+    return Escalation(
+        escalation_id=f"esc-{secrets.token_hex(8)}",
+        appliance_id=owner.appliance_id,
+        site_id=owner.site_id,
+        severity="high",
+        title="Nightly backup failed three times",
+        detail={"job": "nightly", "attempts": 3},
+        created_at=owner.clock(),
+    ).to_wire()
+
+
+def evidence_envelope(owner: ApplianceClient) -> Envelope:
+    return sign_evidence(
+        owner.key,
+        EvidenceBundle(
+            bundle_id=f"ev-{secrets.token_hex(8)}",
+            site_id=owner.site_id,
+            appliance_id=owner.appliance_id,
+            check_id="time-sync",
+            controls={"hipaa": ("164.312(b)",)},
+            result="pass",
+            observed={"offset_ms": 3},
+            collected_at=owner.clock(),
+            log_index=1000,  # not witnessed yet: stored with in_log null
+        ),
+    )
+
+
+def expect_status(reply: Reply, status: int) -> Reply:
+    assert reply.status == status, (reply.status, reply.body)
+    return reply
+
+
+async def build_world(harness: Harness) -> World:
+    admin = await harness.admin()
+    partner = await harness.partner("Acme MSP")
+    other_partner = await harness.partner("Rival MSP")
+    site = await harness.site(partner, "Clinic")
+    other_site = await harness.site(partner, "Branch clinic")
+    foreign_site = await harness.site(other_partner, "Rival clinic")
+    app = await harness.enroll(partner, site)
+    sibling = await harness.enroll(partner, other_site)
+    foreign = await harness.enroll(other_partner, foreign_site)
+    revoked = await harness.enroll(partner, site)
+    target = await harness.enroll(partner, site)
+    stranger = SigningKey.generate()
+
+    escalations, bundles = [], []
+    for appliance in (app, foreign):
+        appliance.grow(3)
+        expect_status(await appliance.sync(appliance.batch(0)), 200)
+        # A checkpoint by a key never delegated: refused, and a security alert.
+        refused = await appliance.sync(appliance.batch(0, signer=stranger))
+        assert (refused.status, refused.code) == (422, "unknown-key"), refused.body
+        document = escalation_document(appliance)
+        path = f"/api/v1/appliances/{appliance.appliance_id}/escalations"
+        expect_status(await appliance.request("POST", path, document), 201)
+        escalations.append(document["escalation_id"])
+        envelope = evidence_envelope(appliance)
+        path = f"/api/v1/appliances/{appliance.appliance_id}/evidence"
+        expect_status(await appliance.request("POST", path, envelope), 201)
+        bundles.append(json.loads(envelope.payload_bytes())["bundle_id"])
+    revoke = f"/api/v1/certificates/{revoked.serial}/revoke"
+    expect_status(await partner.request("POST", revoke, {"reason": "stolen"}), 200)
+    return World(
+        harness=harness,
+        admin=admin,
+        partner=partner,
+        other_partner=other_partner,
+        site=site,
+        other_site=other_site,
+        foreign_site=foreign_site,
+        app=app,
+        sibling=sibling,
+        foreign=foreign,
+        revoked=revoked,
+        target=target,
+        stranger=stranger,
+        escalation_id=escalations[0],
+        foreign_escalation_id=escalations[1],
+        bundle_id=bundles[0],
+        foreign_bundle_id=bundles[1],
+    )
+
+
+# --- request bodies (the same for every caller: authentication comes first) --------------
+
+
+def renewal(world: World, owner: ApplianceClient) -> dict[str, Any]:
+    request = make_delegation_request(
+        purpose="renew",
+        audience=ROOT.key_id,
+        subject=owner.key,
+        scopes=(Scope.AUDIT, Scope.EVIDENCE),
+        current=(owner.serial, owner.key),
+        created=owner.clock(),
+    )
+    return {"request": request.to_wire()}
+
+
+def heartbeat(world: World, owner: ApplianceClient) -> dict[str, Any]:
+    return {
+        "version": "0.1.0",
+        "log_size": len(owner.records),
+        "queues": {"urgent": 0},
+        "clock": format_time(owner.clock()),
+    }
+
+
+def sync_batch(world: World, owner: ApplianceClient) -> Any:
+    """The entries the server has not witnessed yet (a fresh log for an
+    appliance that never synced)."""
+    witnessed = len(owner.records)
+    owner.grow(2 if witnessed else 3)
+    return owner.batch(witnessed)
+
+
+Body = Callable[[World, ApplianceClient], Any]
+
+BODIES: dict[str, Body] = {
+    "POST /api/v1/partners": lambda w, o: {"name": "Newco MSP"},
+    "PUT /api/v1/partner/defaults": lambda w, o: {
+        "industry": "healthcare",
+        "tier": "full",
+        "frameworks": ["hipaa", "nist_csf"],
+    },
+    "POST /api/v1/partner/apply-preset": lambda w, o: {"preset": "finance"},
+    "POST /api/v1/sites": lambda w, o: {"name": "Dental practice"},
+    "PUT /api/v1/sites/{site_id}/overrides": lambda w, o: {"tier": "full", "frameworks": ["soc2"]},
+    "POST /api/v1/sites/{site_id}/apply-preset": lambda w, o: {"preset": "healthcare"},
+    "POST /api/v1/sites/{site_id}/enrollment-tokens": lambda w, o: {"hours": 2},
+    "POST /api/v1/certificates/{serial}/revoke": lambda w, o: {"reason": "lost in transit"},
+    "POST /api/v1/appliances/{appliance_id}/certificates": renewal,
+    "POST /api/v1/appliances/{appliance_id}/heartbeat": heartbeat,
+    "POST /api/v1/appliances/{appliance_id}/audit/sync": sync_batch,
+    "POST /api/v1/appliances/{appliance_id}/evidence": lambda w, o: evidence_envelope(o),
+    "POST /api/v1/appliances/{appliance_id}/escalations": lambda w, o: escalation_document(o),
+}
+
+
+# --- what the right caller gets back ------------------------------------------------------
+
+
+def _ids(items: list[dict[str, Any]], key: str = "id") -> set[str]:
+    return {item[key] for item in items}
+
+
+def _check_frameworks(w: World, body: Any) -> None:
+    assert len(body) == 10
+    assert "hipaa" in _ids(body)
+
+
+def _check_partners(w: World, body: Any) -> None:
+    assert {w.partner.partner_id, w.other_partner.partner_id} <= _ids(body)
+
+
+def _check_partner_created(w: World, body: Any) -> None:
+    assert body["partner"]["name"] == "Newco MSP"
+    assert body["api_key"].startswith("mspk_")
+
+
+def _check_defaults(w: World, body: Any) -> None:
+    assert body["id"] == w.partner.partner_id
+    assert body["defaults"] == {
+        "industry": "healthcare",
+        "tier": "full",
+        "frameworks": ["hipaa", "nist_csf"],
+    }
+
+
+def _check_partner_preset(w: World, body: Any) -> None:
+    assert body["id"] == w.partner.partner_id
+    assert body["defaults"]["industry"] == "finance"
+
+
+def _check_sites(w: World, body: Any) -> None:
+    assert _ids(body) == {w.site, w.other_site}
+
+
+def _check_site_created(w: World, body: Any) -> None:
+    assert body["partner_id"] == w.partner.partner_id
+    assert body["name"] == "Dental practice"
+
+
+def _check_site(w: World, body: Any) -> None:
+    assert (body["id"], body["partner_id"]) == (w.site, w.partner.partner_id)
+
+
+def _check_overrides(w: World, body: Any) -> None:
+    assert body["id"] == w.site
+    assert body["overrides"] == {"industry": None, "tier": "full", "frameworks": ["soc2"]}
+    assert body["effective"]["frameworks"] == ["soc2"]
+
+
+def _check_site_preset(w: World, body: Any) -> None:
+    assert body["id"] == w.site
+    assert body["overrides"]["industry"] == "healthcare"
+
+
+def _check_effective(w: World, body: Any) -> None:
+    assert body["site_id"] == w.site
+
+
+def _check_usage(w: World, body: Any) -> None:
+    # A's two sites and the one POST /api/v1/sites created a moment ago.
+    names = {site["site_id"]: site["name"] for site in body["sites"]}
+    assert body["site_count"] == len(names) == 3
+    assert {w.site, w.other_site} < set(names)
+    assert "Dental practice" in names.values()
+
+
+def _check_token(w: World, body: Any) -> None:
+    assert body["site_id"] == w.site
+    assert body["token"]
+
+
+def _check_appliances(w: World, body: Any) -> None:
+    status = {item["id"]: item["status"] for item in body}
+    assert status == {
+        w.app.appliance_id: "online",  # it synced
+        w.revoked.appliance_id: "revoked",
+        w.target.appliance_id: "never-seen",
+    }
+
+
+def _check_evidence(w: World, body: Any) -> None:
+    assert _ids(body, "bundle_id") == {w.bundle_id}
+
+
+def _check_revoke(w: World, body: Any) -> None:
+    assert (body["serial"], body["appliance_id"]) == (w.target.serial, w.target.appliance_id)
+
+
+def _check_escalations(w: World, body: Any) -> None:
+    assert _ids(body, "escalation_id") == {w.escalation_id}
+
+
+def _check_acknowledged(w: World, body: Any) -> None:
+    assert body["escalation_id"] == w.escalation_id
+    assert body["acknowledged_at"] is not None
+
+
+def _check_alerts(w: World, body: Any) -> None:
+    assert body
+    assert {alert["site_id"] for alert in body} == {w.site}
+    assert {alert["code"] for alert in body} == {"unknown-key"}
+
+
+def _check_renewed(w: World, body: Any) -> None:
+    certificate = DelegationCertificate.from_json(
+        Envelope.from_wire(body["certificate"]).payload_bytes()
+    )
+    assert certificate.appliance_id == w.app.appliance_id
+    assert certificate.subject_key_id == w.app.key.key_id
+    assert certificate.serial != w.app.serial
+
+
+def _check_revocations(w: World, body: Any) -> None:
+    revocations = RevocationList.from_json(Envelope.from_wire(body).payload_bytes())
+    assert revocations.find(w.revoked.serial) is not None
+
+
+def _check_heartbeat(w: World, body: Any) -> None:
+    assert body["witnessed_size"] == 3
+
+
+def _check_bundle(w: World, body: Any) -> None:
+    payload = json.loads(Envelope.from_wire(body).payload_bytes())
+    assert (payload["kind"], payload["site_id"]) == ("site-config", w.site)
+
+
+def _check_synced(w: World, body: Any) -> None:
+    assert body["size"] == len(w.app.records) == 5
+
+
+def _check_stored(w: World, body: Any) -> None:
+    assert body["stored"] is True
+
+
+CHECKS: dict[str, Callable[[World, Any], None]] = {
+    "GET /api/v1/frameworks": _check_frameworks,
+    "GET /api/v1/frameworks/{framework_id}": lambda w, b: _check_eq(b["id"], "hipaa"),
+    "GET /api/v1/runbooks": lambda w, b: _check_eq(bool(b), True),
+    "GET /api/v1/presets": lambda w, b: _check_eq("healthcare" in _ids(b), True),
+    "POST /api/v1/partners": _check_partner_created,
+    "GET /api/v1/partners": _check_partners,
+    "GET /api/v1/partner": lambda w, b: _check_eq(b["id"], w.partner.partner_id),
+    "PUT /api/v1/partner/defaults": _check_defaults,
+    "POST /api/v1/partner/apply-preset": _check_partner_preset,
+    "GET /api/v1/sites": _check_sites,
+    "POST /api/v1/sites": _check_site_created,
+    "GET /api/v1/sites/{site_id}": _check_site,
+    "PUT /api/v1/sites/{site_id}/overrides": _check_overrides,
+    "POST /api/v1/sites/{site_id}/apply-preset": _check_site_preset,
+    "GET /api/v1/sites/{site_id}/effective-config": _check_effective,
+    "GET /api/v1/framework-usage": _check_usage,
+    "POST /api/v1/sites/{site_id}/enrollment-tokens": _check_token,
+    "GET /api/v1/sites/{site_id}/appliances": _check_appliances,
+    "GET /api/v1/sites/{site_id}/evidence": _check_evidence,
+    "POST /api/v1/certificates/{serial}/revoke": _check_revoke,
+    "GET /api/v1/escalations": _check_escalations,
+    "POST /api/v1/escalations/{escalation_id}/acknowledge": _check_acknowledged,
+    "GET /api/v1/security-alerts": _check_alerts,
+    "POST /api/v1/appliances/{appliance_id}/certificates": _check_renewed,
+    "GET /api/v1/revocations": _check_revocations,
+    "POST /api/v1/appliances/{appliance_id}/heartbeat": _check_heartbeat,
+    "GET /api/v1/appliances/{appliance_id}/bundles/{kind}": _check_bundle,
+    "POST /api/v1/appliances/{appliance_id}/audit/sync": _check_synced,
+    "POST /api/v1/appliances/{appliance_id}/evidence": _check_stored,
+    "POST /api/v1/appliances/{appliance_id}/escalations": _check_stored,
+}
+
+
+def _check_eq(actual: Any, expected: Any) -> None:
+    assert actual == expected, (actual, expected)
+
+
+# --- sending one cell -----------------------------------------------------------------
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def credentials(world: World, caller: str, row: Row, path: str, body: bytes) -> dict[str, str]:
+    if caller == "anonymous":
+        return {}
+    if row.kind == "appliance":
+        if caller == "unknown_credentials":
+            return world.app.signed(row.method, path, body, key=world.stranger)
+        if caller == "wrong_role":
+            return bearer(world.partner.key)
+        signer = {
+            "wrong_partner": world.foreign,
+            "other_site_appliance": world.sibling,
+            "revoked_appliance": world.revoked,
+            "right_caller": world.app,
+        }[caller]
+        return signer.signed(row.method, path, body)
+    if caller == "unknown_credentials":
+        return bearer(f"mspk_{secrets.token_hex(32)}")
+    if caller == "wrong_role":
+        return bearer(world.partner.key if row.kind == "admin" else world.admin.key)
+    if caller == "wrong_partner":
+        return bearer(world.other_partner.key)
+    if caller == "other_site_appliance":
+        return world.sibling.signed(row.method, path, body)
+    if caller == "revoked_appliance":
+        return world.revoked.signed(row.method, path, body)
+    return bearer(world.admin.key if row.kind == "admin" else world.partner.key)
+
+
+async def send(world: World, caller: str, row: Row) -> Reply:
+    # The revoked appliance speaks for itself; every other appliance signs for
+    # the paths (and with the documents) of app.
+    owner = world.revoked if caller == "revoked_appliance" else world.app
+    path = row.path.format(
+        framework_id="hipaa",
+        site_id=world.site,
+        serial=world.target.serial,
+        escalation_id=world.escalation_id,
+        appliance_id=owner.appliance_id,
+        kind="site-config",
+    )
+    make_body = BODIES.get(row.label)
+    body = dumps(make_body(world, owner)) if make_body else None
+    headers = credentials(world, caller, row, path, body or b"")
+    return await call(world.harness.client, row.method, path, body=body, headers=headers)
+
+
+async def walk(world: World, caller: str) -> list[str]:
+    """Send every row as ``caller``; return the cells that answered otherwise."""
+    column = CALLERS.index(caller)
+    foreign_ids = world.ids_of_a()
+    mismatches: list[str] = []
+    for entry in ROWS:
+        want = entry.expect[column]
+        try:
+            reply = await send(world, caller, entry)
+        except (AssertionError, jsonschema.ValidationError) as exc:
+            mismatches.append(f"{entry.label}: response breaks the OpenAPI document: {exc}")
+            continue
+        got = Expect(reply.status, reply.code if reply.status >= 400 else None)
+        if got != want:
+            detail = reply.body.get("detail") if isinstance(reply.body, dict) else None
+            mismatches.append(f"{entry.label}: expected {want}, got {got} ({detail})")
+            continue
+        if caller == "right_caller":
+            try:
+                CHECKS[entry.label](world, reply.body)
+            except AssertionError as exc:
+                mismatches.append(f"{entry.label}: unexpected body: {exc!r}")
+        elif caller == "wrong_partner" and entry.kind != "appliance" and reply.status < 300:
+            text = json.dumps(reply.body)
+            leaked = sorted(i for i in foreign_ids if i in text)
+            if leaked:
+                mismatches.append(f"{entry.label}: partner B sees partner A's {leaked}")
+    return mismatches
+
+
+async def partner_view(world: World) -> dict[str, Any]:
+    """Everything partner A (and the admin) can see of A's world."""
+    paths = [
+        "/api/v1/partner",
+        "/api/v1/sites",
+        f"/api/v1/sites/{world.site}/appliances",
+        f"/api/v1/sites/{world.other_site}/appliances",
+        f"/api/v1/sites/{world.site}/evidence",
+        f"/api/v1/sites/{world.site}/effective-config",
+        "/api/v1/escalations",
+        "/api/v1/security-alerts",
+        "/api/v1/framework-usage",
+    ]
+    view = {
+        path: expect_status(await world.partner.request("GET", path), 200).body for path in paths
+    }
+    partners = expect_status(await world.admin.request("GET", "/api/v1/partners"), 200).body
+    view["partner ids"] = sorted(_ids(partners))
+    return view
+
+
+# --- the tests ----------------------------------------------------------------------------
+
+
+def test_the_matrix_covers_every_authenticated_operation() -> None:
+    operations = {(method.upper(), path) for method, path, *_ in OPERATIONS}
+    rows = [(r.method, r.path) for r in ROWS]
+    assert len(rows) == len(set(rows))
+    assert set(rows) == operations - PUBLIC
+    assert set(BODIES) <= {r.label for r in ROWS}
+    assert set(CHECKS) == {r.label for r in ROWS}
+    public = {(m.upper(), p) for m, p, _, security, _, _ in OPERATIONS if security is NONE}
+    assert public == PUBLIC
+    kinds = {r.label: r.kind for r in ROWS}
+    assert set(kinds.values()) == {"admin", "partner", "catalogue", "appliance"}
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+async def test_authorization_matrix(harness: Harness, caller: str) -> None:
+    world = await build_world(harness)
+    before = await partner_view(world)
+    mismatches = await walk(world, caller)
+    if caller != "right_caller":
+        after = await partner_view(world)
+        mismatches += [
+            f"a call refused to {caller} changed partner A's {name}"
+            for name in before
+            if before[name] != after[name]
+        ]
+    assert not mismatches, (
+        f"{len(mismatches)} of {len(ROWS)} cells for {caller} answered otherwise:\n  "
+        + "\n  ".join(mismatches)
+    )
+
+
+async def test_partner_listings_hold_only_their_own_objects(harness: Harness) -> None:
+    world = await build_world(harness)
+    cases = [
+        (world.partner, [world.site, world.other_site], world.escalation_id, world.bundle_id,
+         world.ids_of_b()),
+        (world.other_partner, [world.foreign_site], world.foreign_escalation_id,
+         world.foreign_bundle_id, world.ids_of_a()),
+    ]  # fmt: skip
+    problems: list[str] = []
+    for partner, sites, escalation_id, bundle_id, others in cases:
+        listings = {
+            path: expect_status(await partner.request("GET", path), 200).body
+            for path in [
+                "/api/v1/sites",
+                "/api/v1/escalations",
+                "/api/v1/security-alerts",
+                "/api/v1/framework-usage",
+                *(f"/api/v1/sites/{site}/evidence" for site in sites),
+                *(f"/api/v1/sites/{site}/appliances" for site in sites),
+            ]
+        }
+        for path, body in listings.items():
+            leaked = sorted(i for i in others if i in json.dumps(body))
+            if leaked:
+                problems.append(f"{partner.partner_id} {path} shows the other partner's {leaked}")
+        # ... and each listing does hold the partner's own objects.
+        expected = {
+            "/api/v1/sites": (_ids(listings["/api/v1/sites"]), set(sites)),
+            "/api/v1/escalations": (
+                _ids(listings["/api/v1/escalations"], "escalation_id"),
+                {escalation_id},
+            ),
+            "/api/v1/security-alerts": (
+                {a["site_id"] for a in listings["/api/v1/security-alerts"]},
+                {sites[0]},
+            ),
+            "/api/v1/framework-usage": (
+                _ids(listings["/api/v1/framework-usage"]["sites"], "site_id"),
+                set(sites),
+            ),
+            "evidence": (
+                {
+                    e["bundle_id"]
+                    for site in sites
+                    for e in listings[f"/api/v1/sites/{site}/evidence"]
+                },
+                {bundle_id},
+            ),
+        }
+        for name, (actual, wanted) in expected.items():
+            if actual != wanted:
+                problems.append(
+                    f"{partner.partner_id} {name}: {sorted(actual)} != {sorted(wanted)}"
+                )
+    assert not problems, "\n".join(problems)
+
+
+async def test_enrollment_is_public_and_guarded_by_its_token(harness: Harness) -> None:
+    partner = await harness.partner()
+    other = await harness.partner("Rival MSP")
+    site = await harness.site(partner)
+
+    def request(token: str, key: SigningKey, *, digest_of: str | None = None) -> bytes:
+        envelope = make_delegation_request(
+            purpose="enroll",
+            audience=ROOT.key_id,
+            subject=key,
+            scopes=(Scope.AUDIT,),
+            enrollment_token=digest_of or token,
+            created=harness.clock(),
+        )
+        return dumps({"token": token, "request": envelope.to_wire()})
+
+    async def enroll(body: bytes | None, headers: dict[str, str] | None = None) -> Reply:
+        return await call(harness.client, "POST", "/api/v1/enroll", body=body, headers=headers)
+
+    key, thief = SigningKey.generate(), SigningKey.generate()
+    token = await harness.token(partner, site)
+    unknown = f"msp-enroll_{secrets.token_hex(32)}"
+    expired = expect_status(
+        await partner.request("POST", f"/api/v1/sites/{site}/enrollment-tokens", {"hours": 1}), 201
+    ).body["token"]
+
+    cells: list[tuple[str, Callable[[], Any], Expect]] = [
+        ("no credentials, no body", lambda: enroll(None), Expect(400, "malformed-json")),
+        ("no token", lambda: enroll(dumps({})), Expect(400, "malformed-document")),
+        # A key of any role is no substitute for the token.
+        ("partner key, no token", lambda: enroll(dumps({}), bearer(partner.key)),
+         Expect(400, "malformed-document")),
+        ("unknown token", lambda: enroll(request(unknown, key)), Expect(403, "bad-enrollment-token")),
+        # A stolen token paired with a request made for another token.
+        ("token not in the request", lambda: enroll(request(token, thief, digest_of=unknown)),
+         Expect(422, "delegation-request-refused")),
+        ("valid token", lambda: enroll(request(token, key)), CREATED),
+        ("lost answer, same token and key", lambda: enroll(request(token, key)), OK),
+        ("used token, another key", lambda: enroll(request(token, thief)),
+         Expect(403, "bad-enrollment-token")),
+        ("another partner's key and a used token", lambda: enroll(request(token, thief), bearer(other.key)),
+         Expect(403, "bad-enrollment-token")),
+    ]  # fmt: skip
+    mismatches = []
+    answers: dict[str, Reply] = {}
+    for label, send_cell, want in cells:
+        reply = await send_cell()
+        answers[label] = reply
+        got = Expect(reply.status, reply.code if reply.status >= 400 else None)
+        if got != want:
+            mismatches.append(f"{label}: expected {want}, got {got} ({reply.body})")
+    harness.clock.advance(timedelta(hours=2))
+    reply = await enroll(request(expired, key))
+    if (reply.status, reply.code) != (403, "bad-enrollment-token"):
+        mismatches.append(f"expired token: got {reply.status} {reply.code}")
+    assert not mismatches, "\n".join(mismatches)
+    first, again = answers["valid token"].body, answers["lost answer, same token and key"].body
+    assert first == again
+    assert first["site_id"] == site
+
+
+async def rotate(app: ApplianceClient) -> tuple[SigningKey, str]:
+    """Ask for a certificate of a new key; return the key and the new serial."""
+    new = SigningKey.generate()
+    request = make_delegation_request(
+        purpose="rotate",
+        audience=ROOT.key_id,
+        subject=new,
+        scopes=(Scope.AUDIT, Scope.EVIDENCE),
+        current=(app.serial, app.key),
+        created=app.clock(),
+    )
+    path = f"/api/v1/appliances/{app.appliance_id}/certificates"
+    reply = expect_status(await app.request("POST", path, {"request": request.to_wire()}), 201)
+    envelope = Envelope.from_wire(reply.body["certificate"])
+    return new, DelegationCertificate.from_json(envelope.payload_bytes()).serial
+
+
+async def test_a_rotation_hands_authority_to_the_new_key(harness: Harness) -> None:
+    partner = await harness.partner()
+    app = await harness.enroll(partner)
+    path = f"/api/v1/appliances/{app.appliance_id}/bundles/site-config"
+    new, serial = await rotate(app)
+    # Until the new key is used, the current one still speaks for the appliance.
+    expect_status(await app.request("GET", path), 200)
+    expect_status(await app.request("GET", path, key=new), 200)
+    # From the new key's first request on, the replaced key is no one's.
+    reply = await app.request("GET", path)
+    assert (reply.status, reply.code) == (401, "unknown-key")
+    (listed,) = expect_status(
+        await partner.request("GET", f"/api/v1/sites/{app.site_id}/appliances"), 200
+    ).body
+    assert listed["certificate_serial"] == serial
+
+
+async def test_a_revoked_rotation_is_refused_and_leaves_the_current_key_working(
+    harness: Harness,
+) -> None:
+    """The partner revokes the certificate of a rotation before the appliance
+    used it: requests under the new key are refused as revoked, and the
+    appliance keeps acting under its current (not revoked) certificate."""
+    partner = await harness.partner()
+    app = await harness.enroll(partner)
+    path = f"/api/v1/appliances/{app.appliance_id}/bundles/site-config"
+    new, serial = await rotate(app)
+    revoke = f"/api/v1/certificates/{serial}/revoke"
+    expect_status(await partner.request("POST", revoke, {"reason": "rotation leaked"}), 200)
+
+    reply = await app.request("GET", path, key=new)
+    assert (reply.status, reply.code) == (403, "appliance-revoked")
+    # The refused request must not have made the revoked certificate current
+    # (require_appliance promotes a rotation's certificate on its first use).
+    reply = await app.request("GET", path)
+    assert reply.status == 200, reply.body
+    (listed,) = expect_status(
+        await partner.request("GET", f"/api/v1/sites/{app.site_id}/appliances"), 200
+    ).body
+    assert listed["certificate_serial"] == app.serial
+    assert listed["status"] != "revoked"
+
+
+async def test_bearer_header_forms_and_revoked_keys(harness: Harness) -> None:
+    partner = await harness.partner()
+    forms = [
+        (None, Expect(401, "missing-credentials")),
+        ("", Expect(401, "missing-credentials")),
+        (f"Basic {partner.key}", Expect(401, "bad-credentials")),
+        ("Bearer", Expect(401, "bad-credentials")),
+        ("Bearer    ", Expect(401, "bad-credentials")),
+        (f"Bearer {partner.key}x", Expect(401, "bad-credentials")),
+        (f"Bearer {partner.key}", OK),
+        (f"bearer {partner.key}", OK),
+    ]
+    mismatches = []
+    for authorization, want in forms:
+        headers = {} if authorization is None else {"Authorization": authorization}
+        reply = await call(harness.client, "GET", "/api/v1/partner", headers=headers)
+        got = Expect(reply.status, reply.code if reply.status >= 400 else None)
+        if got != want:
+            mismatches.append(f"{authorization!r}: expected {want}, got {got}")
+    async with harness.engine.begin() as connection:
+        await connection.execute(
+            sa.update(api_keys)
+            .where(api_keys.c.partner_id == partner.partner_id)
+            .values(revoked_at=harness.clock())
+        )
+    reply = await partner.request("GET", "/api/v1/partner")
+    if (reply.status, reply.code) != (401, "bad-credentials"):
+        mismatches.append(f"revoked key: got {reply.status} {reply.code}")
+    assert not mismatches, "\n".join(mismatches)
