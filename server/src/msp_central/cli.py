@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -103,9 +104,11 @@ async def _with_db(
 
 async def _upgrade(settings: Settings) -> str:
     engine = create_engine(settings.resolved_database_url())
+    logging.getLogger("alembic").setLevel(logging.INFO)  # report the migrations run
     try:
         return await upgrade(engine)
     finally:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         await engine.dispose()
 
 
@@ -185,6 +188,8 @@ def run(argv: list[str] | None = None) -> int:
             async def token(connection: AsyncConnection) -> dict[str, Any]:
                 await get_site(connection, args.site)
                 lifetime = settings.enrollment_token_lifetime
+                if args.hours is not None and not 1 <= args.hours <= 24 * 30:
+                    raise ValueError(f"--hours {args.hours}: a token lives 1 to 720 hours")
                 if args.hours is not None:
                     lifetime = timedelta(hours=args.hours)
                 secret, expires = await create_enrollment_token(
@@ -198,6 +203,9 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Alembic announces its context at INFO whenever the revision is read
+    # (check_current): only a migration is worth a line.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return run(argv)
     except (
@@ -215,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:
         print(f"msp-central: {exc}", file=sys.stderr)
+        return 1
+    except sqlalchemy.exc.DBAPIError as exc:
+        detail = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"msp-central: database error: {detail}", file=sys.stderr)
         return 1
 
 

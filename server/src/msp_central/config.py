@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import json
 import tomllib
+from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from msp_protocol.limits import DEFAULT_LIMITS
+
+# The settings file's values while load_settings builds Settings.
+_FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("file_values", default={})  # noqa: B039
 
 
 class ConfigError(Exception):
@@ -68,9 +77,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment wins over the file (passed as init values), so an
-        # operator can override one value of a generated file.
-        return (env_settings, init_settings)
+        # The command line (init values) wins over the environment, which
+        # wins over the file, so an operator can override one value of a
+        # generated file.
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, _FILE_VALUES.get()))
 
     @property
     def certificate_lifetime(self) -> timedelta:
@@ -116,10 +126,12 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"config file {path} does not parse: {exc}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold an object of settings")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    token = _FILE_VALUES.set(values)
     try:
-        return Settings(**values)
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(part) for part in error["loc"]) or "settings"
         raise ConfigError(f"invalid setting {where}: {error['msg']}") from None
+    finally:
+        _FILE_VALUES.reset(token)

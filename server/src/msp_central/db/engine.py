@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -24,7 +25,16 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 def create_engine(url: str) -> AsyncEngine:
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError("database_url does not parse as a SQLAlchemy URL") from None
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    if backend in {"sqlite", "postgresql"} and driver not in {"aiosqlite", "asyncpg"}:
+        raise ValueError(
+            f"unsupported database driver {parsed.drivername!r}: "
+            "use sqlite+aiosqlite or postgresql+asyncpg"
+        )
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
