@@ -2,7 +2,7 @@
 plain aiohttp handler measured in the same run.
 
     uv run python bench/central_ingest_bench.py [--quick] [--batches N] [--appliances N]
-        [--database-url URL]
+        [--database-url URL] [--workers N]
 
 Both servers run as separate processes; the same client sends the same
 bodies to each: batches of 1,000 audit entries (about 300 bytes each),
@@ -215,7 +215,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
-async def run(batches: int, appliance_count: int, database_url: str | None) -> None:
+async def run(batches: int, appliance_count: int, database_url: str | None, workers: int) -> None:
     with tempfile.TemporaryDirectory(prefix="msp-ingest-bench-") as tmp:
         directory = Path(tmp)
         url = database_url or f"sqlite+aiosqlite:///{directory / 'central.db'}"
@@ -234,6 +234,8 @@ async def run(batches: int, appliance_count: int, database_url: str | None) -> N
                 "serve",
                 "--port",
                 str(port),
+                "--workers",
+                str(workers),
             ],
             {"MSP_CENTRAL_ROOT_KEY_FILE": str(directory / "root.key")},
         )
@@ -260,6 +262,7 @@ async def run(batches: int, appliance_count: int, database_url: str | None) -> N
     backend = url.split(":", 1)[0].split("+")[0]
     print(f"entries={entries} entries")
     print(f"appliances={appliance_count} appliances")
+    print(f"workers={workers} processes")
     print(f"ingest_{backend}={ingest_rate:.0f} entries/s")
     print(f"plain_parse_handler={plain_rate:.0f} entries/s")
     print(f"ingest_vs_plain={ingest_rate / plain_rate:.2f} ratio")
@@ -268,16 +271,17 @@ async def run(batches: int, appliance_count: int, database_url: str | None) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
-    parser.add_argument("--batches", type=int, default=20, help="batches per appliance")
-    parser.add_argument("--appliances", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=10, help="batches per appliance")
+    parser.add_argument("--appliances", type=int, default=8)
     parser.add_argument("--database-url", help="default: SQLite in a temporary directory")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (serve --workers)")
     parser.add_argument("--serve-plain", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_plain:
         serve_plain(args.serve_plain)
         return
     batches, appliances = (2, 2) if args.quick else (args.batches, args.appliances)
-    asyncio.run(run(batches, appliances, args.database_url))
+    asyncio.run(run(batches, appliances, args.database_url, args.workers))
 
 
 if __name__ == "__main__":

@@ -524,3 +524,57 @@ def test_postgresql_happy_path(pg_url: str, tmp_path: Path) -> None:
             await engine.dispose()
 
     assert asyncio.run(stored()) == [(partner["partner_id"], "Acme MSP")]
+
+
+def test_serve_with_worker_processes(state: State, tmp_path: Path) -> None:
+    """Replicas on one port share only the database: a partner created through
+    one is seen through any; SIGTERM stops them all, cleanly."""
+    port = free_port()
+    log = tmp_path / "workers.log"
+    with log.open("w") as out:
+        process = _start(
+            Run(["--state-dir", state.dir, "serve", "--port", str(port), "--workers", "2"]),
+            tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 40
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if _http(f"{base}/api/v1/openapi.json")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        for _ in range(20):  # new connections, spread over the workers by the kernel
+            status, partner = _http(f"{base}/api/v1/partner", token=state.api_key)
+            assert (status, partner["id"]) == (200, state.partner_id)
+        children = [
+            child
+            for child in subprocess.run(
+                ["pgrep", "-P", str(process.pid)], capture_output=True, text=True, check=False
+            ).stdout.split()
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+        ]
+        assert len(children) == 2, children
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0, log.read_text()
+        for child in children:
+            assert (
+                not Path(f"/proc/{child}").exists()
+                or "zombie" in Path(f"/proc/{child}/status").read_text()
+            ), f"worker {child} still running"
+        assert "with 2 worker processes" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_workers_out_of_range(state: State, tmp_path: Path) -> None:
+    result = cli(tmp_path, "--state-dir", state.dir, "serve", "--workers", "0")
+    assert_fails(result, "--workers 0")

@@ -167,7 +167,14 @@ def test_any_byte_inserted_or_deleted(kind: str, data: st.DataObject) -> None:
         mutated = raw[:position] + bytes([value]) + raw[position:]
     else:
         mutated = raw[:position] + raw[position + 1 :]
-    assert not accepted(mutated, check)
+    if accepted(mutated, check):
+        # Only another spelling of the same signed content may verify: DSSE
+        # allows the payload's base64 without padding, so deleting a "=" of a
+        # payload whose encoding uses no "+" or "/" re-encodes, not tampers.
+        reparsed = parse_envelope(mutated)
+        assert reparsed.payload_bytes() == envelope.payload_bytes()
+        assert reparsed.signatures == envelope.signatures
+        assert raw[position : position + 1] == b"="
 
 
 @pytest.mark.parametrize("kind", sorted(DOCUMENTS))

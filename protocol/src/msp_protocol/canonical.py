@@ -38,9 +38,34 @@ MAX_SAFE_INTEGER = 2**53 - 1
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _FIRST_NON_BMP = "\U00010000"
 
-_dumps = json.JSONEncoder(
+_reference_dumps = json.JSONEncoder(
     ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
 ).encode
+
+
+def _unserializable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"),
+# allow_nan=False).encode builds this C encoder (and a closure) on every call,
+# which costs as much as encoding a small entry: build it once. No circular
+# check (markers=None): callers pass parsed JSON or values _fast_path_ok
+# bounded in depth, and the encoder guards its own recursion.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_c_encode = (
+    _c_make_encoder(
+        None, _unserializable, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+    if _c_make_encoder is not None
+    else None
+)
+
+
+def _dumps(value: Any) -> str:
+    if _c_encode is None:  # pragma: no cover - CPython always has the C encoder
+        return _reference_dumps(value)
+    return "".join(_c_encode(value, 0))
 
 
 def canonicalize(value: Any) -> bytes:

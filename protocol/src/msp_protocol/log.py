@@ -98,13 +98,66 @@ class GenesisData(WireModel):
     certificate_serial: Serial
 
 
-@dataclass(frozen=True, slots=True)
 class EntryRecord:
-    """An entry with the exact bytes it was parsed from and their leaf hash."""
+    """An entry with the exact bytes it was parsed from and their leaf hash.
+
+    The model (``entry``) is built on first use: the witness checks a
+    thousand entries a batch and needs only their bytes, hashes and kinds.
+    Two records are equal when their bytes are.
+    """
+
+    __slots__ = ("_entry", "_fields", "leaf_hash", "raw")
 
     raw: bytes
-    entry: LogEntry
     leaf_hash: bytes
+    _entry: LogEntry | None
+    _fields: tuple[int, datetime, str, str, dict[str, Any]] | None
+
+    def __init__(
+        self,
+        raw: bytes,
+        entry: LogEntry | None,
+        leaf_hash: bytes,
+        fields: tuple[int, datetime, str, str, dict[str, Any]] | None = None,
+    ) -> None:
+        if entry is None and fields is None:
+            raise UsageError("an entry record needs its entry or its checked fields")
+        for name, value in (
+            ("raw", raw),
+            ("leaf_hash", leaf_hash),
+            ("_entry", entry),
+            ("_fields", fields),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def entry(self) -> LogEntry:
+        entry = self._entry
+        if entry is None:
+            assert self._fields is not None
+            index, ts, kind, actor, data = self._fields
+            entry = LogEntry.model_construct(index=index, ts=ts, kind=kind, actor=actor, data=data)
+            object.__setattr__(self, "_entry", entry)
+        return entry
+
+    @property
+    def kind(self) -> str:
+        if self._entry is not None:
+            return self._entry.kind
+        assert self._fields is not None
+        return self._fields[2]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("an entry record is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EntryRecord) and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"EntryRecord(raw={self.raw!r})"
 
 
 def make_entry(
@@ -172,18 +225,21 @@ def parse_entry(
     parse = parse_canonical_json if require_canonical else parse_json
     try:
         value = parse(raw, limits=limits, max_bytes=limits.max_entry_bytes)
-        entry = _entry_fast(value) or LogEntry.from_wire(value)
+        fields = _entry_fields(value)
+        if fields is None:
+            entry = LogEntry.from_wire(value)  # names what is wrong, or accepts
+            fields = (entry.index, entry.ts, entry.kind, entry.actor, entry.data)
     except MalformedError as exc:
         raise type(exc)(f"{where}: {exc}") from None
-    if expected_index is not None and entry.index != expected_index:
-        raise LogEntryError(f"{where}: carries index {entry.index}")
-    return EntryRecord(raw, entry, leaf_hash(raw))
+    if expected_index is not None and fields[0] != expected_index:
+        raise LogEntryError(f"{where}: carries index {fields[0]}")
+    return EntryRecord(raw, None, leaf_hash(raw), fields)
 
 
 _ENTRY_FIELDS = frozenset(LogEntry.model_fields)
 
 
-def _entry_fast(value: Any) -> LogEntry | None:
+def _entry_fields(value: Any) -> tuple[int, datetime, str, str, dict[str, Any]] | None:
     """The :class:`LogEntry` rules checked directly (the witness parses every
     entry it is sent). Returns None when any rule fails, for the model to
     find and name the problem; a property test holds both to one verdict."""
@@ -212,7 +268,7 @@ def _entry_fast(value: Any) -> LogEntry | None:
         moment = parse_time(ts, what="ts")
     except EncodingError:
         return None
-    return LogEntry.model_construct(index=index, ts=moment, kind=kind, actor=actor, data=data)
+    return index, moment, kind, actor, data
 
 
 class LogReplay:
@@ -251,7 +307,7 @@ class LogReplay:
         )
         if index == 0:
             self.genesis = _check_genesis(record.entry, self.appliance_id)
-        elif record.entry.kind == GENESIS_KIND:
+        elif record.kind == GENESIS_KIND:
             raise LogEntryError(f"entry {index}: a second chain.genesis")
         self.state.append(record.leaf_hash)
         return record

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from msp_central.context import central, secret_sha256
-from msp_central.db.engine import insert_ignore
+from msp_central.db.engine import insert_ignore, read_only
 from msp_central.db.tables import api_keys, appliances, certificates, request_nonces, sites
 from msp_central.problems import Problem
 from msp_protocol.errors import ProtocolError
@@ -40,7 +40,7 @@ async def _bearer(request: web.Request) -> KeyHolder:
     if scheme.lower() != "bearer" or not secret.strip():
         raise Problem("bad-credentials", "Authorization must be Bearer <api key>")
     digest = secret_sha256(secret.strip())
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         row = (
             await connection.execute(sa.select(api_keys).where(api_keys.c.key_sha256 == digest))
         ).first()
@@ -107,7 +107,7 @@ async def require_appliance(
     found: dict[str, Any] = {}
 
     async def resolve_key(key_id: str) -> VerifyKey | None:
-        async with service.engine.connect() as connection:
+        async with read_only(service.engine) as connection:
             row = (
                 await connection.execute(
                     sa.select(

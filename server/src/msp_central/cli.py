@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import json
 import logging
+import multiprocessing
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -49,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--migrate", action="store_true", help="apply migrations first")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT); all state is in the database",
+    )
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply pending migrations")
@@ -112,6 +120,53 @@ async def _upgrade(settings: Settings) -> str:
         await engine.dispose()
 
 
+def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    web.run_app(
+        create_app(settings, root=load_root_key(settings.key_file)),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        shutdown_timeout=10,
+        reuse_port=reuse_port,
+    )
+
+
+def _worker(settings: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    _serve(settings, reuse_port=True)
+
+
+def _serve_workers(settings: Settings, count: int) -> int:
+    """Run ``count`` replicas of the server in child processes on one port.
+    They share nothing but the database, exactly like replicas behind a load
+    balancer. If one dies, all stop (and the service manager restarts them);
+    SIGTERM or SIGINT stops all cleanly."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(settings,)) for _ in range(count)]
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()  # SIGTERM: aiohttp shuts down gracefully
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for worker in workers:
+        worker.start()
+    failed = False
+    while any(worker.is_alive() for worker in workers):
+        for worker in workers:
+            worker.join(timeout=0.5)
+            if worker.exitcode not in (None, 0) and not stopping:
+                failed = True
+                stop(signal.SIGTERM, None)
+    return 1 if failed else 0
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = load_settings(
@@ -127,19 +182,19 @@ def run(argv: list[str] | None = None) -> int:
             if args.migrate:
                 revision = asyncio.run(_upgrade(settings))
                 logging.getLogger("msp_central").info("database at revision %s", revision)
+            if not 1 <= args.workers <= 64:
+                raise ValueError(f"--workers {args.workers}: use 1 to 64")
             key = load_root_key(settings.key_file)
             print(
                 f"msp-central: serving on http://{settings.host}:{settings.port} "
-                f"(root key {key.key_id})",
+                f"(root key {key.key_id})"
+                + (f" with {args.workers} worker processes" if args.workers > 1 else ""),
                 file=sys.stderr,
             )
-            web.run_app(
-                create_app(settings, root=key),
-                host=settings.host,
-                port=settings.port,
-                print=None,
-                shutdown_timeout=10,
-            )
+            if args.workers == 1:
+                _serve(settings)
+            else:
+                return _serve_workers(settings, args.workers)
         case "db", "upgrade":
             print(f"database at revision {asyncio.run(_upgrade(settings))}")
         case "keys", "init":

@@ -67,13 +67,21 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (see read_only) take a snapshot and never block a writer.
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+READ_ONLY = "msp_read_only"
 
 
 @asynccontextmanager
-async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    async with engine.begin() as connection:
-        yield connection
+async def read_only(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for reading: on SQLite a deferred transaction (a WAL
+    snapshot that neither waits for nor blocks the writer); writes go through
+    ``engine.begin()``, which takes the write lock up front."""
+    async with engine.connect() as connection:
+        yield await connection.execution_options(**{READ_ONLY: True})
 
 
 async def insert_ignore(

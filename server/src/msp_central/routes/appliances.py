@@ -30,7 +30,7 @@ from msp_central.api_models import (
 from msp_central.auth import Appliance, require_appliance
 from msp_central.catalogue import Tier
 from msp_central.context import Central, central, json_response, parse_body, read_body
-from msp_central.db.engine import insert_ignore, insert_rows
+from msp_central.db.engine import insert_ignore, insert_rows, read_only
 from msp_central.db.tables import (
     appliances,
     audit_checkpoints,
@@ -282,7 +282,7 @@ async def get_revocations(request: web.Request) -> web.Response:
     how it learns to stop signing."""
     service = central(request)
     await require_appliance(request, await read_body(request), allow_revoked=True)
-    async with service.engine.connect() as connection:
+    async with read_only(service.engine) as connection:
         current = await current_revocations(connection)
     if current is None:
         try:
@@ -290,7 +290,7 @@ async def get_revocations(request: web.Request) -> web.Response:
                 await publish_revocations(connection, service.root, service.clock())
         except IntegrityError:
             pass  # another replica published version 1 first
-        async with service.engine.connect() as connection:
+        async with read_only(service.engine) as connection:
             current = await current_revocations(connection)
     assert current is not None
     etag = f'"revocations-{current[0]}"'
@@ -556,44 +556,23 @@ def _parse_sync(raw: bytes, request: web.Request) -> SyncRequest:
 
 
 async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> web.Response:
-    now = service.clock()
-    async with service.engine.begin() as connection:
-        delegation, cert_row = await _signer_delegation(
-            connection, service, caller, sync.checkpoint
-        )
-        revocations = await revocation_list(connection)
-        log = (
-            await connection.execute(
-                sa.select(audit_logs)
-                .where(audit_logs.c.appliance_id == caller.appliance_id)
-                .with_for_update()
+    """Check the batch against a snapshot of the witness state, outside any
+    write transaction (the check is the expensive part), then commit only if
+    the state is still the one checked against; if another request moved it
+    meanwhile, check again."""
+    for _attempt in range(5):
+        async with read_only(service.engine) as connection:
+            delegation, cert_row = await _signer_delegation(
+                connection, service, caller, sync.checkpoint
             )
-        ).one()
-        state = WitnessState(
-            size=int(log.size),
-            root=log.root,
-            nodes=tuple(log.nodes),
-            checkpoint_sha256=log.checkpoint_sha256,
-        )
-        stored: dict[int, bytes] = {}
-        overlap_end = min(state.size, sync.old_size + len(sync.entries))
-        if sync.old_size < overlap_end:
-            stored = dict(
-                (
-                    await connection.execute(
-                        sa.select(audit_entries.c.idx, audit_entries.c.leaf_hash).where(
-                            audit_entries.c.appliance_id == caller.appliance_id,
-                            audit_entries.c.idx >= sync.old_size,
-                            audit_entries.c.idx < overlap_end,
-                        )
-                    )
-                ).all()
-            )
+            revocations = await revocation_list(connection)
+            state = await _witness_state(connection, caller.appliance_id)
+            stored = await _stored_leaves(connection, caller.appliance_id, sync, state.size)
         result = check_sync(
             sync,
             state=state,
             delegation=delegation,
-            stored_leaf=lambda index: bytes(stored[index]),
+            stored_leaf=stored.__getitem__,
             revocations=revocations,
             limits=service.limits,
         )
@@ -602,29 +581,93 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
             raise Problem.from_protocol(failure, **failure_details(failure))
         outcome = result.unwrap()
         if isinstance(outcome, AlreadyWitnessed):
-            receipt_text = (
-                await connection.execute(
-                    sa.select(audit_checkpoints.c.receipt).where(
-                        audit_checkpoints.c.appliance_id == caller.appliance_id,
-                        audit_checkpoints.c.size == state.size,
-                    )
-                )
-            ).scalar_one()
-            return json_response(
-                SyncResponse(size=state.size, receipt=Envelope.from_json(receipt_text.encode()))
-            )
+            return json_response(await _stored_receipt(service, caller, state.size))
         assert isinstance(outcome, SyncAccepted)
+        now = service.clock()
         receipt = make_receipt(service.root, outcome.checkpoint, now)
+        if await _commit(
+            service, caller, state, outcome, receipt, cert_row.serial, delegation, now
+        ):
+            return json_response(SyncResponse(size=outcome.state.size, receipt=receipt))
+    raise Problem("conflict", "the log kept changing during this sync; retry")
+
+
+async def _witness_state(connection: AsyncConnection, appliance_id: str) -> WitnessState:
+    log = (
+        await connection.execute(
+            sa.select(audit_logs).where(audit_logs.c.appliance_id == appliance_id)
+        )
+    ).one()
+    return WitnessState(
+        size=int(log.size),
+        root=log.root,
+        nodes=tuple(log.nodes),
+        checkpoint_sha256=log.checkpoint_sha256,
+    )
+
+
+async def _stored_leaves(
+    connection: AsyncConnection, appliance_id: str, sync: SyncRequest, size: int
+) -> dict[int, bytes]:
+    """The leaf hashes held for the indices this batch resends."""
+    end = min(size, sync.old_size + len(sync.entries))
+    if sync.old_size >= end:
+        return {}
+    rows = await connection.execute(
+        sa.select(audit_entries.c.idx, audit_entries.c.leaf_hash).where(
+            audit_entries.c.appliance_id == appliance_id,
+            audit_entries.c.idx >= sync.old_size,
+            audit_entries.c.idx < end,
+        )
+    )
+    return {int(row.idx): bytes(row.leaf_hash) for row in rows}
+
+
+async def _stored_receipt(service: Central, caller: Appliance, size: int) -> SyncResponse:
+    async with read_only(service.engine) as connection:
+        text = (
+            await connection.execute(
+                sa.select(audit_checkpoints.c.receipt).where(
+                    audit_checkpoints.c.appliance_id == caller.appliance_id,
+                    audit_checkpoints.c.size == size,
+                )
+            )
+        ).scalar_one()
+    return SyncResponse(size=size, receipt=Envelope.from_json(text.encode()))
+
+
+async def _commit(
+    service: Central,
+    caller: Appliance,
+    checked: WitnessState,
+    outcome: SyncAccepted,
+    receipt: Envelope,
+    serial: str,
+    delegation: VerifiedDelegation,
+    now: datetime,
+) -> bool:
+    """Store entries, checkpoint, receipt and the new state in one
+    transaction, if the state is still ``checked``; False if it moved."""
+    new = outcome.state
+    async with service.engine.begin() as connection:
+        current = (
+            await connection.execute(
+                sa.select(audit_logs.c.size, audit_logs.c.checkpoint_sha256)
+                .where(audit_logs.c.appliance_id == caller.appliance_id)
+                .with_for_update()
+            )
+        ).one()
+        if (current.size, current.checkpoint_sha256) != (checked.size, checked.checkpoint_sha256):
+            return False
         await insert_rows(
             connection,
             audit_entries,
             ("appliance_id", "idx", "leaf_hash", "raw"),
             [
-                (caller.appliance_id, state.size + offset, record.leaf_hash, record.raw)
+                (caller.appliance_id, checked.size + offset, record.leaf_hash, record.raw)
                 for offset, record in enumerate(outcome.records)
             ],
         )
-        new = outcome.state
         await connection.execute(
             sa.insert(audit_checkpoints).values(
                 appliance_id=caller.appliance_id,
@@ -632,16 +675,14 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
                 root=new.root,
                 checkpoint=outcome.checkpoint.envelope.canonical_bytes().decode(),
                 receipt=receipt.canonical_bytes().decode(),
-                serial=cert_row.serial,
+                serial=serial,
                 signed_after_expiry=delegation.signed_after_expiry,
                 received_at=now,
             )
         )
-        updated = await connection.execute(
+        await connection.execute(
             sa.update(audit_logs)
-            .where(
-                audit_logs.c.appliance_id == caller.appliance_id, audit_logs.c.size == state.size
-            )
+            .where(audit_logs.c.appliance_id == caller.appliance_id)
             .values(
                 size=new.size,
                 root=new.root,
@@ -650,14 +691,12 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
                 updated_at=now,
             )
         )
-        if updated.rowcount != 1:
-            raise Problem("conflict", "the log changed during this sync; retry")
         await connection.execute(
             sa.update(appliances)
             .where(appliances.c.id == caller.appliance_id)
             .values(last_sync_at=now, last_seen_at=now)
         )
-    return json_response(SyncResponse(size=new.size, receipt=receipt))
+    return True
 
 
 # --- evidence and escalations --------------------------------------------------------------

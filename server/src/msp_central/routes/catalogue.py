@@ -11,6 +11,7 @@ from msp_central.api_models import ControlOut, FrameworkOut, PresetOut, RunbookO
 from msp_central.auth import require_partner_or_admin
 from msp_central.catalogue import Tier
 from msp_central.context import central, json_response
+from msp_central.db.engine import read_only
 from msp_central.db.tables import control_runbook_mapping, controls, frameworks, presets, runbooks
 from msp_central.problems import Problem
 
@@ -20,7 +21,7 @@ routes = web.RouteTableDef()
 @routes.get("/api/v1/frameworks")
 async def list_frameworks(request: web.Request) -> web.Response:
     await require_partner_or_admin(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         framework_rows = (
             await connection.execute(sa.select(frameworks).order_by(frameworks.c.position))
         ).all()
@@ -63,7 +64,7 @@ routes.get("/api/v1/frameworks/{framework_id}")(list_frameworks)
 @routes.get("/api/v1/runbooks")
 async def list_runbooks(request: web.Request) -> web.Response:
     await require_partner_or_admin(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         rows = (await connection.execute(sa.select(runbooks).order_by(runbooks.c.id))).all()
     return json_response(
         [
@@ -83,7 +84,7 @@ async def list_runbooks(request: web.Request) -> web.Response:
 @routes.get("/api/v1/presets")
 async def list_presets(request: web.Request) -> web.Response:
     await require_partner_or_admin(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         rows = (await connection.execute(sa.select(presets).order_by(presets.c.position))).all()
     return json_response(
         [

@@ -32,6 +32,7 @@ from msp_central.api_models import (
 )
 from msp_central.auth import KeyHolder, require_admin, require_partner
 from msp_central.context import central, json_response, parse_body, read_body
+from msp_central.db.engine import read_only
 from msp_central.db.tables import (
     appliances,
     audit_checkpoints,
@@ -86,7 +87,7 @@ async def create_partner_handler(request: web.Request) -> web.Response:
 @routes.get("/api/v1/partners")
 async def list_partners(request: web.Request) -> web.Response:
     await require_admin(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         rows = (await connection.execute(sa.select(partners).order_by(partners.c.created_at))).all()
     return json_response([partner_out(row) for row in rows])
 
@@ -97,7 +98,7 @@ async def list_partners(request: web.Request) -> web.Response:
 @routes.get("/api/v1/partner")
 async def get_partner_handler(request: web.Request) -> web.Response:
     holder = await require_partner(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         return json_response(partner_out(await get_partner(connection, _partner_id(holder))))
 
 
@@ -130,7 +131,7 @@ async def apply_partner_preset(request: web.Request) -> web.Response:
     """Set the partner's defaults to an industry preset in one call."""
     holder = await require_partner(request)
     body = parse_body(await read_body(request), ApplyPreset, request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         preset = await get_preset(connection, body.preset)
     defaults = PartnerDefaults(
         industry=body.preset, tier=preset.tier, frameworks=list(preset.frameworks)
@@ -144,7 +145,7 @@ async def apply_partner_preset(request: web.Request) -> web.Response:
 @routes.get("/api/v1/sites")
 async def list_sites(request: web.Request) -> web.Response:
     holder = await require_partner(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         partner = await get_partner(connection, _partner_id(holder))
         rows = (
             await connection.execute(
@@ -171,7 +172,7 @@ async def create_site_handler(request: web.Request) -> web.Response:
 @routes.get("/api/v1/sites/{site_id}")
 async def get_site_handler(request: web.Request) -> web.Response:
     holder = await require_partner(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         row = await get_site(connection, request.match_info["site_id"], holder.partner_id)
         return json_response(await site_out(connection, row))
 
@@ -207,7 +208,7 @@ async def apply_site_preset(request: web.Request) -> web.Response:
     """Override one site with an industry preset (industry, tier, frameworks)."""
     holder = await require_partner(request)
     body = parse_body(await read_body(request), ApplyPreset, request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         preset = await get_preset(connection, body.preset)
     overrides = SiteOverrides(
         industry=body.preset, tier=preset.tier, frameworks=list(preset.frameworks)
@@ -218,7 +219,7 @@ async def apply_site_preset(request: web.Request) -> web.Response:
 @routes.get("/api/v1/sites/{site_id}/effective-config")
 async def get_effective(request: web.Request) -> web.Response:
     holder = await require_partner(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
         partner = await get_partner(connection, site.partner_id)
         return json_response(await effective_config(connection, site, partner))
@@ -229,7 +230,7 @@ async def framework_usage(request: web.Request) -> web.Response:
     """Which frameworks each of the partner's sites runs, and how many sites
     use each framework."""
     holder = await require_partner(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         partner = await get_partner(connection, _partner_id(holder))
         names = await known_frameworks(connection)
         rows = (
@@ -285,7 +286,7 @@ async def list_appliances(request: web.Request) -> web.Response:
     holder = await require_partner(request)
     service = central(request)
     now = service.clock()
-    async with service.engine.connect() as connection:
+    async with read_only(service.engine) as connection:
         site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
         rows = (
             await connection.execute(
@@ -376,7 +377,7 @@ async def list_escalations(request: web.Request) -> web.Response:
     )
     if request.query.get("open") == "true":
         query = query.where(escalations.c.acknowledged_at.is_(None))
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         rows = (await connection.execute(query)).all()
     return json_response([_escalation_out(row) for row in rows])
 
@@ -422,7 +423,7 @@ async def acknowledge(request: web.Request) -> web.Response:
 @routes.get("/api/v1/security-alerts")
 async def list_alerts(request: web.Request) -> web.Response:
     holder = await require_partner(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         rows = (
             await connection.execute(
                 sa.select(security_alerts)
@@ -449,7 +450,7 @@ async def list_alerts(request: web.Request) -> web.Response:
 @routes.get("/api/v1/sites/{site_id}/evidence")
 async def list_evidence(request: web.Request) -> web.Response:
     holder = await require_partner(request)
-    async with central(request).engine.connect() as connection:
+    async with read_only(central(request).engine) as connection:
         site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
         rows = (
             await connection.execute(
