@@ -20,6 +20,7 @@ from msp_central.api_models import (
     EvidenceOut,
     FrameworkUsage,
     FrameworkUse,
+    Industry,
     PartnerCreate,
     PartnerCreated,
     PartnerDefaults,
@@ -31,6 +32,7 @@ from msp_central.api_models import (
     TokenOut,
 )
 from msp_central.auth import KeyHolder, require_admin, require_partner
+from msp_central.catalogue import Tier
 from msp_central.context import central, json_response, parse_body, read_body
 from msp_central.db.engine import read_only
 from msp_central.db.tables import (
@@ -126,16 +128,20 @@ async def put_defaults(request: web.Request) -> web.Response:
     return await _set_defaults(request, holder, defaults)
 
 
+async def _requested_preset(request: web.Request) -> tuple[Industry, Tier, list[str]]:
+    """The preset named in the body: its industry, tier and frameworks."""
+    body = parse_body(await read_body(request), ApplyPreset, request)
+    async with read_only(central(request).engine) as connection:
+        preset = await get_preset(connection, body.preset)
+    return body.preset, Tier(preset.tier), list(preset.frameworks)
+
+
 @routes.post("/api/v1/partner/apply-preset")
 async def apply_partner_preset(request: web.Request) -> web.Response:
     """Set the partner's defaults to an industry preset in one call."""
     holder = await require_partner(request)
-    body = parse_body(await read_body(request), ApplyPreset, request)
-    async with read_only(central(request).engine) as connection:
-        preset = await get_preset(connection, body.preset)
-    defaults = PartnerDefaults(
-        industry=body.preset, tier=preset.tier, frameworks=list(preset.frameworks)
-    )
+    industry, tier, chosen = await _requested_preset(request)
+    defaults = PartnerDefaults(industry=industry, tier=tier, frameworks=chosen)
     return await _set_defaults(request, holder, defaults)
 
 
@@ -207,12 +213,8 @@ async def put_overrides(request: web.Request) -> web.Response:
 async def apply_site_preset(request: web.Request) -> web.Response:
     """Override one site with an industry preset (industry, tier, frameworks)."""
     holder = await require_partner(request)
-    body = parse_body(await read_body(request), ApplyPreset, request)
-    async with read_only(central(request).engine) as connection:
-        preset = await get_preset(connection, body.preset)
-    overrides = SiteOverrides(
-        industry=body.preset, tier=preset.tier, frameworks=list(preset.frameworks)
-    )
+    industry, tier, chosen = await _requested_preset(request)
+    overrides = SiteOverrides(industry=industry, tier=tier, frameworks=chosen)
     return await _set_overrides(request, holder, overrides)
 
 
