@@ -154,7 +154,12 @@ async def test_renewal_keeps_the_key(harness: Harness) -> None:
     assert renewed.subject_key == appliance.key.verify_key.hex
     assert renewed.serial != appliance.serial
     assert renewed.not_after > harness.clock() + timedelta(days=29)
-    widen = make_delegation_request(
+    # The answer was lost: the appliance asks again, naming the old serial,
+    # and gets the certificate the first request was issued.
+    retry = await appliance.request("POST", path, {"request": request.to_wire()})
+    assert retry.status == 200, retry.body
+    assert retry.body == reply.body
+    again = make_delegation_request(
         purpose="renew",
         audience=harness.root.key_id,
         subject=appliance.key,
@@ -162,9 +167,12 @@ async def test_renewal_keeps_the_key(harness: Harness) -> None:
         current=(renewed.serial, appliance.key),
         created=harness.clock(),
     )
-    stale = await appliance.request("POST", path, {"request": request.to_wire()})
-    assert (stale.status, stale.code) == (422, "delegation-request-refused")  # names the old serial
-    assert (await appliance.request("POST", path, {"request": widen.to_wire()})).status == 201
+    assert (await appliance.request("POST", path, {"request": again.to_wire()})).status == 201
+    # A request replayed after that: it names a serial two renewals old.
+    old = await appliance.request("POST", path, {"request": request.to_wire()})
+    assert (old.status, old.code) == (422, "delegation-request-refused")
+    replay = await appliance.request("POST", path, {"request": again.to_wire()})
+    assert (replay.status, replay.code) == (200, None)  # names the replaced serial: the answer
 
 
 async def test_rotation_switches_keys_at_first_use(harness: Harness) -> None:
@@ -184,7 +192,7 @@ async def test_rotation_switches_keys_at_first_use(harness: Harness) -> None:
     assert first.status == 201
     # The answer was lost: the old key may still ask again, and is answered.
     again = await appliance.request("POST", path, {"request": request.to_wire()})
-    assert again.status == 201
+    assert (again.status, again.body) == (200, first.body)
     heartbeat = f"/api/v1/appliances/{appliance.appliance_id}/heartbeat"
     beat = {"version": "0.1.0", "log_size": 0, "queues": {}, "clock": "2026-11-25T00:00:00Z"}
     assert (await appliance.request("POST", heartbeat, beat, key=new_key)).status == 200

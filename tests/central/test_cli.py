@@ -237,12 +237,13 @@ def test_a_root_key_others_can_read_is_refused(state: State, tmp_path: Path) -> 
     # The loose keys sit next to a migrated database: only the key is wrong.
     shutil.copy(state.dir / "central.db", group / "central.db")
     shutil.copy(state.dir / "central.db", world / "central.db")
-    port = str(free_port())
-    serve, revoke, serve_unmigrated = cli_all(
+    port, other_port = str(free_port()), str(free_port())
+    serve, revoke, serve_unmigrated, workers_unmigrated = cli_all(
         tmp_path,
         ["--state-dir", group, "serve", "--port", port],
         ["--state-dir", world, "keys", "revoke", "0" * 32],
         ["--state-dir", unmigrated, "serve", "--port", port],
+        ["--state-dir", unmigrated, "serve", "--port", other_port, "--workers", "2"],
     )
     group_key, world_key = group / "keys" / "root.key", world / "keys" / "root.key"
     assert_all_fail(
@@ -256,6 +257,11 @@ def test_a_root_key_others_can_read_is_refused(state: State, tmp_path: Path) -> 
     last = serve_unmigrated.stderr.splitlines()[-1]
     assert last.startswith("msp-central: database is at revision none"), last
     assert "run `msp-central db upgrade`" in last
+    # With worker processes, each worker says so in one line, and all stop.
+    assert workers_unmigrated.returncode == 1, workers_unmigrated
+    assert "Traceback" not in workers_unmigrated.stderr, workers_unmigrated.stderr
+    failures = [line for line in workers_unmigrated.stderr.splitlines() if "revision none" in line]
+    assert 1 <= len(failures) <= 2, workers_unmigrated.stderr
 
 
 # --- the database and records ----------------------------------------------------------
@@ -399,6 +405,7 @@ def test_serve_enroll_revoke_and_stop(
         "serial": serial,
         "appliance_id": enrolled["appliance_id"],
         "cutoff_size": 0,
+        "revoked_serials": [serial],
         "revocation_list_version": 1,
     }
 

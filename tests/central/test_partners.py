@@ -834,7 +834,9 @@ async def test_escalations_list_and_acknowledge(harness: Harness) -> None:
 
     harness.clock.advance(timedelta(minutes=1))
     before = harness.clock()
-    ack = await partner.request("POST", "/api/v1/escalations/esc-1/acknowledge")
+    ack = await partner.request(
+        "POST", f"/api/v1/escalations/{appliance.appliance_id}/esc-1/acknowledge"
+    )
     after = harness.clock()
     assert ack.status == 200, ack.body
     assert ack.body["escalation_id"] == "esc-1"
@@ -846,7 +848,9 @@ async def test_escalations_list_and_acknowledge(harness: Harness) -> None:
 
     # Acknowledging again keeps the first time.
     harness.clock.advance(timedelta(hours=1))
-    again = await partner.request("POST", "/api/v1/escalations/esc-1/acknowledge")
+    again = await partner.request(
+        "POST", f"/api/v1/escalations/{appliance.appliance_id}/esc-1/acknowledge"
+    )
     assert again.status == 200, again.body
     assert again.body == ack.body
 
@@ -861,7 +865,7 @@ async def test_escalations_list_and_acknowledge(harness: Harness) -> None:
 
 async def test_acknowledge_unknown_escalation(harness: Harness) -> None:
     partner = await harness.partner()
-    reply = await partner.request("POST", "/api/v1/escalations/esc-nope/acknowledge")
+    reply = await partner.request("POST", "/api/v1/escalations/appliance-nope/esc-nope/acknowledge")
     assert reply.status == 404, reply.body
     assert reply.code == "not-found"
 
@@ -873,7 +877,9 @@ async def test_escalations_of_another_partner(harness: Harness) -> None:
     await escalate(harness, appliance, "esc-owned")
     assert (await other.request("GET", "/api/v1/escalations")).body == []
     assert (await other.request("GET", "/api/v1/escalations?open=true")).body == []
-    reply = await other.request("POST", "/api/v1/escalations/esc-owned/acknowledge")
+    reply = await other.request(
+        "POST", f"/api/v1/escalations/{appliance.appliance_id}/esc-owned/acknowledge"
+    )
     assert reply.status == 404, reply.body
     assert reply.code == "not-found"
     # It is still open for its owner.

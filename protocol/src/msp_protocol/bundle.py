@@ -122,7 +122,13 @@ class Escalation(WireModel):
     appliance_id: Identifier
     site_id: Identifier
     severity: Severity
-    title: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=200)]
+    # One line of text: no control characters.
+    title: Annotated[
+        str,
+        StringConstraints(
+            strict=True, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$"
+        ),
+    ]
     detail: dict[str, Any]
     created_at: Timestamp  # the appliance's clock
     log_index: Annotated[StrictInt, Field(ge=0)] | None = None

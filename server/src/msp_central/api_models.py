@@ -22,9 +22,19 @@ FrameworkId = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-z0-9][
 Industry = Literal[
     "healthcare", "finance", "technology", "defence", "government", "education", "retail", "legal"
 ]
+# Printable text: no control characters (PostgreSQL cannot store NUL, and no
+# name needs a newline).
 Name = Annotated[
-    str, StringConstraints(strict=True, strip_whitespace=True, min_length=1, max_length=200)
+    str,
+    StringConstraints(
+        strict=True,
+        strip_whitespace=True,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+    ),
 ]
+Printable = Annotated[str, StringConstraints(strict=True, pattern=r"^[^\x00-\x1f\x7f]*$")]
 FrameworkList = Annotated[list[FrameworkId], Field(max_length=10)]
 
 
@@ -178,13 +188,15 @@ class ApplianceOut(Body):
 
 
 class RevokeIn(Body):
-    reason: Annotated[str, StringConstraints(strict=True, max_length=256)] = ""
+    reason: Annotated[Printable, StringConstraints(max_length=256)] = ""
 
 
 class RevokeOut(Body):
     serial: str
     appliance_id: str
     cutoff_size: int
+    # Every serial of the same key, revoked with it (a renewal keeps the key).
+    revoked_serials: list[str]
     revocation_list_version: int
 
 
@@ -220,6 +232,9 @@ class EvidenceOut(Body):
     collected_at: datetime
     log_index: int
     signed_after_expiry: bool
+    # Whether the witnessed audit entry at log_index records this bundle
+    # (null: that entry has not been synced yet).
+    in_log: bool | None
     received_at: datetime
 
 
@@ -246,7 +261,7 @@ class CertificateOut(Body):
 
 
 class HeartbeatIn(Body):
-    version: Annotated[str, StringConstraints(strict=True, max_length=64)]
+    version: Annotated[Printable, StringConstraints(max_length=64)]
     log_size: Annotated[StrictInt, Field(ge=0)]
     queues: Annotated[
         dict[Annotated[str, StringConstraints(max_length=32)], Annotated[StrictInt, Field(ge=0)]],

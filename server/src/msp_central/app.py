@@ -11,6 +11,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from sqlalchemy.exc import DataError
 
 from msp_central.config import Settings
 from msp_central.context import CENTRAL, Central, load_root_key
@@ -52,6 +53,12 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         )
     except web.HTTPRequestEntityTooLarge:
         return problem_response(Problem("body-too-large", "request body too large"), request.path)
+    except DataError:
+        # A value the database cannot hold that the models let through:
+        # the caller's input, not a server failure.
+        return problem_response(
+            Problem("malformed-document", "a value in the request cannot be stored"), request.path
+        )
     except web.HTTPException:
         raise
     except Exception:

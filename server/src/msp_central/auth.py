@@ -108,13 +108,14 @@ async def require_appliance(
 
     async def resolve_key(key_id: str) -> VerifyKey | None:
         async with read_only(service.engine) as connection:
-            row = (
+            rows = (
                 await connection.execute(
                     sa.select(
                         certificates.c.serial,
                         certificates.c.subject_key,
                         certificates.c.revoked_at,
                         certificates.c.replaces,
+                        certificates.c.purpose,
                         appliances.c.id.label("appliance_id"),
                         appliances.c.site_id,
                         appliances.c.revoked_at.label("appliance_revoked_at"),
@@ -124,16 +125,19 @@ async def require_appliance(
                     .join(appliances, appliances.c.id == certificates.c.appliance_id)
                     .join(sites, sites.c.id == appliances.c.site_id)
                     .where(certificates.c.key_id == key_id)
-                    .order_by(certificates.c.issued_at.desc())
-                    .limit(1)
                 )
-            ).first()
+            ).all()
+        # The key speaks for its appliance if it holds the current certificate,
+        # or a rotation from the current one that it has not used yet (from
+        # its first accepted request on, it is current). A key replaced by a
+        # rotation, and any older certificate of the key, no longer count.
+        row = next((r for r in rows if r.serial == r.current_serial), None)
         if row is None:
-            return None
-        if row.serial != row.current_serial:
-            # A rotated key speaks for the appliance from its first signed
-            # request on; a key replaced by a rotation no longer does.
-            if row.replaces != row.current_serial:
+            row = next(
+                (r for r in rows if r.purpose == "rotate" and r.replaces == r.current_serial),
+                None,
+            )
+            if row is None:
                 return None
             found["promote"] = row
         found["row"] = row

@@ -134,7 +134,14 @@ def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
 def _worker(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    _serve(settings, reuse_port=True)
+
+    def serve() -> int:
+        _serve(settings, reuse_port=True)
+        return 0
+
+    code = _one_line_errors(serve)
+    if code:
+        raise SystemExit(code)
 
 
 def _serve_workers(settings: Settings, count: int) -> int:
@@ -261,8 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     # Alembic announces its context at INFO whenever the revision is read
     # (check_current): only a migration is worth a line.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    return _one_line_errors(lambda: run(argv))
+
+
+def _one_line_errors(work: Callable[[], int]) -> int:
+    """Run ``work``; an error the operator can fix is one line on stderr and
+    exit status 1, never a traceback."""
     try:
-        return run(argv)
+        return work()
     except (
         ConfigError,
         DatabaseVersionError,

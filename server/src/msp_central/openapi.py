@@ -54,10 +54,10 @@ OPERATIONS: list[
     ("get", "/api/v1/sites/{site_id}/evidence", "A site's evidence bundles", PARTNER, None, {200: list[m.EvidenceOut]}),
     ("post", "/api/v1/certificates/{serial}/revoke", "Revoke an appliance certificate", PARTNER, m.RevokeIn, {200: m.RevokeOut}),
     ("get", "/api/v1/escalations", "The partner's escalations", PARTNER, None, {200: list[m.EscalationOut]}),
-    ("post", "/api/v1/escalations/{escalation_id}/acknowledge", "Acknowledge an escalation", PARTNER, None, {200: m.EscalationOut}),
+    ("post", "/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge", "Acknowledge an escalation", PARTNER, None, {200: m.EscalationOut}),
     ("get", "/api/v1/security-alerts", "Security alerts raised by ingest", PARTNER, None, {200: list[m.AlertOut]}),
     ("post", "/api/v1/enroll", "Enroll an appliance (token + proof of possession)", NONE, m.EnrollIn, {200: m.EnrollOut, 201: m.EnrollOut}),
-    ("post", "/api/v1/appliances/{appliance_id}/certificates", "Renew or rotate the appliance's certificate", APPLIANCE, m.CertificateIn, {201: m.CertificateOut}),
+    ("post", "/api/v1/appliances/{appliance_id}/certificates", "Renew or rotate the appliance's certificate (200: a retried renewal, answered again)", APPLIANCE, m.CertificateIn, {200: m.CertificateOut, 201: m.CertificateOut}),
     ("get", "/api/v1/revocations", "The signed revocation list", APPLIANCE, None, {200: Envelope, 304: None}),
     ("post", "/api/v1/appliances/{appliance_id}/heartbeat", "Report the appliance's state", APPLIANCE, m.HeartbeatIn, {200: m.HeartbeatOut}),
     ("get", "/api/v1/appliances/{appliance_id}/bundles/{kind}", "A signed config bundle (ETag)", APPLIANCE, None, {200: Envelope, 304: None}),
@@ -68,6 +68,18 @@ OPERATIONS: list[
 ]  # fmt: skip
 
 REF = "#/components/schemas/{model}"
+
+QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("get", "/api/v1/escalations"): [
+        {
+            "name": "open",
+            "in": "query",
+            "required": False,
+            "description": "true: only escalations not acknowledged yet",
+            "schema": {"type": "string", "enum": ["true", "false"]},
+        }
+    ]
+}
 
 
 def _schema_of(annotation: Any, schemas: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +141,7 @@ def document() -> dict[str, Any]:
             for part in path.split("/")
             if part.startswith("{")
         ]
+        parameters += QUERY_PARAMETERS.get((method, path), [])
         if parameters:
             operation["parameters"] = parameters
         if request is not None:

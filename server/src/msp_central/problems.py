@@ -118,4 +118,9 @@ def problem_response(problem: Problem, instance: str | None = None) -> web.Respo
     if instance:
         body["instance"] = instance
     body.update(problem.extra)
-    return web.Response(status=problem.status, body=canonicalize(body), content_type=CONTENT_TYPE)
+    headers = {}
+    if problem.code in ("missing-credentials", "bad-credentials"):
+        headers["WWW-Authenticate"] = 'Bearer realm="msp-central"'
+    return web.Response(
+        status=problem.status, body=canonicalize(body), content_type=CONTENT_TYPE, headers=headers
+    )

@@ -241,6 +241,21 @@ async def revocation_list(connection: AsyncConnection) -> RevocationList | None:
     return RevocationList.from_json(envelope.payload_bytes())
 
 
+# Any 64-bit number of our own: the PostgreSQL advisory lock that
+# serialises revocations (SQLite's write lock already does).
+REVOCATION_LOCK = 0x6D73702D7265766F  # "msp-revo"
+
+
+async def lock_revocations(connection: AsyncConnection) -> None:
+    """Serialise revocation-list publication across replicas, so that two
+    revocations at once can neither collide on a version nor publish a list
+    that misses the other's serial."""
+    if connection.dialect.name == "postgresql":
+        await connection.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": REVOCATION_LOCK}
+        )
+
+
 async def revoke_certificate(
     connection: AsyncConnection,
     root: SigningKey,
@@ -250,10 +265,16 @@ async def revoke_certificate(
     *,
     partner_id: str | None = None,
 ) -> RevokeOut:
-    """Revoke a certificate. Its cutoff is the size of the log the server has
-    witnessed: checkpoints up to it stay valid (they were cosigned before
-    anyone knew), anything larger signed under this serial is refused. A new
-    revocation list (next version, every revoked serial) is signed."""
+    """Revoke a certificate, and with it every certificate of the same key
+    (a renewal keeps the key: revoking the old serial must stop the key).
+
+    The cutoff is the size of the log the server has witnessed: checkpoints
+    up to it stay valid (they were cosigned before anyone knew), anything
+    larger signed under these serials is refused. The log row is locked, so
+    a sync in flight either lands before the cutoff is read or sees the
+    revocation. A new revocation list (next version, every revoked serial)
+    is signed."""
+    await lock_revocations(connection)
     query = (
         sa.select(certificates, appliances.c.current_serial, sites.c.partner_id)
         .join(appliances, appliances.c.id == certificates.c.appliance_id)
@@ -265,38 +286,61 @@ async def revoke_certificate(
     cert = (await connection.execute(query)).first()
     if cert is None:
         raise Problem("not-found", f"no certificate {serial[:32]}")
-    if cert.revoked_at is None:
+    same_key = (
+        certificates.c.appliance_id == cert.appliance_id,
+        certificates.c.key_id == cert.key_id,
+        certificates.c.revoked_at.is_(None),
+    )
+    pending = (
+        (await connection.execute(sa.select(certificates.c.serial).where(*same_key)))
+        .scalars()
+        .all()
+    )
+    if pending:
         witnessed = (
             await connection.execute(
-                sa.select(audit_logs.c.size).where(audit_logs.c.appliance_id == cert.appliance_id)
+                sa.select(audit_logs.c.size)
+                .where(audit_logs.c.appliance_id == cert.appliance_id)
+                .with_for_update()
             )
         ).scalar()
         await connection.execute(
             sa.update(certificates)
-            .where(certificates.c.serial == serial)
+            .where(*same_key)
             .values(revoked_at=now, cutoff_size=int(witnessed or 0), revocation_reason=reason)
         )
-        if cert.current_serial == serial:
+        if cert.current_serial in pending:
             await connection.execute(
                 sa.update(appliances)
                 .where(appliances.c.id == cert.appliance_id)
                 .values(revoked_at=now)
             )
         await publish_revocations(connection, root, now)
-    stored = (
-        await connection.execute(sa.select(certificates).where(certificates.c.serial == serial))
-    ).one()
+    revoked = (
+        await connection.execute(
+            sa.select(certificates.c.serial, certificates.c.cutoff_size)
+            .where(
+                certificates.c.appliance_id == cert.appliance_id,
+                certificates.c.key_id == cert.key_id,
+            )
+            .order_by(certificates.c.issued_at)
+        )
+    ).all()
     current = await current_revocations(connection)
     assert current is not None
     return RevokeOut(
         serial=serial,
-        appliance_id=stored.appliance_id,
-        cutoff_size=int(stored.cutoff_size),
+        appliance_id=cert.appliance_id,
+        cutoff_size=int(next(row.cutoff_size for row in revoked if row.serial == serial)),
+        revoked_serials=[row.serial for row in revoked],
         revocation_list_version=current[0],
     )
 
 
 async def publish_revocations(connection: AsyncConnection, root: SigningKey, now: datetime) -> None:
+    """Sign the next version of the revocation list. The caller holds
+    :func:`lock_revocations` (or SQLite's write lock)."""
+    await lock_revocations(connection)
     revoked = await connection.execute(
         sa.select(certificates)
         .where(certificates.c.revoked_at.is_not(None))

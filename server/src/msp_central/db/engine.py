@@ -39,12 +39,16 @@ def create_engine(url: str) -> AsyncEngine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
-            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+            parsed,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            hide_parameters=True,  # errors must not carry request contents into logs
         )
         _configure_sqlite(engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
-        return create_async_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        return create_async_engine(
+            parsed, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+        )
     raise ValueError(
         f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
     )
@@ -90,14 +94,15 @@ async def insert_ignore(
     """Insert rows, skipping any whose primary key exists; return how many
     were inserted. Never raises for a duplicate, so the transaction survives
     (PostgreSQL aborts a transaction on any error)."""
-    if not rows:
-        return 0
+    if len(rows) != 1:
+        # asyncpg reports no row count for executemany: one row at a time.
+        raise ValueError("insert_ignore takes exactly one row")
     dialect = connection.dialect.name
     if dialect == "postgresql":
         statement: Any = postgresql.insert(table).on_conflict_do_nothing()
     else:
         statement = sqlite.insert(table).on_conflict_do_nothing()
-    result = await connection.execute(statement, list(rows))
+    result = await connection.execute(statement, rows[0])
     return int(result.rowcount)
 
 

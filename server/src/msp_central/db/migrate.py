@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+MIGRATION_LOCK = 0x6D73702D6D696772  # "msp-migr": a PostgreSQL advisory lock of our own
 
 
 class DatabaseVersionError(Exception):
@@ -48,6 +51,12 @@ async def upgrade(engine: AsyncEngine) -> str:
         )
 
     def _upgrade(connection: Connection) -> None:
+        if connection.dialect.name == "postgresql":
+            # Replicas started together (migrate_on_start) migrate one at a
+            # time; the later ones find nothing left to do.
+            connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+            )
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -273,6 +273,9 @@ evidence = Table(
     Column("envelope", Text, nullable=False),
     Column("serial", String(32), nullable=False),
     Column("signed_after_expiry", Boolean, nullable=False),
+    # Whether the witnessed audit entry at log_index records this bundle;
+    # NULL until that entry arrives.
+    Column("in_log", Boolean, nullable=True),
     Column("received_at", UTCDateTime, nullable=False),
 )
 

@@ -44,7 +44,9 @@ from msp_central.db.tables import (
     escalations,
     evidence,
     frameworks,
+    request_nonces,
     runbooks,
+    security_alerts,
 )
 from msp_central.problems import Problem
 from msp_central.queries import (
@@ -52,6 +54,7 @@ from msp_central.queries import (
     effective_config,
     get_partner,
     get_site,
+    lock_revocations,
     new_id,
     publish_revocations,
     record_alert,
@@ -71,9 +74,9 @@ from msp_protocol.delegation import (
 )
 from msp_protocol.dsse import Envelope, unverified_payload
 from msp_protocol.errors import MalformedError, ProtocolError
-from msp_protocol.evidence import EvidenceEntryData, check_evidence
+from msp_protocol.evidence import EVIDENCE_ENTRY_KIND, EvidenceEntryData, check_evidence
 from msp_protocol.keys import VerifyKey
-from msp_protocol.log import make_receipt, parse_entry
+from msp_protocol.log import LogEntry, make_receipt, parse_entry
 from msp_protocol.merkle import EMPTY_ROOT
 from msp_protocol.result import Result
 from msp_protocol.sync import (
@@ -148,11 +151,22 @@ async def enroll(request: web.Request) -> web.Response:
         raise _refused(checked)
     asked = checked.unwrap().request
     subject = VerifyKey.from_hex(asked.subject_key)
+    digest = token_digest(body.token)
+    async with read_only(service.engine) as connection:  # no write lock for unknown tokens
+        known = (
+            await connection.execute(
+                sa.select(enrollment_tokens.c.expires_at).where(
+                    enrollment_tokens.c.token_sha256 == digest
+                )
+            )
+        ).first()
+    if known is None or known.expires_at <= now:
+        raise Problem("bad-enrollment-token", "the enrollment token is unknown or expired")
     async with service.engine.begin() as connection:
         token = (
             await connection.execute(
                 sa.select(enrollment_tokens)
-                .where(enrollment_tokens.c.token_sha256 == token_digest(body.token))
+                .where(enrollment_tokens.c.token_sha256 == digest)
                 .with_for_update()
             )
         ).first()
@@ -170,6 +184,7 @@ async def enroll(request: web.Request) -> web.Response:
             ).first()
             if first is None:
                 raise Problem("bad-enrollment-token", "the enrollment token was already used")
+            # A retry of the same enrollment: the first answer, again.
             return json_response(
                 EnrollOut(
                     appliance_id=token.appliance_id,
@@ -177,6 +192,7 @@ async def enroll(request: web.Request) -> web.Response:
                     certificate=Envelope.from_json(first.envelope.encode()),
                 )
             )
+        await _record_request_nonce(connection, subject.key_id, asked)
         appliance_id = new_id("appliance")
         envelope = issue_delegation(
             service.root,
@@ -233,16 +249,39 @@ async def renew_or_rotate(request: web.Request) -> web.Response:
     if asked.purpose == "enroll":
         raise Problem("delegation-request-refused", "enroll at /api/v1/enroll with a token")
     purpose: Purpose = asked.purpose
-    now = service.clock()
     async with service.engine.begin() as connection:
-        current_row = (
+        # One certificate change per appliance at a time, decided on the
+        # state as it is under the lock.
+        appliance = (
             await connection.execute(
-                sa.select(certificates).where(certificates.c.serial == caller.serial)
+                sa.select(appliances.c.current_serial)
+                .where(appliances.c.id == caller.appliance_id)
+                .with_for_update()
             )
         ).one()
-        current = DelegationCertificate.from_json(
-            Envelope.from_json(current_row.envelope.encode()).payload_bytes()
-        )
+        now = service.clock()
+        if appliance.current_serial != caller.serial:
+            raise Problem("conflict", "the appliance's certificate changed meanwhile; retry")
+        current_row = await _certificate_row(connection, caller.serial)
+        if asked.current_serial is not None and asked.current_serial == current_row.replaces:
+            # The answer to this renewal was lost: the certificate it issued
+            # is the current one. Check the request against the certificate
+            # it names, and answer what the first attempt got.
+            replaced = _certificate_of(await _certificate_row(connection, asked.current_serial))
+            checked = check_delegation_request(
+                body.request,
+                purpose=purpose,
+                audience=service.root.key_id,
+                now=now,
+                current=replaced,
+                limits=service.limits,
+            )
+            if not checked.ok or current_row.purpose != purpose:
+                raise _refused(checked)
+            return json_response(
+                CertificateOut(certificate=Envelope.from_json(current_row.envelope.encode()))
+            )
+        current = _certificate_of(current_row)
         checked = check_delegation_request(
             body.request,
             purpose=purpose,
@@ -255,9 +294,26 @@ async def renew_or_rotate(request: web.Request) -> web.Response:
             raise _refused(checked)
         if not set(asked.scopes) <= set(current.scopes):
             raise Problem("scope-not-granted", "a renewal or rotation cannot widen the scopes")
+        subject = VerifyKey.from_hex(asked.subject_key)
+        if purpose == "rotate":
+            issued = (
+                await connection.execute(
+                    sa.select(certificates.c.envelope).where(
+                        certificates.c.appliance_id == caller.appliance_id,
+                        certificates.c.replaces == caller.serial,
+                        certificates.c.purpose == "rotate",
+                        certificates.c.key_id == subject.key_id,
+                    )
+                )
+            ).first()
+            if issued is not None:  # a retried rotation: the certificate already issued
+                return json_response(
+                    CertificateOut(certificate=Envelope.from_json(issued.envelope.encode()))
+                )
+        await _record_request_nonce(connection, caller.key_id, asked)
         envelope = issue_delegation(
             service.root,
-            subject=VerifyKey.from_hex(asked.subject_key),
+            subject=subject,
             appliance_id=caller.appliance_id,
             site_id=caller.site_id,
             scopes=asked.scopes,
@@ -276,6 +332,32 @@ async def renew_or_rotate(request: web.Request) -> web.Response:
     return json_response(CertificateOut(certificate=envelope), status=201)
 
 
+async def _certificate_row(connection: AsyncConnection, serial: str) -> sa.Row[Any]:
+    return (
+        await connection.execute(sa.select(certificates).where(certificates.c.serial == serial))
+    ).one()
+
+
+def _certificate_of(row: sa.Row[Any]) -> DelegationCertificate:
+    return DelegationCertificate.from_json(
+        Envelope.from_json(row.envelope.encode()).payload_bytes()
+    )
+
+
+async def _record_request_nonce(
+    connection: AsyncConnection, key_id: str, request: DelegationRequest
+) -> None:
+    """A delegation request is good once: its nonce joins the request nonces,
+    purged like them once its freshness window has passed."""
+    row = {
+        "key_id": key_id,
+        "nonce": "request:" + request.nonce,
+        "created": int(request.created.timestamp()),
+    }
+    if not await insert_ignore(connection, request_nonces, [row]):
+        raise Problem("delegation-request-refused", "this delegation request was already used")
+
+
 @routes.get("/api/v1/revocations")
 async def get_revocations(request: web.Request) -> web.Response:
     """The signed revocation list. A revoked appliance may fetch it: that is
@@ -285,16 +367,15 @@ async def get_revocations(request: web.Request) -> web.Response:
     async with read_only(service.engine) as connection:
         current = await current_revocations(connection)
     if current is None:
-        try:
-            async with service.engine.begin() as connection:
-                await publish_revocations(connection, service.root, service.clock())
-        except IntegrityError:
-            pass  # another replica published version 1 first
-        async with read_only(service.engine) as connection:
+        async with service.engine.begin() as connection:
+            await lock_revocations(connection)
             current = await current_revocations(connection)
+            if current is None:  # the first list: version 1, empty
+                await publish_revocations(connection, service.root, service.clock())
+                current = await current_revocations(connection)
     assert current is not None
     etag = f'"revocations-{current[0]}"'
-    if request.headers.get("If-None-Match") == etag:
+    if _matches(request, etag):
         return web.Response(status=304, headers={"ETag": etag})
     return web.Response(
         body=current[1].encode(), content_type="application/json", headers={"ETag": etag}
@@ -326,6 +407,15 @@ async def heartbeat(request: web.Request) -> web.Response:
             witnessed_size=int(witnessed),
         )
     )
+
+
+def _matches(request: web.Request, etag: str) -> bool:
+    """If-None-Match names this ETag (weak comparison, lists, ``*``)."""
+    header = request.headers.get("If-None-Match")
+    if header is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag in tags
 
 
 # --- signed config bundles ---------------------------------------------------------------
@@ -471,7 +561,7 @@ async def get_bundle(request: web.Request) -> web.Response:
     else:
         raise Problem("conflict", "bundle versions kept changing; retry")
     etag = f'"{kind.value}-{version}"'
-    if request.headers.get("If-None-Match") == etag:
+    if _matches(request, etag):
         return web.Response(status=304, headers={"ETag": etag})
     return web.Response(body=text.encode(), content_type="application/json", headers={"ETag": etag})
 
@@ -480,23 +570,28 @@ async def get_bundle(request: web.Request) -> web.Response:
 
 
 async def _signer_delegation(
-    connection: AsyncConnection, service: Central, caller: Appliance, envelope: Envelope
+    connection: AsyncConnection,
+    service: Central,
+    caller: Appliance,
+    envelope: Envelope,
+    *,
+    lock: bool = False,
 ) -> tuple[VerifiedDelegation, sa.Row[Any]]:
     """The certificate of the key that signed ``envelope``: one of this
     appliance's (a superseded key's too: its old signatures stay valid).
-    Expired certificates are accepted and flagged (``signed_after_expiry``)."""
+    Expired certificates are accepted and flagged (``signed_after_expiry``).
+    With ``lock``, a revocation of it waits for this transaction."""
     key_id = envelope.signatures[0].keyid
-    row = (
-        await connection.execute(
-            sa.select(certificates)
-            .where(
-                certificates.c.appliance_id == caller.appliance_id,
-                certificates.c.key_id == key_id,
-            )
-            .order_by(certificates.c.issued_at.desc())
-            .limit(1)
+    query = (
+        sa.select(certificates)
+        .where(
+            certificates.c.appliance_id == caller.appliance_id,
+            certificates.c.key_id == key_id,
         )
-    ).first()
+        .order_by(certificates.c.issued_at.desc())
+        .limit(1)
+    )
+    row = (await connection.execute(query.with_for_update() if lock else query)).first()
     if row is None:
         raise Problem(
             "unknown-key", f"key {key_id} was never delegated to this appliance", status=422
@@ -580,7 +675,11 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
             failure = result.failures[0]
             raise Problem.from_protocol(failure, **failure_details(failure))
         outcome = result.unwrap()
-        if isinstance(outcome, AlreadyWitnessed):
+        if isinstance(outcome, AlreadyWitnessed) or (
+            state.size > 0 and outcome.state.size == state.size
+        ):
+            # The checkpoint already cosigned, or the same tree signed again:
+            # nothing to store; the receipt for that tree stands.
             return json_response(await _stored_receipt(service, caller, state.size))
         assert isinstance(outcome, SyncAccepted)
         now = service.clock()
@@ -647,7 +746,10 @@ async def _commit(
     now: datetime,
 ) -> bool:
     """Store entries, checkpoint, receipt and the new state in one
-    transaction, if the state is still ``checked``; False if it moved."""
+    transaction, if the state is still ``checked`` and the signing
+    certificate was not revoked below the new size meanwhile; False (check
+    again) otherwise. Evidence that arrived before its entry is checked
+    against the entry now."""
     new = outcome.state
     async with service.engine.begin() as connection:
         current = (
@@ -658,6 +760,15 @@ async def _commit(
             )
         ).one()
         if (current.size, current.checkpoint_sha256) != (checked.size, checked.checkpoint_sha256):
+            return False
+        revoked = (
+            await connection.execute(
+                sa.select(certificates.c.cutoff_size).where(
+                    certificates.c.serial == serial, certificates.c.revoked_at.is_not(None)
+                )
+            )
+        ).first()
+        if revoked is not None and new.size > int(revoked.cutoff_size):
             return False
         await insert_rows(
             connection,
@@ -696,7 +807,59 @@ async def _commit(
             .where(appliances.c.id == caller.appliance_id)
             .values(last_sync_at=now, last_seen_at=now)
         )
+        await _check_pending_evidence(connection, caller, checked.size, outcome, now)
     return True
+
+
+async def _check_pending_evidence(
+    connection: AsyncConnection, caller: Appliance, start: int, outcome: SyncAccepted, now: datetime
+) -> None:
+    """Evidence submitted before its audit entry was witnessed: compare each
+    bundle with the entry that now arrived, and record the verdict (a
+    mismatch is a security alert)."""
+    pending = (
+        await connection.execute(
+            sa.select(evidence.c.bundle_id, evidence.c.log_index, evidence.c.payload_sha256).where(
+                evidence.c.appliance_id == caller.appliance_id,
+                evidence.c.in_log.is_(None),
+                evidence.c.log_index >= start,
+                evidence.c.log_index < outcome.state.size,
+            )
+        )
+    ).all()
+    for bundle in pending:
+        record = outcome.records[int(bundle.log_index) - start]
+        matches = _records_bundle(record.entry, bundle.bundle_id, bundle.payload_sha256)
+        await connection.execute(
+            sa.update(evidence)
+            .where(
+                evidence.c.appliance_id == caller.appliance_id,
+                evidence.c.bundle_id == bundle.bundle_id,
+            )
+            .values(in_log=matches)
+        )
+        if not matches:
+            await connection.execute(
+                sa.insert(security_alerts).values(
+                    appliance_id=caller.appliance_id,
+                    site_id=caller.site_id,
+                    code="evidence-not-in-log",
+                    detail=f"witnessed audit entry {bundle.log_index} does not record "
+                    f"evidence bundle {bundle.bundle_id} as it was submitted",
+                    created_at=now,
+                )
+            )
+
+
+def _records_bundle(entry: LogEntry, bundle_id: str, digest: str) -> bool:
+    """Whether an audit entry is the one recording this evidence bundle."""
+    if entry.kind != EVIDENCE_ENTRY_KIND:
+        return False
+    try:
+        data = EvidenceEntryData.from_wire(entry.data)
+    except MalformedError:
+        return False
+    return data.bundle_id == bundle_id and data.payload_sha256 == digest
 
 
 # --- evidence and escalations --------------------------------------------------------------
@@ -715,7 +878,9 @@ async def submit_evidence(request: web.Request) -> web.Response:
     try:
         return await _store_evidence(service, caller, envelope)
     except Problem as problem:
-        if problem.status == 422:
+        # A bundle that does not verify, or a different bundle under an id
+        # already stored, is what tampering looks like.
+        if problem.status == 422 or problem.code == "conflict":
             await _alert(service, caller, problem.code, problem.detail)
         raise
 
@@ -723,7 +888,9 @@ async def submit_evidence(request: web.Request) -> web.Response:
 async def _store_evidence(service: Central, caller: Appliance, envelope: Envelope) -> web.Response:
     now = service.clock()
     async with service.engine.begin() as connection:
-        delegation, cert_row = await _signer_delegation(connection, service, caller, envelope)
+        delegation, cert_row = await _signer_delegation(
+            connection, service, caller, envelope, lock=True
+        )
         checked = check_evidence(envelope, delegation=delegation, limits=service.limits)
         if not checked.ok:
             failure = checked.failures[0]
@@ -761,6 +928,7 @@ async def _store_evidence(service: Central, caller: Appliance, envelope: Envelop
                     "envelope": envelope.canonical_bytes().decode(),
                     "serial": cert_row.serial,
                     "signed_after_expiry": delegation.signed_after_expiry,
+                    "in_log": in_log,
                     "received_at": now,
                 }
             ],
@@ -790,6 +958,8 @@ async def _store_evidence(service: Central, caller: Appliance, envelope: Envelop
 async def _evidence_in_log(
     connection: AsyncConnection, caller: Appliance, index: int, digest: str, bundle_id: str
 ) -> bool | None:
+    """True when the bundle's audit entry is witnessed and records it; None
+    when that entry has not arrived yet (it is checked when it does)."""
     raw = (
         await connection.execute(
             sa.select(audit_entries.c.raw).where(
@@ -799,12 +969,7 @@ async def _evidence_in_log(
     ).scalar()
     if raw is None:
         return None
-    entry = parse_entry(bytes(raw), expected_index=index).entry
-    try:
-        data = EvidenceEntryData.from_wire(entry.data)
-    except MalformedError:
-        data = None
-    if data is None or data.bundle_id != bundle_id or data.payload_sha256 != digest:
+    if not _records_bundle(parse_entry(bytes(raw), expected_index=index).entry, bundle_id, digest):
         raise Problem(
             "evidence-not-in-log",
             f"witnessed audit entry {index} does not record bundle {bundle_id} with this payload",

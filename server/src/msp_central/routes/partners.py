@@ -400,13 +400,16 @@ def _escalation_out(row: sa.Row[Any]) -> EscalationOut:
     )
 
 
-@routes.post("/api/v1/escalations/{escalation_id}/acknowledge")
+@routes.post("/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge")
 async def acknowledge(request: web.Request) -> web.Response:
     holder = await require_partner(request)
     await read_body(request)
     service = central(request)
     escalation_id = request.match_info["escalation_id"]
     where = (
+        # Escalation ids are the appliance's own: one appliance's id says
+        # nothing about another's.
+        escalations.c.appliance_id == request.match_info["appliance_id"],
         escalations.c.escalation_id == escalation_id,
         escalations.c.site_id.in_(_partner_sites(holder)),
     )
@@ -474,6 +477,7 @@ async def list_evidence(request: web.Request) -> web.Response:
                 collected_at=row.collected_at,
                 log_index=row.log_index,
                 signed_after_expiry=row.signed_after_expiry,
+                in_log=row.in_log,
                 received_at=row.received_at,
             )
             for row in rows

@@ -80,6 +80,7 @@ def upgrade() -> None:
         sa.Column("envelope", sa.Text(), nullable=False),
         sa.Column("serial", sa.String(length=32), nullable=False),
         sa.Column("signed_after_expiry", sa.Boolean(), nullable=False),
+        sa.Column("in_log", sa.Boolean(), nullable=True),
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("appliance_id", "bundle_id", name=op.f("pk_evidence")),
     )
