@@ -47,10 +47,12 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         return problem_response(
             Problem("not-found", f"no route {request.path[:200]}"), request.path
         )
-    except web.HTTPMethodNotAllowed:
-        return problem_response(
+    except web.HTTPMethodNotAllowed as exc:
+        response = problem_response(
             Problem("method-not-allowed", f"{request.method} is not allowed here"), request.path
         )
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response
     except web.HTTPRequestEntityTooLarge:
         return problem_response(Problem("body-too-large", "request body too large"), request.path)
     except DataError:
