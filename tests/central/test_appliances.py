@@ -456,3 +456,18 @@ async def test_escalations_are_idempotent(harness: Harness) -> None:
     assert (impostor.status, impostor.code) == (422, "wrong-subject")
     listed = await partner.request("GET", "/api/v1/escalations?open=true")
     assert [e["escalation_id"] for e in listed.body] == ["esc-1"]
+
+
+async def test_a_sync_shows_the_appliance_online(harness: Harness) -> None:
+    partner = await harness.partner()
+    appliance = await harness.enroll(partner)
+    listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")
+    assert [(a["status"], a["last_sync_at"]) for a in listed.body] == [("never-seen", None)]
+    appliance.grow(3)
+    assert (await appliance.sync(appliance.batch(0))).status == 200
+    (state,) = (await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")).body
+    assert (state["status"], state["audit_size"]) == ("online", 3)
+    assert state["last_sync_at"] == state["last_seen_at"] is not None
+    harness.clock.advance(timedelta(minutes=11))
+    (state,) = (await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")).body
+    assert state["status"] == "offline"

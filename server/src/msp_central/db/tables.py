@@ -174,8 +174,8 @@ appliances = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("current_serial", String(32), nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
+    # The last heartbeat's time; the last sync's is audit_logs.updated_at.
     Column("last_seen_at", UTCDateTime, nullable=True),
-    Column("last_sync_at", UTCDateTime, nullable=True),
     # The last heartbeat as the appliance sent it (version, log size, queues, clock).
     Column("heartbeat", JSON, nullable=True),
 )

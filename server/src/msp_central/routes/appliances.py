@@ -759,23 +759,21 @@ async def _commit(
     against the entry now."""
     new = outcome.state
     async with service.engine.begin() as connection:
+        cutoff = (
+            sa.select(certificates.c.cutoff_size)
+            .where(certificates.c.serial == serial, certificates.c.revoked_at.is_not(None))
+            .scalar_subquery()
+        )
         current = (
             await connection.execute(
-                sa.select(audit_logs.c.size, audit_logs.c.checkpoint_sha256)
+                sa.select(audit_logs.c.size, audit_logs.c.checkpoint_sha256, cutoff.label("cutoff"))
                 .where(audit_logs.c.appliance_id == caller.appliance_id)
-                .with_for_update()
+                .with_for_update(of=audit_logs)
             )
         ).one()
         if (current.size, current.checkpoint_sha256) != (checked.size, checked.checkpoint_sha256):
             return False
-        revoked = (
-            await connection.execute(
-                sa.select(certificates.c.cutoff_size).where(
-                    certificates.c.serial == serial, certificates.c.revoked_at.is_not(None)
-                )
-            )
-        ).first()
-        if revoked is not None and new.size > int(revoked.cutoff_size):
+        if current.cutoff is not None and new.size > int(current.cutoff):
             return False
         await insert_rows(
             connection,
@@ -808,11 +806,6 @@ async def _commit(
                 checkpoint_sha256=new.checkpoint_sha256,
                 updated_at=now,
             )
-        )
-        await connection.execute(
-            sa.update(appliances)
-            .where(appliances.c.id == caller.appliance_id)
-            .values(last_sync_at=now, last_seen_at=now)
         )
         await _check_pending_evidence(connection, caller, checked.size, outcome, now)
     return True

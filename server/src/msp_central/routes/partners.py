@@ -296,6 +296,7 @@ async def list_appliances(request: web.Request) -> web.Response:
                     appliances,
                     audit_logs.c.size,
                     audit_logs.c.root,
+                    audit_logs.c.updated_at,
                     certificates.c.not_after,
                 )
                 .outerjoin(audit_logs, audit_logs.c.appliance_id == appliances.c.id)
@@ -315,11 +316,13 @@ async def list_appliances(request: web.Request) -> web.Response:
         )
     result = []
     for row in rows:
+        last_sync = row.updated_at if row.size else None
+        seen = max((t for t in (row.last_seen_at, last_sync) if t is not None), default=None)
         if row.revoked_at is not None:
             status = "revoked"
-        elif row.last_seen_at is None:
+        elif seen is None:
             status = "never-seen"
-        elif (now - row.last_seen_at).total_seconds() <= ONLINE_WINDOW_SECONDS:
+        elif (now - seen).total_seconds() <= ONLINE_WINDOW_SECONDS:
             status = "online"
         else:
             status = "offline"
@@ -329,8 +332,8 @@ async def list_appliances(request: web.Request) -> web.Response:
                 site_id=row.site_id,
                 created_at=row.created_at,
                 status=status,  # type: ignore[arg-type]
-                last_seen_at=row.last_seen_at,
-                last_sync_at=row.last_sync_at,
+                last_seen_at=seen,
+                last_sync_at=last_sync,
                 audit_size=int(row.size or 0),
                 audit_root=row.root or "",
                 flagged_checkpoints=int(flagged.get(row.id, 0)),

@@ -225,7 +225,6 @@ def upgrade() -> None:
         sa.Column("current_serial", sa.String(length=32), nullable=True),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("last_sync_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("heartbeat", sa.JSON(), nullable=True),
         sa.ForeignKeyConstraint(
             ["site_id"], ["sites.id"], name=op.f("fk_appliances_site_id_sites")
