@@ -15,7 +15,7 @@ from sqlalchemy.exc import DataError
 
 from msp_central.config import Settings
 from msp_central.context import CENTRAL, Central, load_root_key
-from msp_central.db.engine import create_engine
+from msp_central.db.engine import create_engine, write
 from msp_central.db.migrate import check_current, upgrade
 from msp_central.db.tables import request_nonces
 from msp_central.openapi import routes as openapi_routes
@@ -115,7 +115,7 @@ async def _purge_nonces(service: Central) -> None:
         await asyncio.sleep(NONCE_PURGE_SECONDS)
         cutoff = int(service.clock().timestamp()) - window
         try:
-            async with service.engine.begin() as connection:
+            async with write(service.engine) as connection:
                 await connection.execute(
                     sa.delete(request_nonces).where(request_nonces.c.created < cutoff)
                 )

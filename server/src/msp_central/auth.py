@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from msp_central.context import central, secret_sha256
-from msp_central.db.engine import insert_ignore, read_only
+from msp_central.db.engine import insert_ignore, read_only, write
 from msp_central.db.tables import api_keys, appliances, certificates, request_nonces, sites
 from msp_central.problems import Problem
 from msp_protocol.errors import ProtocolError
@@ -144,7 +144,7 @@ async def require_appliance(
         return VerifyKey.from_hex(row.subject_key)
 
     async def nonce_seen(key_id: str, nonce: str, created: int) -> bool:
-        async with service.engine.begin() as connection:
+        async with write(service.engine) as connection:
             inserted = await insert_ignore(
                 connection,
                 request_nonces,
@@ -180,7 +180,7 @@ async def require_appliance(
         raise Problem("appliance-revoked", f"certificate {caller.serial} is revoked")
     if "promote" in found and not caller.revoked:
         # The rotated key's first request: from now on it is the current one.
-        async with service.engine.begin() as connection:
+        async with write(service.engine) as connection:
             await connection.execute(
                 sa.update(appliances)
                 .where(

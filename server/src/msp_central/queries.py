@@ -24,6 +24,7 @@ from msp_central.api_models import (
 )
 from msp_central.catalogue import Tier
 from msp_central.context import new_secret, secret_sha256
+from msp_central.db.engine import write
 from msp_central.db.tables import (
     api_keys,
     appliances,
@@ -387,7 +388,7 @@ async def record_alert(
 ) -> None:
     """A security alert, in its own transaction: it must survive the refusal
     of the request that raised it."""
-    async with engine.begin() as connection:
+    async with write(engine) as connection:
         await connection.execute(
             sa.insert(security_alerts).values(
                 appliance_id=appliance_id,

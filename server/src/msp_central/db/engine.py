@@ -9,6 +9,8 @@ writers of one appliance's log with ``SELECT … FOR UPDATE``.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -77,6 +79,24 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 
 READ_ONLY = "msp_read_only"
+
+# One write transaction at a time per process on SQLite: the database allows
+# one writer anyway, and a writer that finds it locked waits in SQLite's busy
+# handler, which sleeps in steps of up to 100 ms and so misses the moment the
+# lock is free. Queued here instead, the next writer starts at once.
+_sqlite_writers: weakref.WeakKeyDictionary[AsyncEngine, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+@asynccontextmanager
+async def write(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+    if engine.dialect.name != "sqlite":
+        async with engine.begin() as connection:
+            yield connection
+        return
+    lock = _sqlite_writers.setdefault(engine, asyncio.Lock())
+    async with lock, engine.begin() as connection:
+        yield connection
 
 
 @asynccontextmanager

@@ -32,7 +32,7 @@ from msp_central.api_models import (
 from msp_central.auth import Appliance, require_appliance
 from msp_central.catalogue import Tier
 from msp_central.context import Central, central, json_response, parse_body, read_body
-from msp_central.db.engine import insert_ignore, insert_rows, read_only
+from msp_central.db.engine import insert_ignore, insert_rows, read_only, write
 from msp_central.db.tables import (
     appliances,
     audit_checkpoints,
@@ -164,7 +164,7 @@ async def enroll(request: web.Request) -> web.Response:
         ).first()
     if known is None or known.expires_at <= now:
         raise Problem("bad-enrollment-token", "the enrollment token is unknown or expired")
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         token = (
             await connection.execute(
                 sa.select(enrollment_tokens)
@@ -251,7 +251,7 @@ async def renew_or_rotate(request: web.Request) -> web.Response:
     if asked.purpose == "enroll":
         raise Problem("delegation-request-refused", "enroll at /api/v1/enroll with a token")
     purpose: Purpose = asked.purpose
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         # One certificate change per appliance at a time, decided on the
         # state as it is under the lock.
         appliance = (
@@ -369,7 +369,7 @@ async def get_revocations(request: web.Request) -> web.Response:
     async with read_only(service.engine) as connection:
         current = await current_revocations(connection)
     if current is None:
-        async with service.engine.begin() as connection:
+        async with write(service.engine) as connection:
             await lock_revocations(connection)
             current = await current_revocations(connection)
             if current is None:  # the first list: version 1, empty
@@ -391,7 +391,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
     beat = parse_body(raw, HeartbeatIn, request)
     now = service.clock()
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         await connection.execute(
             sa.update(appliances)
             .where(appliances.c.id == caller.appliance_id)
@@ -510,7 +510,7 @@ async def get_bundle(request: web.Request) -> web.Response:
     for _attempt in range(3):
         now = service.clock()
         try:
-            async with service.engine.begin() as connection:
+            async with write(service.engine) as connection:
                 content = await bundle_content(connection, kind, caller.site_id)
                 digest = hashlib.sha256(canonicalize(content)).hexdigest()
                 latest = (
@@ -758,7 +758,7 @@ async def _commit(
     again) otherwise. Evidence that arrived before its entry is checked
     against the entry now."""
     new = outcome.state
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         cutoff = (
             sa.select(certificates.c.cutoff_size)
             .where(certificates.c.serial == serial, certificates.c.revoked_at.is_not(None))
@@ -887,7 +887,7 @@ async def submit_evidence(request: web.Request) -> web.Response:
 
 async def _store_evidence(service: Central, caller: Appliance, envelope: Envelope) -> web.Response:
     now = service.clock()
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         delegation, cert_row = await _signer_delegation(
             connection, service, caller, envelope, lock=True
         )
@@ -987,7 +987,7 @@ async def escalate(request: web.Request) -> web.Response:
     if escalation.appliance_id != caller.appliance_id or escalation.site_id != caller.site_id:
         raise Problem("wrong-subject", "the escalation names another appliance or site")
     document = escalation.to_wire()
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         inserted = await insert_ignore(
             connection,
             escalations,

@@ -34,7 +34,7 @@ from msp_central.api_models import (
 from msp_central.auth import KeyHolder, require_admin, require_partner
 from msp_central.catalogue import Tier
 from msp_central.context import central, json_response, parse_body, read_body
-from msp_central.db.engine import read_only
+from msp_central.db.engine import read_only, write
 from msp_central.db.tables import (
     appliances,
     audit_checkpoints,
@@ -81,7 +81,7 @@ async def create_partner_handler(request: web.Request) -> web.Response:
     await require_admin(request)
     body = parse_body(await read_body(request), PartnerCreate, request)
     service = central(request)
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         row, key = await create_partner(connection, body.name, service.clock())
     return json_response(PartnerCreated(partner=partner_out(row), api_key=key), status=201)
 
@@ -107,7 +107,7 @@ async def get_partner_handler(request: web.Request) -> web.Response:
 async def _set_defaults(
     request: web.Request, holder: KeyHolder, defaults: PartnerDefaults
 ) -> web.Response:
-    async with central(request).engine.begin() as connection:
+    async with write(central(request).engine) as connection:
         await check_frameworks(connection, defaults.frameworks)
         await connection.execute(
             sa.update(partners)
@@ -168,7 +168,7 @@ async def create_site_handler(request: web.Request) -> web.Response:
     holder = await require_partner(request)
     body = parse_body(await read_body(request), SiteCreate, request)
     service = central(request)
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         row = await create_site(
             connection, _partner_id(holder), body.name, body.overrides, service.clock()
         )
@@ -187,7 +187,7 @@ async def _set_overrides(
     request: web.Request, holder: KeyHolder, overrides: SiteOverrides
 ) -> web.Response:
     site_id = request.match_info["site_id"]
-    async with central(request).engine.begin() as connection:
+    async with write(central(request).engine) as connection:
         await get_site(connection, site_id, holder.partner_id)
         await check_frameworks(connection, overrides.frameworks)
         await connection.execute(
@@ -272,7 +272,7 @@ async def create_token(request: web.Request) -> web.Response:
     lifetime = service.settings.enrollment_token_lifetime
     if body.hours is not None:
         lifetime = timedelta(hours=body.hours)
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         await get_site(connection, site_id, holder.partner_id)
         token, expires = await create_enrollment_token(
             connection, site_id, lifetime, service.clock()
@@ -350,7 +350,7 @@ async def revoke(request: web.Request) -> web.Response:
     holder = await require_partner(request)
     body = parse_body(await read_body(request), RevokeIn, request)
     service = central(request)
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         result = await revoke_certificate(
             connection,
             service.root,
@@ -416,7 +416,7 @@ async def acknowledge(request: web.Request) -> web.Response:
         escalations.c.escalation_id == escalation_id,
         escalations.c.site_id.in_(_partner_sites(holder)),
     )
-    async with service.engine.begin() as connection:
+    async with write(service.engine) as connection:
         await connection.execute(
             sa.update(escalations)
             .where(*where, escalations.c.acknowledged_at.is_(None))
