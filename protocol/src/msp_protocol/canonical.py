@@ -237,9 +237,7 @@ _FAST_DECODER = json.JSONDecoder(
 )
 
 
-def _parse(
-    data: bytes, limits: Limits, max_bytes: int | None, decoder: json.JSONDecoder | None = None
-) -> tuple[Any, str]:
+def _parse(data: bytes, limits: Limits, max_bytes: int | None) -> tuple[Any, str]:
     bound = limits.max_json_bytes if max_bytes is None else max_bytes
     if len(data) > bound:
         raise JSONError(f"JSON document too large: {len(data)} bytes, limit {bound}")
@@ -250,7 +248,7 @@ def _parse(
     if text.startswith("\ufeff"):
         raise JSONError("JSON starts with a UTF-8 byte order mark")
     try:
-        value = (decoder or _DECODER).decode(text)
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise JSONError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
     except RecursionError as exc:
