@@ -24,8 +24,9 @@ from msp_central.queries import revocation_list, revoke_certificate
 from msp_protocol.bundle import Escalation
 from msp_protocol.delegation import DelegationRequest, Scope, make_delegation_request
 from msp_protocol.evidence import EvidenceBundle, evidence_entry_data, sign_evidence
+from msp_protocol.keys import SigningKey
 from msp_protocol.log import make_entry
-from tests.central.support import ApplianceClient, Harness
+from tests.central.support import ApplianceClient, Harness, call
 
 BEAT = {"version": "0.1.0", "log_size": 0, "queues": {}, "clock": "2026-11-25T00:00:00Z"}
 
@@ -276,3 +277,26 @@ async def test_control_characters_are_refused(harness: Harness, path: str, body:
     partner = await harness.partner()
     reply = await partner.request("POST", path, body)
     assert (reply.status, reply.code) == (400, "malformed-document")
+
+
+async def test_a_replayed_sync_request_is_refused_as_a_replay(harness: Harness) -> None:
+    """audit sync records its nonce in the transaction that stores the batch:
+    the exact request sent again is a replay, whatever the batch's verdict."""
+    partner = await harness.partner()
+    appliance = await harness.enroll(partner)
+    path = f"/api/v1/appliances/{appliance.appliance_id}/audit/sync"
+    appliance.grow(4)
+    good = appliance.batch(0).canonical_bytes()
+    headers = appliance.signed("POST", path, good)
+    first = await call(harness.client, "POST", path, body=good, headers=headers)
+    again = await call(harness.client, "POST", path, body=good, headers=headers)
+    assert first.status == 200
+    assert (again.status, again.code) == (401, "replayed-nonce")
+    appliance.grow(2)
+    bad = appliance.batch(4, signer=SigningKey.generate()).canonical_bytes()
+    headers = appliance.signed("POST", path, bad)
+    refused = await call(harness.client, "POST", path, body=bad, headers=headers)
+    replayed = await call(harness.client, "POST", path, body=bad, headers=headers)
+    assert (refused.status, refused.code) == (422, "unknown-key")
+    assert (replayed.status, replayed.code) == (401, "replayed-nonce")
+    assert await alert_codes(harness) == ["unknown-key"]  # one alert, not two

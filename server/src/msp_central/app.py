@@ -15,7 +15,7 @@ from sqlalchemy.exc import DataError
 
 from msp_central.config import Settings
 from msp_central.context import CENTRAL, Central, load_root_key
-from msp_central.db.engine import create_engine, write
+from msp_central.db.engine import create_engine, dispose, write
 from msp_central.db.migrate import check_current, upgrade
 from msp_central.db.tables import request_nonces
 from msp_central.openapi import routes as openapi_routes
@@ -101,7 +101,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await purger
         finally:
-            await engine.dispose()
+            await dispose(engine)
 
     app.cleanup_ctx.append(lifecycle)
     for table in (catalogue_routes, partner_routes, appliance_routes, openapi_routes):

@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from aiohttp import web
+from sqlalchemy.engine import Connection
 
 from msp_central.context import central, secret_sha256
-from msp_central.db.engine import insert_ignore, read_only, write
+from msp_central.db.engine import insert_ignore_sync, read_only, run_write, write
 from msp_central.db.tables import api_keys, appliances, certificates, request_nonces, sites
 from msp_central.problems import Problem
 from msp_protocol.errors import ProtocolError
@@ -98,11 +99,17 @@ async def require_appliance(
     *,
     appliance_id: str | None = None,
     allow_revoked: bool = False,
+    defer_nonce: bool = False,
 ) -> Appliance:
     """Verify the request's RFC 9421 signature and return the appliance whose
     current key signed it. ``appliance_id`` (from the path) must be that
     appliance. A revoked appliance is refused unless ``allow_revoked`` (it
-    must still be able to fetch the revocation list that names it)."""
+    must still be able to fetch the revocation list that names it).
+
+    With ``defer_nonce`` the nonce is not recorded here: the caller records
+    it (:func:`record_nonce`) in the transaction that carries the request's
+    effect, or before answering without one. The audit sync does this so a
+    batch costs one write transaction, not two."""
     service = central(request)
     found: dict[str, Any] = {}
 
@@ -144,13 +151,12 @@ async def require_appliance(
         return VerifyKey.from_hex(row.subject_key)
 
     async def nonce_seen(key_id: str, nonce: str, created: int) -> bool:
-        async with write(service.engine) as connection:
-            inserted = await insert_ignore(
-                connection,
-                request_nonces,
-                [{"key_id": key_id, "nonce": nonce, "created": created}],
-            )
-        return inserted == 0
+        if defer_nonce:
+            return False
+        row = {"key_id": key_id, "nonce": nonce, "created": created}
+        return not await run_write(
+            service.engine, lambda connection: insert_ignore_sync(connection, request_nonces, row)
+        )
 
     http = HttpRequest.build(request.method, target_uri(request), request.headers.items())
     try:
@@ -189,3 +195,17 @@ async def require_appliance(
                 .values(current_serial=row.serial)
             )
     return caller
+
+
+def record_nonce(connection: Connection, caller: Appliance) -> None:
+    """Record a deferred nonce inside a write transaction (run_write); a nonce
+    already seen is a replay, and the transaction is rolled back."""
+    signature = caller.signature
+    row = {"key_id": signature.key_id, "nonce": signature.nonce, "created": signature.created}
+    if not insert_ignore_sync(connection, request_nonces, row):
+        raise Problem("replayed-nonce", f"nonce {signature.nonce[:32]} was already used")
+
+
+async def commit_nonce(request: web.Request, caller: Appliance) -> None:
+    """Record a deferred nonce in a transaction of its own."""
+    await run_write(central(request).engine, lambda connection: record_nonce(connection, caller))

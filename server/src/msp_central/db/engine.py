@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+T = TypeVar("T")
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -45,7 +48,7 @@ def create_engine(url: str) -> AsyncEngine:
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             hide_parameters=True,  # errors must not carry request contents into logs
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine.sync_engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
         return create_async_engine(
@@ -56,8 +59,8 @@ def create_engine(url: str) -> AsyncEngine:
     )
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         # Let SQLAlchemy, not the driver, decide where transactions begin.
         dbapi_connection.isolation_level = None
@@ -71,7 +74,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             cursor.execute(pragma)
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
         # Readers (see read_only) take a snapshot and never block a writer.
         read_only = connection.get_execution_options().get(READ_ONLY, False)
@@ -85,6 +88,57 @@ READ_ONLY = "msp_read_only"
 # handler, which sleeps in steps of up to 100 ms and so misses the moment the
 # lock is free. Queued here instead, the next writer starts at once.
 _sqlite_writers: weakref.WeakKeyDictionary[AsyncEngine, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+# The same file through the synchronous driver, for write transactions that
+# must cross into the database thread once rather than once per statement
+# (see run_write).
+_sqlite_sync: weakref.WeakKeyDictionary[AsyncEngine, Engine] = weakref.WeakKeyDictionary()
+
+
+def _sync_engine(engine: AsyncEngine) -> Engine:
+    sync = _sqlite_sync.get(engine)
+    if sync is None:
+        sync = sa.create_engine(
+            engine.url.set(drivername="sqlite"),
+            # One writer at a time (the lock in run_write), from whichever
+            # worker thread runs it.
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            poolclass=sa.pool.QueuePool,
+            pool_size=1,
+            max_overflow=0,
+            hide_parameters=True,
+        )
+        _configure_sqlite(sync)
+        _sqlite_sync[engine] = sync
+    return sync
+
+
+async def dispose(engine: AsyncEngine) -> None:
+    """Close every connection of ``engine`` (and of its synchronous twin)."""
+    sync = _sqlite_sync.pop(engine, None)
+    if sync is not None:
+        sync.dispose()
+    await engine.dispose()
+
+
+async def run_write(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
+    """Run ``work(connection)`` (synchronous SQLAlchemy Core) in one write
+    transaction. On SQLite the whole transaction runs in a worker thread in
+    one go: the write lock is then held for the statements alone, not for
+    the event-loop round trips between them, which under load cost more
+    than the statements. On PostgreSQL it runs through the async driver."""
+    if engine.dialect.name != "sqlite":
+        async with engine.begin() as connection:
+            return await connection.run_sync(work)
+    lock = _sqlite_writers.setdefault(engine, asyncio.Lock())
+    async with lock:
+        return await asyncio.to_thread(_in_transaction, _sync_engine(engine), work)
+
+
+def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    with engine.begin() as connection:
+        return work(connection)
 
 
 @asynccontextmanager
@@ -108,6 +162,18 @@ async def read_only(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         yield await connection.execution_options(**{READ_ONLY: True})
 
 
+def _insert_ignore_statement(dialect: str, table: Table) -> Any:
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+def insert_ignore_sync(connection: Connection, table: Table, row: dict[str, Any]) -> bool:
+    """:func:`insert_ignore` for one row inside :func:`run_write`."""
+    statement = _insert_ignore_statement(connection.dialect.name, table)
+    return bool(connection.execute(statement, row).rowcount)
+
+
 async def insert_ignore(
     connection: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]]
 ) -> int:
@@ -126,20 +192,24 @@ async def insert_ignore(
     return int(result.rowcount)
 
 
-async def insert_rows(
-    connection: AsyncConnection, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]
+def insert_rows(
+    connection: Connection, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]
 ) -> None:
     """Insert many rows in one driver ``executemany``, past SQLAlchemy's
     per-row parameter processing: the witness's bulk path (1,000 audit
-    entries a batch). Values must already be what the driver takes (str,
-    int, bytes)."""
+    entries a batch), inside :func:`run_write`. Values must already be what
+    the driver takes (str, int, bytes)."""
     if not rows:
         return
     style = connection.dialect.paramstyle
     if style == "qmark":
         marks = ", ".join("?" for _ in columns)
-    elif style == "numeric_dollar":
-        marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+    elif style in ("numeric_dollar", "format"):
+        marks = (
+            ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+            if style == "numeric_dollar"
+            else ", ".join("%s" for _ in columns)
+        )
     else:  # pragma: no cover - the two supported drivers use the styles above
         raise ValueError(f"unsupported parameter style {style}")
     quote = connection.dialect.identifier_preparer.quote
@@ -147,4 +217,4 @@ async def insert_rows(
         f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "  # noqa: S608
         f"VALUES ({marks})"
     )
-    await connection.exec_driver_sql(statement, rows)
+    connection.exec_driver_sql(statement, rows)

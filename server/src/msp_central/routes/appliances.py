@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from aiohttp import web
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -29,10 +30,10 @@ from msp_central.api_models import (
     HeartbeatIn,
     HeartbeatOut,
 )
-from msp_central.auth import Appliance, require_appliance
+from msp_central.auth import Appliance, commit_nonce, record_nonce, require_appliance
 from msp_central.catalogue import Tier
 from msp_central.context import Central, central, json_response, parse_body, read_body
-from msp_central.db.engine import insert_ignore, insert_rows, read_only, write
+from msp_central.db.engine import insert_ignore, insert_rows, read_only, run_write, write
 from msp_central.db.tables import (
     appliances,
     audit_checkpoints,
@@ -618,17 +619,28 @@ async def audit_sync(request: web.Request) -> web.Response:
     alert, and stores nothing."""
     service = central(request)
     raw = await read_body(request, service.settings.max_sync_body_bytes)
-    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
-    sync = _parse_sync(raw, request)
+    caller = await require_appliance(
+        request, raw, appliance_id=request.match_info["appliance_id"], defer_nonce=True
+    )
+    try:
+        sync = _parse_sync(raw, request)
+    except Problem:
+        await commit_nonce(request, caller)
+        raise
     try:
         return await _witness(service, caller, sync)
     except Problem as problem:
+        if problem.code in ("replayed-nonce", "conflict"):
+            raise
+        # The nonce is spent whatever the verdict (a replay is refused as one).
+        await commit_nonce(request, caller)
         # Anything wrong inside an authenticated batch (not a stale size,
         # which is a normal race) is what tampering looks like.
         if problem.status in (400, 422):
             await _alert(service, caller, problem.code, problem.detail)
         raise
     except ProtocolError as exc:
+        await commit_nonce(request, caller)
         await _alert(service, caller, exc.code, str(exc))
         raise Problem.from_protocol(exc) from None
 
@@ -687,6 +699,7 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
         ):
             # The checkpoint already cosigned, or the same tree signed again:
             # nothing to store; the receipt for that tree stands.
+            await run_write(service.engine, lambda connection: record_nonce(connection, caller))
             return json_response(await _stored_receipt(service, caller, state.size))
         assert isinstance(outcome, SyncAccepted)
         now = service.clock()
@@ -758,24 +771,24 @@ async def _commit(
     again) otherwise. Evidence that arrived before its entry is checked
     against the entry now."""
     new = outcome.state
-    async with write(service.engine) as connection:
+
+    def store(connection: Connection) -> bool:
+        record_nonce(connection, caller)  # deferred by audit_sync: one transaction a batch
         cutoff = (
             sa.select(certificates.c.cutoff_size)
             .where(certificates.c.serial == serial, certificates.c.revoked_at.is_not(None))
             .scalar_subquery()
         )
-        current = (
-            await connection.execute(
-                sa.select(audit_logs.c.size, audit_logs.c.checkpoint_sha256, cutoff.label("cutoff"))
-                .where(audit_logs.c.appliance_id == caller.appliance_id)
-                .with_for_update(of=audit_logs)
-            )
+        current = connection.execute(
+            sa.select(audit_logs.c.size, audit_logs.c.checkpoint_sha256, cutoff.label("cutoff"))
+            .where(audit_logs.c.appliance_id == caller.appliance_id)
+            .with_for_update(of=audit_logs)
         ).one()
         if (current.size, current.checkpoint_sha256) != (checked.size, checked.checkpoint_sha256):
-            return False
+            raise _Moved
         if current.cutoff is not None and new.size > int(current.cutoff):
-            return False
-        await insert_rows(
+            raise _Moved
+        insert_rows(
             connection,
             audit_entries,
             ("appliance_id", "idx", "leaf_hash", "raw"),
@@ -784,7 +797,7 @@ async def _commit(
                 for offset, record in enumerate(outcome.records)
             ],
         )
-        await connection.execute(
+        connection.execute(
             sa.insert(audit_checkpoints).values(
                 appliance_id=caller.appliance_id,
                 size=new.size,
@@ -796,7 +809,7 @@ async def _commit(
                 received_at=now,
             )
         )
-        await connection.execute(
+        connection.execute(
             sa.update(audit_logs)
             .where(audit_logs.c.appliance_id == caller.appliance_id)
             .values(
@@ -807,30 +820,37 @@ async def _commit(
                 updated_at=now,
             )
         )
-        await _check_pending_evidence(connection, caller, checked.size, outcome, now)
-    return True
+        _check_pending_evidence(connection, caller, checked.size, outcome, now)
+        return True
+
+    try:
+        return await run_write(service.engine, store)
+    except _Moved:  # rolled back, the nonce with it: check again
+        return False
 
 
-async def _check_pending_evidence(
-    connection: AsyncConnection, caller: Appliance, start: int, outcome: SyncAccepted, now: datetime
+class _Moved(Exception):
+    """The witness state or the signer's revocation changed since the check."""
+
+
+def _check_pending_evidence(
+    connection: Connection, caller: Appliance, start: int, outcome: SyncAccepted, now: datetime
 ) -> None:
     """Evidence submitted before its audit entry was witnessed: compare each
     bundle with the entry that now arrived, and record the verdict (a
     mismatch is a security alert)."""
-    pending = (
-        await connection.execute(
-            sa.select(evidence.c.bundle_id, evidence.c.log_index, evidence.c.payload_sha256).where(
-                evidence.c.appliance_id == caller.appliance_id,
-                evidence.c.in_log.is_(None),
-                evidence.c.log_index >= start,
-                evidence.c.log_index < outcome.state.size,
-            )
+    pending = connection.execute(
+        sa.select(evidence.c.bundle_id, evidence.c.log_index, evidence.c.payload_sha256).where(
+            evidence.c.appliance_id == caller.appliance_id,
+            evidence.c.in_log.is_(None),
+            evidence.c.log_index >= start,
+            evidence.c.log_index < outcome.state.size,
         )
     ).all()
     for bundle in pending:
         record = outcome.records[int(bundle.log_index) - start]
         matches = _records_bundle(record.entry, bundle.bundle_id, bundle.payload_sha256)
-        await connection.execute(
+        connection.execute(
             sa.update(evidence)
             .where(
                 evidence.c.appliance_id == caller.appliance_id,
@@ -839,7 +859,7 @@ async def _check_pending_evidence(
             .values(in_log=matches)
         )
         if not matches:
-            await connection.execute(
+            connection.execute(
                 sa.insert(security_alerts).values(
                     appliance_id=caller.appliance_id,
                     site_id=caller.site_id,
