@@ -1,0 +1,202 @@
+"""The central client over HTTP: RFC 9421-signed requests to ``msp-central``.
+
+It implements :class:`msp_agent.central.CentralClient` for the components
+(audit sync, evidence, escalations, bundles, certificates) and adds what
+the runtime needs besides (revocations, heartbeat). Outcomes are sorted as
+the components expect:
+
+- no answer, a 5xx or a 429: :class:`CentralUnavailable` (retry later;
+  every request is idempotent on the server);
+- any other 4xx: :class:`CentralRejected` with the problem document's code
+  and its other members (``server_size`` of a stale sync, for one).
+
+The appliance holds no bearer secret: each request is signed by the key
+``signing_key()`` returns at that moment, so a rotation takes effect on the
+next request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import aiohttp
+from multidict import CIMultiDict
+
+from msp_agent.central import CentralRejected, CentralUnavailable, FetchedBundle
+from msp_protocol.bundle import BundleKind, Escalation
+from msp_protocol.dsse import Envelope
+from msp_protocol.errors import MalformedError
+from msp_protocol.httpsig import sign_request
+from msp_protocol.keys import SigningKey
+from msp_protocol.model import WireModel
+from msp_protocol.sync import SyncRequest, SyncResponse
+
+# A full audit batch is a few hundred kilobytes; a slow link may need a while,
+# a dead one must not hold a sync loop for ever.
+DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=120, connect=15, sock_read=60)
+
+
+class HttpCentralClient:
+    def __init__(
+        self,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        *,
+        signing_key: Callable[[], SigningKey],
+        appliance_id: str | None = None,
+        timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = session
+        self.signing_key = signing_key
+        self.appliance_id = appliance_id
+        self.timeout = timeout
+
+    # --- CentralClient ----------------------------------------------------------------
+
+    async def sync_audit(self, appliance_id: str, request: SyncRequest) -> SyncResponse:
+        body = await self._call("POST", f"/api/v1/appliances/{appliance_id}/audit/sync", request)
+        return _parse(SyncResponse, body)
+
+    async def submit_evidence(self, envelope: Envelope) -> None:
+        await self._call("POST", f"{self._appliance_path()}/evidence", envelope)
+
+    async def escalate(self, escalation: Escalation) -> None:
+        await self._call("POST", f"{self._appliance_path()}/escalations", escalation)
+
+    async def fetch_bundle(self, kind: BundleKind, etag: str | None) -> FetchedBundle | None:
+        status, headers, body = await self._send(
+            "GET",
+            f"{self._appliance_path()}/bundles/{kind.value}",
+            None,
+            {"If-None-Match": etag} if etag else {},
+        )
+        if status == 304:
+            return None
+        return FetchedBundle(_parse(Envelope, body), headers.get("ETag"))
+
+    async def request_certificate(
+        self, request: Envelope, *, enrollment_token: str | None = None
+    ) -> Envelope:
+        """Enroll (with the one-time token; the only unsigned request), or
+        renew / rotate (signed by the current key)."""
+        document = {"request": request.to_wire()}
+        if enrollment_token is not None:
+            body = await self._call(
+                "POST", "/api/v1/enroll", {**document, "token": enrollment_token}, signed=False
+            )
+            answer = _json(body)
+            self.appliance_id = str(answer.get("appliance_id"))
+        else:
+            answer = _json(
+                await self._call("POST", f"{self._appliance_path()}/certificates", document)
+            )
+        try:
+            return Envelope.from_wire(answer.get("certificate"))
+        except MalformedError as exc:
+            raise CentralUnavailable(f"central server sent no certificate: {exc}") from None
+
+    # --- beyond the components' protocol ------------------------------------------------
+
+    async def fetch_revocations(self, etag: str | None) -> FetchedBundle | None:
+        """The signed revocation list, or None when ``etag`` is current."""
+        status, headers, body = await self._send(
+            "GET", "/api/v1/revocations", None, {"If-None-Match": etag} if etag else {}
+        )
+        if status == 304:
+            return None
+        return FetchedBundle(_parse(Envelope, body), headers.get("ETag"))
+
+    async def heartbeat(self, state: dict[str, Any]) -> dict[str, Any]:
+        return _json(await self._call("POST", f"{self._appliance_path()}/heartbeat", state))
+
+    # --- transport --------------------------------------------------------------------
+
+    def _appliance_path(self) -> str:
+        if self.appliance_id is None:
+            raise CentralUnavailable("not enrolled yet: no appliance id")
+        return f"/api/v1/appliances/{self.appliance_id}"
+
+    async def _call(self, method: str, path: str, value: Any, *, signed: bool = True) -> bytes:
+        _status, _headers, body = await self._send(method, path, value, {}, signed=signed)
+        return body
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        value: Any,
+        extra: dict[str, str],
+        *,
+        signed: bool = True,
+    ) -> tuple[int, CIMultiDict[str], bytes]:
+        body = b"" if value is None else _encode(value)
+        url = self.base_url + path
+        headers = dict(extra)
+        if body:
+            headers["Content-Type"] = "application/json"
+        if signed:
+            headers.update(sign_request(self.signing_key(), method, url, body=body))
+        try:
+            async with self.session.request(
+                method, url, data=body or None, headers=headers, timeout=self.timeout
+            ) as response:
+                payload = await response.read()
+                status, answer_headers = response.status, CIMultiDict(response.headers)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise CentralUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        if status == 429 or status >= 500:
+            raise CentralUnavailable(f"{method} {path}: HTTP {status}")
+        if status >= 400:
+            raise _rejected(status, payload)
+        return status, answer_headers, payload
+
+
+def _encode(value: Any) -> bytes:
+    if hasattr(value, "canonical_bytes"):
+        return bytes(value.canonical_bytes())
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise CentralUnavailable(
+            "central server answered with something that is not JSON"
+        ) from None
+    if not isinstance(value, dict):
+        raise CentralUnavailable("central server answered with JSON that is not an object")
+    return value
+
+
+ModelT = TypeVar("ModelT", bound=WireModel)
+
+
+def _parse(model: type[ModelT], body: bytes) -> ModelT:
+    try:
+        return model.from_json(body)
+    except MalformedError as exc:
+        raise CentralUnavailable(f"central server answered with a bad document: {exc}") from None
+
+
+def _rejected(status: int, payload: bytes) -> CentralRejected:
+    try:
+        problem = json.loads(payload)
+    except ValueError:
+        problem = None
+    if not isinstance(problem, dict):
+        return CentralRejected(status, f"http-{status}", payload[:200].decode(errors="replace"))
+    code = (
+        problem.get("code") or str(problem.get("type", "")).rsplit(":", 1)[-1] or f"http-{status}"
+    )
+    extra = {
+        key: value
+        for key, value in problem.items()
+        if key not in ("type", "title", "status", "detail", "code", "instance")
+    }
+    return CentralRejected(
+        status, str(code or f"http-{status}"), str(problem.get("detail", "")), extra
+    )
