@@ -95,18 +95,25 @@ async def enroll(
     return signer, client
 
 
-async def test_an_audit_trail_is_witnessed_over_http(
-    central: Central, session: aiohttp.ClientSession, tmp_path: Path
-) -> None:
-    signer, client = await enroll(central, session, tmp_path / "keys")
+async def open_trail(
+    tmp_path: Path, signer: DelegatedSigningKey, client: HttpCentralClient
+) -> OfflineAuditTrail:
     assert client.appliance_id is not None
-    trail = await OfflineAuditTrail.open(
+    return await OfflineAuditTrail.open(
         tmp_path / "audit.sqlite",
         appliance_id=client.appliance_id,
         signer=signer,
         central_keys=[ROOT.verify_key],
         row_key=signer.audit_row_key(),
     )
+
+
+async def test_an_audit_trail_is_witnessed_over_http(
+    central: Central, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    signer, client = await enroll(central, session, tmp_path / "keys")
+    assert client.appliance_id is not None
+    trail = await open_trail(tmp_path, signer, client)
     try:
         for start in range(0, 2_400, 300):
             await asyncio.gather(
@@ -184,13 +191,7 @@ async def test_a_stale_sync_carries_the_server_size(
 ) -> None:
     signer, client = await enroll(central, session, tmp_path / "keys")
     assert client.appliance_id is not None
-    trail = await OfflineAuditTrail.open(
-        tmp_path / "audit.sqlite",
-        appliance_id=client.appliance_id,
-        signer=signer,
-        central_keys=[ROOT.verify_key],
-        row_key=signer.audit_row_key(),
-    )
+    trail = await open_trail(tmp_path, signer, client)
     try:
         await trail.append("check.run", "agent", {"n": 1})
         await trail.sync(client)

@@ -176,7 +176,7 @@ def check_evidence_in_log(
     bundle = evidence.bundle
     try:
         record = parse_entry(proof.entry, expected_index=bundle.log_index, limits=limits)
-        data = _entry_data(record.entry)
+        data = recorded_evidence(record.entry)
     except (MalformedError, VerificationError) as exc:
         return Result.failure(exc)
     if data.bundle_id != bundle.bundle_id or data.payload_sha256 != evidence.digest:  # (2)
@@ -197,7 +197,9 @@ def check_evidence_in_log(
 verify_evidence_in_log = raising(check_evidence_in_log)
 
 
-def _entry_data(entry: LogEntry) -> EvidenceEntryData:
+def recorded_evidence(entry: LogEntry) -> EvidenceEntryData:
+    """What an ``evidence.signed`` audit entry records; raises
+    :class:`EvidenceError` for any other entry."""
     if entry.kind != EVIDENCE_ENTRY_KIND:
         raise EvidenceError(f"log entry {entry.index} is {entry.kind}, not {EVIDENCE_ENTRY_KIND}")
     try:

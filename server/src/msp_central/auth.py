@@ -15,10 +15,11 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.engine import Connection
 
-from msp_central.context import central, secret_sha256
+from msp_central.context import central
 from msp_central.db.engine import insert_ignore_sync, read_only, run_write, write
 from msp_central.db.tables import api_keys, appliances, certificates, request_nonces, sites
 from msp_central.problems import Problem
+from msp_protocol.delegation import token_digest
 from msp_protocol.errors import ProtocolError
 from msp_protocol.httpsig import AuthenticatedRequest, HttpRequest, averify_request
 from msp_protocol.keys import VerifyKey
@@ -40,7 +41,7 @@ async def _bearer(request: web.Request) -> KeyHolder:
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Problem("bad-credentials", "Authorization must be Bearer <api key>")
-    digest = secret_sha256(secret.strip())
+    digest = token_digest(secret.strip())
     async with read_only(central(request).engine) as connection:
         row = (
             await connection.execute(sa.select(api_keys).where(api_keys.c.key_sha256 == digest))

@@ -131,9 +131,15 @@ def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     )
 
 
-def _worker(settings: Settings) -> None:
+def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Alembic announces its context at INFO whenever the revision is read
+    # (check_current): only a migration is worth a line.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _worker(settings: Settings) -> None:
+    _configure_logging()
 
     def serve() -> int:
         _serve(settings, reuse_port=True)
@@ -264,10 +270,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Alembic announces its context at INFO whenever the revision is read
-    # (check_current): only a migration is worth a line.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    _configure_logging()
     return _one_line_errors(lambda: run(argv))
 
 

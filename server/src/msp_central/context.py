@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,8 +53,9 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
     return body
 
 
-def parse_body(body: bytes, model: type[Model], request: web.Request) -> Model:
-    """Strict JSON (no duplicate keys, no NaN…) into a strict model."""
+def parse_json_object(body: bytes, request: web.Request) -> dict[str, Any]:
+    """A JSON request body, parsed strictly (no duplicate keys, no NaN…),
+    that must be an object."""
     if not body:
         raise Problem("malformed-json", "the request body is empty; send a JSON object")
     if request.content_type != "application/json":
@@ -66,6 +66,12 @@ def parse_body(body: bytes, model: type[Model], request: web.Request) -> Model:
         raise Problem("malformed-json", str(exc)) from None
     if not isinstance(value, dict):
         raise Problem("malformed-document", "request body is not a JSON object")
+    return value
+
+
+def parse_body(body: bytes, model: type[Model], request: web.Request) -> Model:
+    """:func:`parse_json_object` into a strict model."""
+    value = parse_json_object(body, request)
     try:
         return model.model_validate(value)
     except ValidationError as exc:
@@ -87,10 +93,6 @@ def json_response(value: BaseModel | list[Any] | dict[str, Any], status: int = 2
 def new_secret(prefix: str) -> str:
     """A random credential: ``<prefix>_<64 hex>`` (256 bits)."""
     return f"{prefix}_{os.urandom(32).hex()}"
-
-
-def secret_sha256(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 def load_root_key(path: Path) -> SigningKey:

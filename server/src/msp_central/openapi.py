@@ -82,11 +82,11 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
 }
 
 
-def _schema_of(annotation: Any, schemas: dict[str, Any]) -> dict[str, Any]:
+def _schema_of(annotation: Any) -> dict[str, Any]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {"$ref": REF.format(model=annotation.__name__)}
     (item,) = annotation.__args__  # list[Model]
-    return {"type": "array", "items": _schema_of(item, schemas)}
+    return {"type": "array", "items": _schema_of(item)}
 
 
 def _models() -> list[type[BaseModel]]:
@@ -126,9 +126,7 @@ def document() -> dict[str, Any]:
                     else {
                         "description": "Success",
                         "content": {
-                            "application/json": {
-                                "schema": _schema_of(model, schemas) if model else {}
-                            }
+                            "application/json": {"schema": _schema_of(model) if model else {}}
                         },
                     }
                 )
@@ -147,7 +145,7 @@ def document() -> dict[str, Any]:
         if request is not None:
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": _schema_of(request, schemas)}},
+                "content": {"application/json": {"schema": _schema_of(request)}},
             }
         paths.setdefault(path, {})[method] = operation
     return {

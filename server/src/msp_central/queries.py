@@ -23,7 +23,7 @@ from msp_central.api_models import (
     SiteOverrides,
 )
 from msp_central.catalogue import Tier
-from msp_central.context import new_secret, secret_sha256
+from msp_central.context import new_secret
 from msp_central.db.engine import write
 from msp_central.db.tables import (
     api_keys,
@@ -40,7 +40,7 @@ from msp_central.db.tables import (
     sites,
 )
 from msp_central.problems import Problem
-from msp_protocol.delegation import Revocation, RevocationList, sign_revocations
+from msp_protocol.delegation import Revocation, RevocationList, sign_revocations, token_digest
 from msp_protocol.dsse import Envelope
 from msp_protocol.keys import SigningKey
 
@@ -84,7 +84,7 @@ async def create_api_key(
     key = new_secret("mspk")
     await connection.execute(
         sa.insert(api_keys).values(
-            key_sha256=secret_sha256(key),
+            key_sha256=token_digest(key),
             prefix=key[:12],
             role=role,
             partner_id=partner_id,
@@ -214,7 +214,7 @@ async def create_enrollment_token(
     expires = now + lifetime
     await connection.execute(
         sa.insert(enrollment_tokens).values(
-            token_sha256=secret_sha256(token), site_id=site_id, created_at=now, expires_at=expires
+            token_sha256=token_digest(token), site_id=site_id, created_at=now, expires_at=expires
         )
     )
     return token, expires

@@ -183,11 +183,7 @@ async def insert_ignore(
     if len(rows) != 1:
         # asyncpg reports no row count for executemany: one row at a time.
         raise ValueError("insert_ignore takes exactly one row")
-    dialect = connection.dialect.name
-    if dialect == "postgresql":
-        statement: Any = postgresql.insert(table).on_conflict_do_nothing()
-    else:
-        statement = sqlite.insert(table).on_conflict_do_nothing()
+    statement = _insert_ignore_statement(connection.dialect.name, table)
     result = await connection.execute(statement, rows[0])
     return int(result.rowcount)
 

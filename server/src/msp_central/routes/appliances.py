@@ -32,7 +32,14 @@ from msp_central.api_models import (
 )
 from msp_central.auth import Appliance, commit_nonce, record_nonce, require_appliance
 from msp_central.catalogue import Tier
-from msp_central.context import Central, central, json_response, parse_body, read_body
+from msp_central.context import (
+    Central,
+    central,
+    json_response,
+    parse_body,
+    parse_json_object,
+    read_body,
+)
 from msp_central.db.engine import insert_ignore, insert_rows, read_only, run_write, write
 from msp_central.db.tables import (
     appliances,
@@ -64,7 +71,7 @@ from msp_central.queries import (
     revocation_list,
 )
 from msp_protocol.bundle import BundleKind, ConfigBundle, Escalation, sign_bundle
-from msp_protocol.canonical import canonicalize, parse_json
+from msp_protocol.canonical import canonicalize
 from msp_protocol.delegation import (
     DelegationCertificate,
     DelegationRequest,
@@ -76,8 +83,8 @@ from msp_protocol.delegation import (
     token_digest,
 )
 from msp_protocol.dsse import Envelope, unverified_payload
-from msp_protocol.errors import MalformedError, ProtocolError
-from msp_protocol.evidence import EVIDENCE_ENTRY_KIND, EvidenceEntryData, check_evidence
+from msp_protocol.errors import EvidenceError, MalformedError, ProtocolError
+from msp_protocol.evidence import check_evidence, recorded_evidence
 from msp_protocol.keys import VerifyKey
 from msp_protocol.log import LogEntry, make_receipt, parse_entry
 from msp_protocol.merkle import EMPTY_ROOT
@@ -646,15 +653,10 @@ async def audit_sync(request: web.Request) -> web.Response:
 
 
 def _parse_sync(raw: bytes, request: web.Request) -> SyncRequest:
-    if request.content_type != "application/json":
-        raise Problem("unsupported-media-type", f"content type {request.content_type[:80]}")
-    try:
-        value = parse_json(raw, limits=central(request).limits)
-    except MalformedError as exc:
-        raise Problem("malformed-json", str(exc)) from None
+    value = parse_json_object(raw, request)
     # An oversized batch is refused by its count, with its own problem, so
     # the appliance knows to split it rather than that it is malformed.
-    if isinstance(value, dict) and isinstance(value.get("entries"), list):
+    if isinstance(value.get("entries"), list):
         count = len(value["entries"])
         if count > MAX_BATCH_ENTRIES:
             raise Problem("batch-too-large", f"batch of {count} entries, limit {MAX_BATCH_ENTRIES}")
@@ -873,11 +875,9 @@ def _check_pending_evidence(
 
 def _records_bundle(entry: LogEntry, bundle_id: str, digest: str) -> bool:
     """Whether an audit entry is the one recording this evidence bundle."""
-    if entry.kind != EVIDENCE_ENTRY_KIND:
-        return False
     try:
-        data = EvidenceEntryData.from_wire(entry.data)
-    except MalformedError:
+        data = recorded_evidence(entry)
+    except EvidenceError:
         return False
     return data.bundle_id == bundle_id and data.payload_sha256 == digest
 
