@@ -1,6 +1,6 @@
 """msp_protocol: the wire contract of the MSP compliance appliance.
 
-Pure: no network, no disk. Modules, from the bottom up:
+Pure: no network, no disk (the auditor's command aside). Modules, bottom up:
 
 - :mod:`~msp_protocol.canonical` — RFC 8785 canonical JSON, strict JSON parsing
 - :mod:`~msp_protocol.encoding` — hex, base64, RFC 3339 times, field types
@@ -11,9 +11,13 @@ Pure: no network, no disk. Modules, from the bottom up:
 - :mod:`~msp_protocol.log` — audit entries, checkpoints, receipts, log replay
 - :mod:`~msp_protocol.evidence` — evidence bundles and their log inclusion
 - :mod:`~msp_protocol.sync` — the audit sync batch and the witness's check of it
+- :mod:`~msp_protocol.export` — audit and evidence exports, verified offline
 - :mod:`~msp_protocol.bundle` — signed config bundles, escalations
 - :mod:`~msp_protocol.httpsig` — RFC 9421 request signatures, RFC 9530 digests
 - :mod:`~msp_protocol.errors`, :mod:`~msp_protocol.limits`, :mod:`~msp_protocol.result`
+
+:mod:`~msp_protocol.verify_cli` is the ``msp-verify`` command, the one module
+that reads files.
 """
 
 from msp_protocol.errors import MalformedError, ProtocolError, UsageError, VerificationError

@@ -152,6 +152,12 @@ class LogEntryError(VerificationError):
     code = "bad-log-entry"
 
 
+class UnsignedEntriesError(LogEntryError):
+    """Entries that no checkpoint covers: appended behind the signer's back."""
+
+    code = "unsigned-entries"
+
+
 class EvidenceError(VerificationError):
     """An evidence bundle inconsistent with its signer or its log entry."""
 

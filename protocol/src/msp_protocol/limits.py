@@ -58,6 +58,17 @@ class Limits:
     # Revocation list entries: a fleet of thousands revoking a few a day.
     max_revocations: int = 100_000
 
+    # An audit export (``msp-agent audit export``): a whole log, verified
+    # offline. It is not a request body, so max_json_bytes does not apply: a
+    # million entries of a few hundred bytes, base64-encoded, with their
+    # checkpoints, receipts and evidence bundles, fit in 1 GiB.
+    max_export_bytes: int = 1024 * 1024 * 1024
+    # Entries in one export (years of an appliance's log). It bounds each list
+    # of signed documents in the export too: none can usefully outnumber the
+    # entries (checkpoint sizes ascend, each bundle has its own entry), and
+    # each costs an Ed25519 verification.
+    max_export_entries: int = 1_000_000
+
     def __post_init__(self) -> None:
         for name in self.__slots__:
             value = getattr(self, name)
