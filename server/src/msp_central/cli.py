@@ -27,6 +27,7 @@ from msp_central.config import ConfigError, Settings, load_settings
 from msp_central.context import load_root_key, write_root_key
 from msp_central.db.engine import create_engine
 from msp_central.db.migrate import DatabaseVersionError, check_current, upgrade
+from msp_central.demo import DemoError, run_demo
 from msp_central.problems import Problem
 from msp_central.queries import (
     create_api_key,
@@ -91,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     token_create = token.add_parser("create", help="a one-time enrollment token for a site")
     token_create.add_argument("--site", required=True)
     token_create.add_argument("--hours", type=int)
+
+    demo = commands.add_parser(
+        "demo", help="a local server with a demo partner, site and enrolled agents"
+    )
+    demo.add_argument("--agents", type=int, default=2, help="how many appliance agents (1-8)")
+    demo.add_argument("--dir", type=Path, default=Path("demo-state"), help="where all state lives")
+    demo.add_argument("--port", type=int, default=8080)
     return parser
 
 
@@ -266,6 +274,10 @@ def run(argv: list[str] | None = None) -> int:
                 return {"token": secret, "site_id": args.site, "expires_at": expires.isoformat()}
 
             _print(asyncio.run(_with_db(settings, token)))
+        case "demo", _:
+            if not 1 <= args.agents <= 8:
+                raise ValueError(f"--agents {args.agents}: use 1 to 8")
+            run_demo(args.dir, agents=args.agents, host="127.0.0.1", port=args.port)
     return 0
 
 
@@ -282,6 +294,7 @@ def _one_line_errors(work: Callable[[], int]) -> int:
     except (
         ConfigError,
         DatabaseVersionError,
+        DemoError,
         FileExistsError,
         FileNotFoundError,
         PermissionError,

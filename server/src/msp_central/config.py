@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     # Run pending database migrations when serving starts.
     migrate_on_start: bool = False
 
-    certificate_lifetime_days: Annotated[int, Field(ge=1, le=90)] = 30
+    # A fraction of a day is allowed (a lab, a test of renewal and expiry).
+    certificate_lifetime_days: Annotated[float, Field(gt=0, le=90)] = 30
     bundle_lifetime_hours: Annotated[int, Field(ge=1, le=24 * 90)] = 24 * 7
     enrollment_token_hours: Annotated[int, Field(ge=1, le=24 * 30)] = 72
     # Request bodies: the audit sync endpoint may take a full batch; every

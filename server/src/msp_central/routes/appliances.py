@@ -679,6 +679,7 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
             revocations = await revocation_list(connection)
             state = await _witness_state(connection, caller.appliance_id)
             stored = await _stored_leaves(connection, caller.appliance_id, sync, state.size)
+            windows = await _key_windows(connection, caller.appliance_id, cert_row.key_id)
         # ~10 ms of CPU a full batch: off the event loop, so that other
         # requests (and this server's database round trips) go on meanwhile.
         result = await asyncio.to_thread(
@@ -706,11 +707,29 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
         assert isinstance(outcome, SyncAccepted)
         now = service.clock()
         receipt = make_receipt(service.root, outcome.checkpoint, now)
-        if await _commit(
-            service, caller, state, outcome, receipt, cert_row.serial, delegation, now
-        ):
+        # Flagged for review, never refused: signed under an expired
+        # certificate, or at a time (the appliance's clock) no certificate
+        # of its key covered, such as offline between expiry and a renewal
+        # that reached the server before this batch did.
+        signed_at = outcome.checkpoint.checkpoint.ts
+        late = delegation.signed_after_expiry or not any(
+            start <= signed_at <= end for start, end in windows
+        )
+        if await _commit(service, caller, state, outcome, receipt, cert_row.serial, late, now):
             return json_response(SyncResponse(size=outcome.state.size, receipt=receipt))
     raise Problem("conflict", "the log kept changing during this sync; retry")
+
+
+async def _key_windows(
+    connection: AsyncConnection, appliance_id: str, key_id: str
+) -> list[tuple[datetime, datetime]]:
+    """The validity windows of every certificate issued to this key."""
+    rows = await connection.execute(
+        sa.select(certificates.c.not_before, certificates.c.not_after).where(
+            certificates.c.appliance_id == appliance_id, certificates.c.key_id == key_id
+        )
+    )
+    return [(row.not_before, row.not_after) for row in rows]
 
 
 async def _witness_state(connection: AsyncConnection, appliance_id: str) -> WitnessState:
@@ -764,7 +783,7 @@ async def _commit(
     outcome: SyncAccepted,
     receipt: Envelope,
     serial: str,
-    delegation: VerifiedDelegation,
+    signed_after_expiry: bool,
     now: datetime,
 ) -> bool:
     """Store entries, checkpoint, receipt and the new state in one
@@ -807,7 +826,7 @@ async def _commit(
                 checkpoint=outcome.checkpoint.envelope.canonical_bytes().decode(),
                 receipt=receipt.canonical_bytes().decode(),
                 serial=serial,
-                signed_after_expiry=delegation.signed_after_expiry,
+                signed_after_expiry=signed_after_expiry,
                 received_at=now,
             )
         )

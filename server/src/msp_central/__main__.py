@@ -1,0 +1,5 @@
+import sys
+
+from msp_central.cli import main
+
+sys.exit(main())

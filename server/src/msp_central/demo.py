@@ -1,0 +1,206 @@
+"""``msp-central demo``: the whole product on one machine, for a first look.
+
+It starts a central server on an embedded SQLite database, creates a demo
+partner with one site (healthcare: HIPAA and its neighbours), and enrolls
+appliance agents as separate processes (``python -m msp_agent``), each with
+its own state directory, exactly as an appliance would run. It prints where
+to look, then runs until Ctrl-C, which stops the agents (SIGTERM: they
+finish what they are committing) and then the server.
+
+Everything lives under one directory (``./demo-state`` by default). Run it
+again with the same directory and it carries on with the same partner,
+site, appliances and audit logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from msp_central.api_models import SiteOverrides
+from msp_central.app import create_app
+from msp_central.catalogue import Tier
+from msp_central.config import Settings
+from msp_central.context import load_root_key, write_root_key
+from msp_central.db.engine import create_engine
+from msp_central.db.migrate import upgrade
+from msp_central.queries import (
+    create_enrollment_token,
+    create_partner,
+    create_site,
+    get_preset,
+)
+from msp_protocol.encoding import utc_now
+
+DEMO_FILE = "demo.json"
+
+
+class DemoError(Exception):
+    pass
+
+
+async def _prepare(settings: Settings, root_dir: Path, agents: int) -> dict[str, Any]:
+    """The demo's partner, site and one enrollment token per new agent."""
+    state_file = root_dir / DEMO_FILE
+    state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.exists() else {}
+    engine = create_engine(settings.resolved_database_url())
+    try:
+        await upgrade(engine)
+        now = utc_now()
+        async with engine.begin() as connection:
+            if not state:
+                partner, api_key = await create_partner(connection, "Demo MSP", now)
+                preset = await get_preset(connection, "healthcare")
+                site = await create_site(
+                    connection,
+                    partner.id,
+                    "Demo clinic",
+                    SiteOverrides(
+                        industry="healthcare", tier=Tier.FULL, frameworks=list(preset.frameworks)
+                    ),
+                    now,
+                )
+                state = {"partner_id": partner.id, "api_key": api_key, "site_id": site.id}
+            for number in range(1, agents + 1):
+                agent_dir = root_dir / f"agent-{number}"
+                token_file = agent_dir / "enrollment-token"
+                if (agent_dir / "state" / "keys" / "certificate.json").exists():
+                    continue  # enrolled on an earlier run
+                token, _ = await create_enrollment_token(
+                    connection, state["site_id"], timedelta(hours=1), now
+                )
+                agent_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                token_file.write_text(token + "\n")
+                token_file.chmod(0o600)
+    finally:
+        await engine.dispose()
+    state_file.write_text(json.dumps(state, indent=2) + "\n")
+    state_file.chmod(0o600)
+    return state
+
+
+def _agent_config(root_dir: Path, number: int, url: str, public_key: str) -> Path:
+    agent_dir = root_dir / f"agent-{number}"
+    config = {
+        "central_url": url,
+        "central_public_key": public_key,
+        "state_dir": str(agent_dir / "state"),
+        "enrollment_token_file": str(agent_dir / "enrollment-token"),
+        # Short intervals so there is something to see within a minute.
+        "check_interval_seconds": 60,
+        "sync_interval_seconds": 10,
+        "heartbeat_interval_seconds": 30,
+        "bundle_refresh_seconds": 300,
+    }
+    path = agent_dir / "agent.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def run_demo(root_dir: Path, *, agents: int, host: str, port: int) -> None:
+    """Run the demo until SIGINT or SIGTERM. Raises :class:`DemoError`."""
+    root_dir = root_dir.resolve()
+    root_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings = Settings(state_dir=root_dir / "central", host=host, port=port)
+    if not settings.key_file.exists():
+        write_root_key(settings.key_file)
+    asyncio.run(_run(settings, root_dir, agents=agents, host=host, port=port))
+
+
+async def _run(settings: Settings, root_dir: Path, *, agents: int, host: str, port: int) -> None:
+    root = load_root_key(settings.key_file)
+    state = await _prepare(settings, root_dir, agents)
+    # The guide below is what a newcomer reads: no line per request.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    runner = web.AppRunner(create_app(settings, root=root), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise DemoError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    url = f"http://{host}:{port}"
+    processes: list[asyncio.subprocess.Process] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        for number in range(1, agents + 1):
+            config = _agent_config(root_dir, number, url, root.verify_key.hex)
+            with (root_dir / f"agent-{number}" / "agent.log").open("ab") as log_file:
+                processes.append(
+                    await asyncio.create_subprocess_exec(
+                        *(sys.executable, "-m", "msp_agent", "--config", str(config), "run"),
+                        stdout=log_file,
+                        stderr=asyncio.subprocess.STDOUT,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        start_new_session=True,  # Ctrl-C reaches us; we stop them in order
+                    )
+                )
+        _print_guide(root_dir, url, state, agents)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            for number, process in enumerate(processes, 1):
+                if process.returncode is not None and not stop.is_set():
+                    log = root_dir / f"agent-{number}" / "agent.log"
+                    raise DemoError(
+                        f"agent {number} exited with status {process.returncode}; see {log}"
+                    )
+    finally:
+        print("\nstopping the agents and the server...", file=sys.stderr)
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await runner.cleanup()
+        print("stopped.", file=sys.stderr)
+
+
+def _print_guide(root_dir: Path, url: str, state: dict[str, Any], agents: int) -> None:
+    cwd = Path.cwd()
+
+    def show(path: Path) -> str:
+        return os.path.relpath(path, cwd) if path.is_relative_to(cwd) else str(path)
+
+    key, site = state["api_key"], state["site_id"]
+    lines = [
+        "",
+        f"central server    {url}  (API description: {url}/api/v1/openapi.json)",
+        f"partner API key   {key}",
+        f"site              {state['site_id']} (Demo clinic, healthcare, full coverage)",
+        "",
+        "ask the server, as the partner:",
+        f'  curl -s -H "Authorization: Bearer {key}" {url}/api/v1/sites/{site}/appliances',
+        f'  curl -s -H "Authorization: Bearer {key}" {url}/api/v1/sites/{site}/evidence',
+        f'  curl -s -H "Authorization: Bearer {key}" {url}/api/v1/escalations',
+        "",
+        "ask an agent (its own state directory, its log):",
+    ]
+    for number in range(1, agents + 1):
+        config = show(root_dir / f"agent-{number}" / "agent.json")
+        lines.append(f"  uv run msp-agent --config {config} status")
+    lines += [
+        f"  uv run msp-agent --config {show(root_dir / 'agent-1' / 'agent.json')} audit verify",
+        f"  tail -f {show(root_dir / 'agent-1' / 'agent.log')}",
+        "",
+        "Ctrl-C stops everything; run the same command again to carry on.",
+    ]
+    print("\n".join(lines), flush=True)
