@@ -25,6 +25,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from msp_agent.central import CentralRejected, CentralUnavailable, FetchedBundle
+from msp_agent.connectivity import Connectivity
 from msp_protocol.bundle import BundleKind, Escalation
 from msp_protocol.dsse import Envelope
 from msp_protocol.errors import MalformedError
@@ -47,12 +48,15 @@ class HttpCentralClient:
         signing_key: Callable[[], SigningKey],
         appliance_id: str | None = None,
         timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
+        connectivity: Connectivity | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
         self.signing_key = signing_key
         self.appliance_id = appliance_id
         self.timeout = timeout
+        # Every request reports its outcome here (the link state).
+        self.connectivity = connectivity or Connectivity()
 
     # --- CentralClient ----------------------------------------------------------------
 
@@ -146,9 +150,14 @@ class HttpCentralClient:
                 payload = await response.read()
                 status, answer_headers = response.status, CIMultiDict(response.headers)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise CentralUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+            error = f"{method} {path}: {type(exc).__name__}: {exc}"
+            self.connectivity.unavailable(error, server_answered=False)
+            raise CentralUnavailable(error) from None
         if status == 429 or status >= 500:
-            raise CentralUnavailable(f"{method} {path}: HTTP {status}")
+            error = f"{method} {path}: HTTP {status}"
+            self.connectivity.unavailable(error, server_answered=True)
+            raise CentralUnavailable(error)
+        self.connectivity.answered()
         if status >= 400:
             raise _rejected(status, payload)
         return status, answer_headers, payload

@@ -328,6 +328,12 @@ def _load_secret(path: Path, *, create: bool) -> bytes:
     return secret
 
 
+def read_audit_row_key(key_dir: Path) -> bytes:
+    """The audit trail's row-authentication secret, for tools that verify the
+    trail beside the running service (never created here)."""
+    return _load_secret(key_dir / AUDIT_ROW_KEY_FILE, create=False)
+
+
 def _load_key(path: Path, *, create: bool) -> SigningKey:
     return SigningKey(_load_secret(path, create=create))
 
@@ -339,4 +345,5 @@ __all__ = [
     "KeyFileError",
     "KeyRevokedError",
     "PendingRotation",
+    "read_audit_row_key",
 ]

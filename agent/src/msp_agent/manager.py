@@ -18,7 +18,7 @@ import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class LocalResilienceManager:
         clock: Callable[[], datetime] = utc_now,
         on_alert: Callable[[str, dict[str, Any]], None] | None = None,
         retry_base: float = 1.0,
+        sms_after: timedelta = timedelta(minutes=5),
     ) -> LocalResilienceManager:
         """Open (or create) the appliance's local state and reconcile what a
         crash may have left half-done."""
@@ -89,7 +90,11 @@ class LocalResilienceManager:
         )
         try:
             urgent = await UrgentCloudRetry.open(
-                state_dir / "urgent.sqlite", sms=sms, clock=clock, retry_base=retry_base
+                state_dir / "urgent.sqlite",
+                sms=sms,
+                sms_after=sms_after,
+                clock=clock,
+                retry_base=retry_base,
             )
         except BaseException:
             await trail.close()

@@ -1,0 +1,298 @@
+"""Compliance checks of the appliance itself.
+
+Each check looks at one real thing and says ``pass``, ``fail``, ``error``
+(it could not look) or ``not_applicable``, with what it observed. Checks are
+named as the central catalogue's runbooks name them (``check`` of a
+runbook); the scheduler maps each to the controls of the site's frameworks.
+
+Checks run as the agent's unprivileged user: they read what any user may
+read (the kernel's clock state, file-system statistics, systemd's unit
+states over D-Bus, sshd's configuration) and change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from msp_protocol.evidence import CheckResult
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    result: CheckResult
+    observed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckContext:
+    """What checks may look at besides the system."""
+
+    state_dir: Path
+    disk_min_free_percent: float
+    sshd_config: Path
+    # Verifies the audit trail; (ok, size, first bad index, problem).
+    verify_audit: Callable[[], Awaitable[tuple[bool, int, int | None, str | None]]]
+    # The certificate: (serial, not_before, not_after, revoked) or None.
+    certificate: Callable[[], tuple[str, datetime, datetime, bool] | None]
+    now: Callable[[], datetime]
+    certificate_min_remaining: float
+    systemctl: str = "systemctl"
+
+
+Check = Callable[[CheckContext], Awaitable[Observation]]
+
+
+# --- time_sync ------------------------------------------------------------------------------
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class _Timex(ctypes.Structure):
+    # struct timex from <sys/timex.h> (Linux, LP64 and ILP32 alike).
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("constant", ctypes.c_long),
+        ("precision", ctypes.c_long),
+        ("tolerance", ctypes.c_long),
+        ("time", _Timeval),
+        ("tick", ctypes.c_long),
+        ("ppsfreq", ctypes.c_long),
+        ("jitter", ctypes.c_long),
+        ("shift", ctypes.c_int),
+        ("stabil", ctypes.c_long),
+        ("jitcnt", ctypes.c_long),
+        ("calcnt", ctypes.c_long),
+        ("errcnt", ctypes.c_long),
+        ("stbcnt", ctypes.c_long),
+        ("tai", ctypes.c_int),
+        ("_reserved", ctypes.c_int * 11),
+    ]
+
+
+STA_UNSYNC = 0x0040
+TIME_ERROR = 5
+
+
+async def time_sync(_context: CheckContext) -> Observation:
+    """The kernel's NTP state, read with adjtimex(2) in read-only mode, as
+    timedatectl's ``NTPSynchronized`` does: synchronised unless the clock
+    state is TIME_ERROR or STA_UNSYNC is set."""
+    timex = _Timex()
+    libc = ctypes.CDLL(None, use_errno=True)
+    state = libc.adjtimex(ctypes.byref(timex))
+    if state < 0:
+        return Observation("error", {"error": os.strerror(ctypes.get_errno())})
+    synchronised = state != TIME_ERROR and not timex.status & STA_UNSYNC
+    return Observation(
+        "pass" if synchronised else "fail",
+        {
+            "synchronised": synchronised,
+            "clock_state": state,
+            "status_flags": f"{timex.status:#06x}",
+            "max_error_us": timex.maxerror,
+            "estimated_error_us": timex.esterror,
+        },
+    )
+
+
+# --- state_disk_space -----------------------------------------------------------------------
+
+
+async def state_disk_space(context: CheckContext) -> Observation:
+    try:
+        stats = os.statvfs(context.state_dir)
+    except OSError as exc:
+        return Observation("error", {"error": exc.strerror or str(exc)})
+    total = stats.f_blocks * stats.f_frsize
+    available = stats.f_bavail * stats.f_frsize
+    free_percent = 100.0 * available / total if total else 0.0
+    return Observation(
+        "pass" if free_percent >= context.disk_min_free_percent else "fail",
+        {
+            "path": str(context.state_dir),
+            "free_percent": round(free_percent, 2),
+            "available_bytes": available,
+            "total_bytes": total,
+            "min_free_percent": context.disk_min_free_percent,
+        },
+    )
+
+
+# --- systemd units ----------------------------------------------------------------------------
+
+
+async def _systemctl(context: CheckContext, *args: str) -> tuple[int, str]:
+    binary = shutil.which(context.systemctl) or context.systemctl
+    try:
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            "--no-pager",
+            "--no-ask-password",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    except (OSError, TimeoutError) as exc:
+        return -1, str(exc) or type(exc).__name__
+    text = out.decode(errors="replace").strip()
+    if process.returncode and not text:
+        text = err.decode(errors="replace").strip()
+    return process.returncode or 0, text
+
+
+def _unreachable(text: str) -> bool:
+    # systemctl's own words when it cannot talk to systemd at all.
+    return any(
+        phrase in text
+        for phrase in ("Failed to connect", "not been booted with systemd", "No such file")
+    )
+
+
+async def failed_units(context: CheckContext) -> Observation:
+    status, text = await _systemctl(
+        context, "list-units", "--state=failed", "--plain", "--no-legend"
+    )
+    if status != 0 or _unreachable(text):
+        return Observation("error", {"error": text.splitlines()[0][:300] if text else str(status)})
+    units = sorted(line.split()[0] for line in text.splitlines() if line.strip())
+    return Observation(
+        "pass" if not units else "fail", {"failed_units": units[:50], "count": len(units)}
+    )
+
+
+# NixOS's firewall is firewall.service (iptables) or nftables.service.
+FIREWALL_UNITS = ("firewall.service", "nftables.service")
+
+
+async def firewall_active(context: CheckContext) -> Observation:
+    states: dict[str, str] = {}
+    for unit in FIREWALL_UNITS:
+        _status, text = await _systemctl(context, "is-active", unit)
+        if _unreachable(text):
+            return Observation("error", {"error": text.splitlines()[0][:300]})
+        states[unit] = text.splitlines()[0] if text else "unknown"
+    active = any(state == "active" for state in states.values())
+    return Observation("pass" if active else "fail", {"units": states})
+
+
+# --- sshd -------------------------------------------------------------------------------------
+
+# sshd(8) takes the first value it reads for a keyword; the Match blocks
+# after it override per connection and are reported, not interpreted.
+_SSH_KEYWORDS = (
+    "passwordauthentication",
+    "kbdinteractiveauthentication",
+    "challengeresponseauthentication",
+)
+
+
+async def ssh_password_login_disabled(context: CheckContext) -> Observation:
+    try:
+        text = context.sshd_config.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return Observation(
+            "not_applicable", {"sshd_config": str(context.sshd_config), "present": False}
+        )
+    except OSError as exc:
+        return Observation("error", {"error": exc.strerror or str(exc)})
+    values: dict[str, str] = {}
+    match_blocks = 0
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        keyword, _, value = line.replace("=", " ", 1).partition(" ")
+        keyword = keyword.lower()
+        if keyword == "match":
+            match_blocks += 1
+            continue
+        if match_blocks == 0 and keyword in _SSH_KEYWORDS:
+            values.setdefault(keyword, value.strip().lower())
+    # OpenSSH's defaults are "yes" for both.
+    password = values.get("passwordauthentication", "yes")
+    keyboard = values.get(
+        "kbdinteractiveauthentication", values.get("challengeresponseauthentication", "yes")
+    )
+    ok = (password, keyboard) == ("no", "no")
+    return Observation(
+        "pass" if ok else "fail",
+        {
+            "sshd_config": str(context.sshd_config),
+            "password_authentication": password,
+            "keyboard_interactive_authentication": keyboard,
+            "match_blocks": match_blocks,
+        },
+    )
+
+
+# --- the agent's own state ----------------------------------------------------------------------
+
+
+async def audit_log_integrity(context: CheckContext) -> Observation:
+    ok, size, first_bad, problem = await context.verify_audit()
+    observed: dict[str, Any] = {"size": size}
+    if not ok:
+        observed.update({"first_bad_index": first_bad, "problem": (problem or "")[:500]})
+    return Observation("pass" if ok else "fail", observed)
+
+
+async def delegation_valid(context: CheckContext) -> Observation:
+    certificate = context.certificate()
+    if certificate is None:
+        return Observation("fail", {"enrolled": False})
+    serial, not_before, not_after, revoked = certificate
+    now = context.now()
+    lifetime = (not_after - not_before).total_seconds()
+    remaining = (not_after - now).total_seconds()
+    near_expiry = remaining < lifetime * context.certificate_min_remaining
+    ok = not revoked and remaining > 0 and not near_expiry
+    return Observation(
+        "pass" if ok else "fail",
+        {
+            "serial": serial,
+            "not_after": not_after.isoformat().replace("+00:00", "Z"),
+            "remaining_seconds": int(remaining),
+            "revoked": revoked,
+            "expired": remaining <= 0,
+            "near_expiry": near_expiry,
+        },
+    )
+
+
+CHECKS: dict[str, Check] = {
+    "time_sync": time_sync,
+    "state_disk_space": state_disk_space,
+    "failed_units": failed_units,
+    "firewall_active": firewall_active,
+    "ssh_password_login_disabled": ssh_password_login_disabled,
+    "audit_log_integrity": audit_log_integrity,
+    "delegation_valid": delegation_valid,
+}
+
+
+async def run_check(name: str, context: CheckContext) -> Observation:
+    """Run one check; a check that raises is an ``error`` observation."""
+    check = CHECKS.get(name)
+    if check is None:
+        return Observation("error", {"error": f"this agent has no check {name!r}"})
+    try:
+        return await check(context)
+    except Exception as exc:  # a check's bug must not stop the others
+        return Observation("error", {"error": f"{type(exc).__name__}: {exc}"[:500]})

@@ -1,0 +1,279 @@
+"""``msp-agent``: the appliance agent's service and its operator commands.
+
+    msp-agent [--config FILE] run
+    msp-agent [--config FILE] enroll --server URL --token TOKEN
+    msp-agent [--config FILE] status [--json]
+    msp-agent [--config FILE] audit verify
+    msp-agent [--config FILE] audit export OUT
+    msp-agent [--config FILE] evidence verify FILE
+    msp-agent [--config FILE] keys rotate
+
+Every failure is one line on stderr and a non-zero exit status: 1 when
+something does not verify or cannot be done, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from msp_agent.audit import verify_database
+from msp_agent.central import CentralRejected, CentralUnavailable
+from msp_agent.config import AgentSettings, ConfigError, load_settings
+from msp_agent.export import ExportError, export_audit, verify_evidence_file
+from msp_agent.http_client import HttpCentralClient
+from msp_agent.keys import DelegatedSigningKey, KeyFileError, read_audit_row_key
+from msp_agent.runtime import ROTATE_REQUEST_FILE, STATUS_FILE, enroll, run_service
+from msp_agent.store import connect
+from msp_protocol.encoding import utc_now
+from msp_protocol.errors import ProtocolError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """One line for the operator; ``status`` is the exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msp-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="settings file (.json or .toml)")
+    parser.add_argument("--state-dir", type=Path, help="overrides state_dir")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run the agent service")
+    enroll_parser = commands.add_parser("enroll", help="enroll with a one-time token")
+    enroll_parser.add_argument("--server", help="central server URL (default: central_url)")
+    token = enroll_parser.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token", help="the one-time enrollment token")
+    token.add_argument("--token-file", type=Path, help="a file holding the token")
+    status = commands.add_parser("status", help="what the agent is doing")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="audit_command", required=True
+    )
+    audit.add_parser("verify", help="recompute the whole audit trail")
+    export = audit.add_parser("export", help="write a bundle an auditor verifies offline")
+    export.add_argument("out", type=Path)
+    evidence = commands.add_parser("evidence", help="evidence bundles").add_subparsers(
+        dest="evidence_command", required=True
+    )
+    verify = evidence.add_parser("verify", help="check a bundle against this appliance's log")
+    verify.add_argument("file", type=Path)
+    keys = commands.add_parser("keys", help="the device key").add_subparsers(
+        dest="keys_command", required=True
+    )
+    keys.add_parser("rotate", help="ask the running agent to rotate its key")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, state_dir=args.state_dir)
+    except ConfigError as exc:
+        print(f"msp-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handlers: dict[str, Callable[[argparse.Namespace, AgentSettings], int]] = {
+        "run": lambda _a, s: run_service(s),
+        "enroll": _enroll,
+        "status": _status,
+        "audit": _audit,
+        "evidence": _evidence,
+        "keys": _keys,
+    }
+    try:
+        return handlers[args.command](args, settings)
+    except CommandError as exc:
+        print(f"msp-agent: {exc}", file=sys.stderr)
+        return exc.status
+    except (ConfigError, KeyFileError) as exc:
+        print(f"msp-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- enroll -------------------------------------------------------------------------------
+
+
+def _enroll(args: argparse.Namespace, settings: AgentSettings) -> int:
+    server = (args.server or settings.require_central_url()).rstrip("/")
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CommandError(
+                f"cannot read {args.token_file}: {exc.strerror}", EXIT_USAGE
+            ) from None
+    else:
+        token = args.token.strip()
+    central = settings.central_key()
+    signer = DelegatedSigningKey.load_or_create(settings.key_dir, central_keys=[central])
+    existing = signer.certificate
+    if existing is not None:
+        current = existing.certificate
+        raise CommandError(
+            f"already enrolled as appliance {current.appliance_id} of site {current.site_id}"
+        )
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as session:
+            client = HttpCentralClient(server, session, signing_key=signer.signing_key)
+            await enroll(signer, client, token, audience=central.key_id)
+
+    try:
+        asyncio.run(go())
+    except CentralRejected as exc:
+        raise CommandError(f"enrollment refused: {exc.detail or exc.code}") from None
+    except CentralUnavailable as exc:
+        raise CommandError(f"central server unavailable: {exc}") from None
+    except ProtocolError as exc:
+        raise CommandError(f"the central server's certificate does not verify: {exc}") from None
+    certificate = signer.certificate
+    assert certificate is not None
+    c = certificate.certificate
+    print(f"enrolled: appliance {c.appliance_id} of site {c.site_id}")
+    print(f"key {signer.key_id}, certificate {c.serial} valid until {c.not_after.isoformat()}")
+    if settings.central_url and settings.central_url != server:
+        print(f"note: the service will talk to central_url {settings.central_url}")
+    return 0
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace, settings: AgentSettings) -> int:
+    document = read_status(settings)
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    if not document.get("enrolled", True):
+        print("not enrolled: run `msp-agent enroll --server URL --token TOKEN`")
+        return 0
+    state = "running" if document.get("running") else "not running"
+    print(
+        f"agent: {state} (appliance {document.get('appliance_id')}, site {document.get('site_id')})"
+    )
+    link = document.get("link", "unknown")
+    print(f"link: {link}" if document.get("running") else f"link: {link} when it last ran")
+    if document.get("last_error") and document.get("link") != "online":
+        print(f"  last error: {document['last_error']}")
+    certificate = document.get("certificate") or {}
+    if certificate:
+        flags = [name for name in ("revoked", "expired") if certificate.get(name)]
+        print(
+            f"certificate: {certificate.get('serial')} until {certificate.get('not_after')}"
+            + (f" ({', '.join(flags)})" if flags else "")
+        )
+    if "log_size" in document:
+        print(
+            f"audit log: {document['log_size']} entries, "
+            f"{document.get('witnessed_size', '?')} witnessed by the central server"
+        )
+    if "evidence_queued" in document:
+        print(
+            f"queues: {document['evidence_queued']} evidence bundle(s), "
+            f"{document.get('urgent_waiting', 0)} incident(s) waiting"
+        )
+    if document.get("runbooks_without_check"):
+        print(f"not checked by this agent version: {', '.join(document['runbooks_without_check'])}")
+    for name, problem in (document.get("problems") or {}).items():
+        print(f"problem: {name}: {problem}")
+    return 0
+
+
+def read_status(settings: AgentSettings) -> dict[str, Any]:
+    """The running agent's ``status.json`` when it is alive; otherwise what
+    the files say (the agent is not running)."""
+    path = settings.state_dir / STATUS_FILE
+    try:
+        document: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        document = {}
+    if document.get("running") and not _alive(document.get("pid")):
+        document["running"] = False
+    if document:
+        return document
+    certificate_path = settings.key_dir / "certificate.json"
+    if not certificate_path.exists():
+        return {"running": False, "enrolled": False}
+    return {"running": False, "enrolled": True, "link": "unknown"}
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- audit ---------------------------------------------------------------------------------
+
+
+def _audit(args: argparse.Namespace, settings: AgentSettings) -> int:
+    database = settings.state_dir / "audit.sqlite"
+    if not database.exists():
+        raise CommandError(f"no audit trail at {database}")
+    if args.audit_command == "verify":
+        row_key = read_audit_row_key(settings.key_dir)
+        connection = connect(database, readonly=True)
+        try:
+            result = verify_database(connection, [settings.central_key()], utc_now(), row_key)
+        finally:
+            connection.close()
+        if not result.ok:
+            raise CommandError(f"audit trail does NOT verify: {result.describe()}")
+        print(result.describe())
+        return 0
+    try:
+        report = export_audit(settings.state_dir, args.out, central_key=settings.central_key())
+    except ExportError as exc:
+        raise CommandError(str(exc)) from None
+    print(report)
+    return 0
+
+
+# --- evidence ------------------------------------------------------------------------------
+
+
+def _evidence(args: argparse.Namespace, settings: AgentSettings) -> int:
+    try:
+        print(verify_evidence_file(settings.state_dir, args.file, settings.central_key()))
+    except ExportError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def _keys(_args: argparse.Namespace, settings: AgentSettings) -> int:
+    if not (settings.key_dir / "certificate.json").exists():
+        raise CommandError("not enrolled: there is no key to rotate")
+    (settings.state_dir / ROTATE_REQUEST_FILE).write_bytes(b"")
+    print("key rotation requested: the running agent rotates at its next key check")
+    return 0

@@ -1,0 +1,298 @@
+"""The agent runtime's parts on their own: configuration, the systemd
+notification protocol (over a real socket), the link state, the check plan,
+the checks that read files, the L1 runner's allow-list, and the CLI's
+one-line errors. The whole service is exercised in tests/system/."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from msp_agent.checks import (
+    CheckContext,
+    delegation_valid,
+    ssh_password_login_disabled,
+    state_disk_space,
+)
+from msp_agent.config import ConfigError, load_settings
+from msp_agent.connectivity import OFFLINE_AFTER, Connectivity, LinkState
+from msp_agent.l1 import ActionNotAllowedError, L1Runner
+from msp_agent.runtime import plan_checks
+from msp_agent.systemd import Notifier
+from msp_protocol.keys import SigningKey
+
+CENTRAL = SigningKey(b"\x07" * 32).verify_key.hex
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_settings_come_from_file_then_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'central_url = "https://central.example/"\ncentral_public_key = "{CENTRAL}"\n'
+        "sync_interval_seconds = 30\n"
+    )
+    monkeypatch.setenv("MSP_AGENT_SYNC_INTERVAL_SECONDS", "7")
+    settings = load_settings(config, state_dir=tmp_path / "state")
+    assert settings.central_url == "https://central.example"
+    assert settings.sync_interval_seconds == 7
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.central_key().hex == CENTRAL
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"central_public_key": "zz"}, "invalid setting central_public_key"),
+        ({"central_url": "ftp://x"}, "invalid setting central_url"),
+        ({"l1_command": ["systemctl", "start"]}, "invalid setting l1_command"),
+        ({"on_call_numbers": ["555-1234"]}, "invalid setting on_call_numbers.0"),
+        ({"sync_interval_seconds": 0}, "invalid setting sync_interval_seconds"),
+        ({"no_such_setting": 1}, "invalid setting no_such_setting"),
+    ],
+    ids=["bad-key", "bad-url", "l1-without-action", "bad-number", "zero-interval", "unknown"],
+)
+def test_bad_settings_are_one_line(
+    tmp_path: Path, document: dict[str, object], message: str
+) -> None:
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config)
+
+
+def test_an_unreadable_config_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_settings(tmp_path / "bad.json")
+
+
+# --- systemd notifications -------------------------------------------------------------------
+
+
+def test_notifications_reach_the_socket(tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        notifier = Notifier(str(path), watchdog_usec="20000000")
+        notifier.ready("online, log 3")
+        notifier.watchdog()
+        notifier.stopping()
+        messages = [server.recv(4096).decode() for _ in range(3)]
+    assert messages == [
+        "READY=1\nSTATUS=online, log 3",
+        "WATCHDOG=1",
+        "STOPPING=1\nSTATUS=stopping",
+    ]
+    assert notifier.watchdog_interval() == 10.0
+
+
+def test_without_systemd_notifications_do_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # another process's watchdog
+    notifier = Notifier.from_environment()
+    assert not notifier.enabled
+    assert notifier.watchdog_interval() is None
+    assert notifier.notify("READY=1") is False
+
+
+# --- link state --------------------------------------------------------------------------------
+
+
+def test_link_state_follows_outcomes_and_recovery_wakes_listeners() -> None:
+    woken: list[str] = []
+    link = Connectivity(monotonic=lambda: 100.0)
+    link.on_recovery(lambda: woken.append("queues"))
+    link.answered()
+    assert (link.state, woken) == (LinkState.ONLINE, ["queues"])
+    link.answered()
+    assert woken == ["queues"]  # only a change of state wakes
+    for attempt in range(1, OFFLINE_AFTER + 1):
+        link.unavailable("timeout", server_answered=False)
+        expected = LinkState.OFFLINE if attempt >= OFFLINE_AFTER else LinkState.DEGRADED
+        assert link.state is expected
+    link.unavailable("HTTP 503", server_answered=True)
+    assert link.state is LinkState.DEGRADED
+    link.answered()
+    assert (link.state, woken, link.failures) == (LinkState.ONLINE, ["queues", "queues"], 0)
+
+
+# --- the check plan ----------------------------------------------------------------------------
+
+SITE = {"runbooks": ["time-sync", "delegation-valid"], "tier": "basic"}
+RUNBOOKS = {
+    "runbooks": [
+        {"id": "time-sync", "check": "time_sync", "l1_action": "restart-timesyncd"},
+        {"id": "delegation-valid", "check": "delegation_valid", "l1_action": "renew-certificate"},
+        {"id": "disk-health", "check": "disk_health", "l1_action": None},
+    ]
+}
+FRAMEWORKS = {
+    "frameworks": [
+        {"id": "hipaa", "controls": [{"id": "164.312(b)", "runbooks": ["time-sync"]}]},
+        {"id": "soc2", "controls": [{"id": "CC7.2", "runbooks": ["time-sync", "disk-health"]}]},
+    ]
+}
+
+
+def test_the_plan_is_what_the_site_enables_with_its_controls() -> None:
+    plan = plan_checks(SITE, RUNBOOKS, FRAMEWORKS)
+    assert [(p.runbook_id, p.check, p.l1_action) for p in plan] == [
+        ("time-sync", "time_sync", "restart-timesyncd"),
+        ("delegation-valid", "delegation_valid", "renew-certificate"),
+    ]
+    assert plan[0].controls == {"hipaa": ["164.312(b)"], "soc2": ["CC7.2"]}
+    assert plan[1].controls == {}
+    assert plan_checks(None, RUNBOOKS, FRAMEWORKS) == []  # nothing known of the site yet
+
+
+# --- checks that read files ----------------------------------------------------------------------
+
+
+def context(tmp_path: Path, **changes: object) -> CheckContext:
+    async def verify() -> tuple[bool, int, int | None, str | None]:
+        return True, 0, None, None
+
+    values: dict[str, object] = {
+        "state_dir": tmp_path,
+        "disk_min_free_percent": 0.0,
+        "sshd_config": tmp_path / "sshd_config",
+        "verify_audit": verify,
+        "certificate": lambda: None,
+        "now": lambda: NOW,
+        "certificate_min_remaining": 0.2,
+    }
+    values.update(changes)
+    return CheckContext(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("config", "result"),
+    [
+        ("PasswordAuthentication no\nKbdInteractiveAuthentication no\n", "pass"),
+        ("PasswordAuthentication no\n", "fail"),  # keyboard-interactive defaults to yes
+        ("# PasswordAuthentication no\n", "fail"),
+        ("PasswordAuthentication=no\nChallengeResponseAuthentication no\n", "pass"),
+        (
+            "PasswordAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+            "fail",
+        ),
+        ("KbdInteractiveAuthentication no\nMatch User x\n  PasswordAuthentication no\n", "fail"),
+    ],
+    ids=["both-off", "kbd-default", "commented", "equals-form", "first-wins", "match-only"],
+)
+async def test_ssh_password_login(tmp_path: Path, config: str, result: str) -> None:
+    (tmp_path / "sshd_config").write_text(config)
+    assert (await ssh_password_login_disabled(context(tmp_path))).result == result
+
+
+async def test_no_sshd_is_not_applicable(tmp_path: Path) -> None:
+    assert (await ssh_password_login_disabled(context(tmp_path))).result == "not_applicable"
+
+
+async def test_disk_space_against_the_threshold(tmp_path: Path) -> None:
+    free = await state_disk_space(context(tmp_path))
+    assert free.result == "pass"
+    assert 0 < free.observed["free_percent"] <= 100
+    assert (await state_disk_space(context(tmp_path, disk_min_free_percent=100.0))).result == "fail"
+
+
+@pytest.mark.parametrize(
+    ("remaining", "revoked", "result"),
+    [
+        (timedelta(days=20), False, "pass"),
+        (timedelta(days=2), False, "fail"),
+        (timedelta(days=-1), False, "fail"),
+        (timedelta(days=20), True, "fail"),
+    ],
+    ids=["valid", "near-expiry", "expired", "revoked"],
+)
+async def test_delegation_check(
+    tmp_path: Path, remaining: timedelta, revoked: bool, result: str
+) -> None:
+    not_after = NOW + remaining
+    certificate = ("serial", not_after - timedelta(days=30), not_after, revoked)
+    observed = await delegation_valid(context(tmp_path, certificate=lambda: certificate))
+    assert observed.result == result
+
+
+# --- L1 ----------------------------------------------------------------------------------------
+
+
+async def test_l1_runs_only_allow_listed_names(tmp_path: Path) -> None:
+    record = tmp_path / "ran"
+    runner = L1Runner(["/bin/sh", "-c", f'echo "$0" >> {record}', "{action}"])
+    outcome = await runner.run("vacuum-journal")
+    assert outcome.succeeded
+    assert record.read_text() == "vacuum-journal\n"
+    for name in ("rm -rf /", "vacuum-journal; reboot", "../../bin/sh", "renew-certificate"):
+        with pytest.raises(ActionNotAllowedError):
+            await runner.run(name)
+    assert record.read_text() == "vacuum-journal\n"
+
+
+async def test_l1_failures_are_outcomes(tmp_path: Path) -> None:
+    failed = await L1Runner(["/bin/sh", "-c", "echo nope; exit 3", "{action}"]).run(
+        "reload-firewall"
+    )
+    assert (failed.result, failed.exit_status, failed.output) == ("failed", 3, "nope")
+    missing = await L1Runner([str(tmp_path / "absent"), "{action}"]).run("reload-firewall")
+    assert missing.result == "not-started"
+    slow = await L1Runner(["/bin/sh", "-c", "sleep 5; echo done", "{action}"], timeout=0.2).run(
+        "reload-firewall"
+    )
+    assert slow.result == "timed-out"
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "msp_agent", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"central_public_key": CENTRAL, "state_dir": str(tmp_path / "s")}))
+    cases = [
+        (["--config", str(tmp_path / "nope.json"), "status"], 2, "cannot read config file"),
+        (["--config", str(config), "audit", "verify"], 1, "no audit trail"),
+        (["--config", str(config), "enroll", "--token", "t"], 2, "central_url is not set"),
+        (["--config", str(config), "keys", "rotate"], 1, "not enrolled"),
+    ]
+    for argv, status, message in cases:
+        result = cli(*argv)
+        assert result.returncode == status, (argv, result.stderr)
+        assert message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_status_of_an_appliance_never_enrolled(tmp_path: Path) -> None:
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"central_public_key": CENTRAL, "state_dir": str(tmp_path / "s")}))
+    human = cli("--config", str(config), "status")
+    assert human.returncode == 0
+    assert "not enrolled" in human.stdout
+    machine = cli("--config", str(config), "status", "--json")
+    assert json.loads(machine.stdout) == {"running": False, "enrolled": False}
