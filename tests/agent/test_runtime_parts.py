@@ -274,11 +274,36 @@ def cli(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     config = tmp_path / "agent.json"
     config.write_text(json.dumps({"central_public_key": CENTRAL, "state_dir": str(tmp_path / "s")}))
+    served = tmp_path / "served.json"
+    served.write_text(
+        json.dumps(
+            {
+                "central_public_key": CENTRAL,
+                "central_url": "http://127.0.0.1:9",
+                "state_dir": str(tmp_path / "t"),
+            }
+        )
+    )
+    exposed = tmp_path / "exposed.json"
+    (tmp_path / "u" / "keys").mkdir(parents=True)
+    (tmp_path / "u" / "keys").chmod(0o755)
+    exposed.write_text(
+        json.dumps(
+            {
+                "central_public_key": CENTRAL,
+                "central_url": "http://127.0.0.1:9",
+                "state_dir": str(tmp_path / "u"),
+            }
+        )
+    )
     cases = [
         (["--config", str(tmp_path / "nope.json"), "status"], 2, "cannot read config file"),
         (["--config", str(config), "audit", "verify"], 1, "no audit trail"),
         (["--config", str(config), "enroll", "--token", "t"], 2, "central_url is not set"),
         (["--config", str(config), "keys", "rotate"], 1, "not enrolled"),
+        (["--config", str(config), "run"], 1, "central_url is not set"),
+        (["--config", str(served), "run"], 1, "this appliance is not enrolled"),
+        (["--config", str(exposed), "run"], 1, "is accessible to others"),
     ]
     for argv, status, message in cases:
         result = cli(*argv)

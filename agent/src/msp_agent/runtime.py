@@ -56,11 +56,12 @@ from msp_agent.config import AgentSettings, ConfigError
 from msp_agent.connectivity import Connectivity, LinkState
 from msp_agent.files import write_atomic
 from msp_agent.http_client import HttpCentralClient
-from msp_agent.keys import KEY_FILE, DelegatedSigningKey, KeyRevokedError
+from msp_agent.keys import KEY_FILE, DelegatedSigningKey, KeyFileError, KeyRevokedError
 from msp_agent.l1 import INTERNAL_ACTIONS, L1Runner
 from msp_agent.manager import LocalResilienceManager, Quotas
 from msp_agent.retry import retry_delay
 from msp_agent.sms import SMSAlerter, TwilioSettings
+from msp_agent.store import StoreError
 from msp_agent.systemd import Notifier
 from msp_protocol.delegation import check_revocations
 from msp_protocol.dsse import parse_envelope
@@ -188,9 +189,9 @@ class Agent:
         self.clock_skew: float | None = None
         self._last_results: dict[str, str] = {}
         self.unsupported: list[str] = []
+        self._revocations_etag: str | None = None
         self._sleepers: dict[str, Sleeper] = {}
         self._status_written: tuple[Any, float] | None = None
-        self._started = time.monotonic()
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -387,6 +388,9 @@ class Agent:
         attempt = 0
         while not self.stop.is_set():
             wait = self.settings.sync_interval_seconds
+            if self.signer.revoked:  # every request is signed: nothing to send
+                await sleeper.sleep(wait)
+                continue
             try:
                 report = await self.manager.trail.sync(self.client)
             except CentralUnavailable:
@@ -436,8 +440,11 @@ class Agent:
     async def _evidence_loop(self, sleeper: Sleeper) -> None:
         attempt = 0
         while not self.stop.is_set():
-            outcome = await self.manager.evidence.deliver(self.client)
             wait = self.settings.sync_interval_seconds
+            if self.signer.revoked:
+                await sleeper.sleep(wait)
+                continue
+            outcome = await self.manager.evidence.deliver(self.client)
             if outcome.stopped_by is not None:
                 wait = min(wait, retry_delay(attempt))
                 attempt += 1
@@ -479,7 +486,8 @@ class Agent:
 
     async def _bundles_loop(self, sleeper: Sleeper) -> None:
         while not self.stop.is_set():
-            await self.refresh_bundles()
+            if not self.signer.revoked:  # requests are signed: a revoked key asks nothing
+                await self.refresh_bundles()
             await sleeper.sleep(self.settings.bundle_refresh_seconds)
 
     async def refresh_bundles(self) -> None:
@@ -503,8 +511,8 @@ class Agent:
     async def refresh_revocations(self) -> None:
         path = self.settings.state_dir / BUNDLE_DIR / REVOCATIONS_FILE
         try:
-            fetched = await self.client.fetch_revocations(None)
-        except (CentralUnavailable, CentralRejected) as exc:
+            fetched = await self.client.fetch_revocations(self._revocations_etag)
+        except (CentralUnavailable, CentralRejected, KeyRevokedError) as exc:
             log.debug("revocations: %s", exc)
             return
         if fetched is None:
@@ -516,6 +524,7 @@ class Agent:
         revocations = result.unwrap()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, fetched.envelope.to_json(), mode=0o600)
+        self._revocations_etag = fetched.etag
         certificate = self.signer.certificate
         if certificate is None or self.signer.revoked:
             return
@@ -824,7 +833,8 @@ def run_service(settings: AgentSettings) -> int:
 
     try:
         asyncio.run(main())
-    except (EnrollmentError, ConfigError) as exc:
+    except (EnrollmentError, ConfigError, KeyFileError, StoreError) as exc:
+        # What an operator must fix: one line in the journal, exit status 1.
         log.error("%s", exc)
         return 1
     return 0
