@@ -227,3 +227,85 @@ async def test_no_server_is_unavailable_not_rejected(
         await HttpCentralClient(
             "http://127.0.0.1:1", session, signing_key=SigningKey.generate
         ).heartbeat({})
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "final"),
+    [
+        (403, "text/html", b"<h1>Blocked by the site's web filter</h1>", False),
+        (407, "text/plain", b"proxy authentication required", False),
+        (
+            401,
+            "application/problem+json",
+            b'{"type":"urn:msp:problem:stale-signature","title":"t","status":401,"detail":"too old"}',
+            False,
+        ),
+        (
+            401,
+            "application/problem+json",
+            b'{"type":"urn:msp:problem:future-signature","title":"t","status":401,"detail":"ahead"}',
+            False,
+        ),
+        (
+            422,
+            "application/problem+json",
+            b'{"type":"urn:msp:problem:bad-evidence","title":"t","status":422,"detail":"no"}',
+            True,
+        ),
+        (
+            403,
+            "application/problem+json",
+            b'{"type":"about:blank","title":"Forbidden","status":403}',
+            False,
+        ),
+    ],
+    ids=["web-filter", "proxy-auth", "clock-behind", "clock-ahead", "refused", "foreign-problem"],
+)
+async def test_only_the_servers_own_final_refusals_are_final(
+    session: aiohttp.ClientSession, status: int, content_type: str, body: bytes, final: bool
+) -> None:
+    """A refusal sets evidence and incidents aside for good, so only the
+    central server's own problem documents count, and not those a later
+    attempt may not get (a request dated outside its window)."""
+    from aiohttp import web
+
+    async def answer(_request: web.Request) -> web.Response:
+        return web.Response(
+            status=status, body=body, content_type=content_type.split(";", maxsplit=1)[0]
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        client = HttpCentralClient(
+            str(server.make_url("")).rstrip("/"),
+            session,
+            signing_key=lambda: ROOT,
+            appliance_id="appliance-1",
+        )
+        escalation = Escalation.model_validate(
+            {
+                "escalation_id": "inc-1",
+                "appliance_id": "appliance-1",
+                "site_id": "site-1",
+                "severity": "critical",
+                "title": "t",
+                "detail": {},
+                "created_at": utc_now(),
+            }
+        )
+        if final:
+            with pytest.raises(CentralRejected) as refused:
+                await client.escalate(escalation)
+            assert refused.value.code == "bad-evidence"
+            assert client.connectivity.state.value == "online"
+        else:
+            with pytest.raises(CentralUnavailable) as unavailable:
+                await client.escalate(escalation)
+            assert client.connectivity.state.value != "online"
+            if b"signature" in body:
+                assert unavailable.value.code in ("stale-signature", "future-signature")
+    finally:
+        await server.close()

@@ -114,21 +114,40 @@ def test_without_systemd_notifications_do_nothing(monkeypatch: pytest.MonkeyPatc
 
 
 def test_link_state_follows_outcomes_and_recovery_wakes_listeners() -> None:
-    woken: list[str] = []
-    link = Connectivity(monotonic=lambda: 100.0)
-    link.on_recovery(lambda: woken.append("queues"))
+    now = [100.0]
+    woken: list[float] = []
+    link = Connectivity(monotonic=lambda: now[0])
+    link.on_recovery(lambda: woken.append(now[0]))
     link.answered()
-    assert (link.state, woken) == (LinkState.ONLINE, ["queues"])
+    assert (link.state, woken) == (LinkState.ONLINE, [100.0])
     link.answered()
-    assert woken == ["queues"]  # only a change of state wakes
+    assert woken == [100.0]  # only a return wakes
     for attempt in range(1, OFFLINE_AFTER + 1):
+        now[0] += 10
         link.unavailable("timeout", server_answered=False)
         expected = LinkState.OFFLINE if attempt >= OFFLINE_AFTER else LinkState.DEGRADED
         assert link.state is expected
-    link.unavailable("HTTP 503", server_answered=True)
-    assert link.state is LinkState.DEGRADED
     link.answered()
-    assert (link.state, woken, link.failures) == (LinkState.ONLINE, ["queues", "queues"], 0)
+    assert (link.state, woken, link.failures) == (LinkState.ONLINE, [100.0, 130.0], 0)
+
+
+def test_a_failing_server_wakes_nobody_and_a_flapping_link_rarely() -> None:
+    now = [0.0]
+    woken: list[float] = []
+    link = Connectivity(monotonic=lambda: now[0])
+    link.on_recovery(lambda: woken.append(now[0]))
+    link.answered()
+    for _ in range(100):  # half the requests get a 503: the queues keep backing off
+        now[0] += 0.01
+        link.unavailable("HTTP 503", server_answered=True)
+        assert link.state is LinkState.DEGRADED
+        link.answered()
+    assert woken == [0.0]
+    for _ in range(100):  # half get no answer at all: at most one wake per 5 s
+        now[0] += 0.1
+        link.unavailable("timeout", server_answered=False)
+        link.answered()
+    assert len(woken) - 1 == 2  # 10 s of flapping
 
 
 # --- the check plan ----------------------------------------------------------------------------

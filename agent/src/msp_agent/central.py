@@ -31,7 +31,13 @@ class CentralError(Exception):
 
 
 class CentralUnavailable(CentralError):
-    """The central server could not be reached or did not decide."""
+    """The central server could not be reached or did not decide. ``code`` is
+    the problem type of a refusal that a later attempt may not get (a request
+    dated outside the server's window: this appliance's clock is off)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CentralRejected(CentralError):

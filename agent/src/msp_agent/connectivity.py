@@ -8,9 +8,12 @@ outcome here, and the state follows.
   last one or two requests got no answer at all.
 - ``offline``: :data:`OFFLINE_AFTER` requests in a row got no answer.
 
-When a request succeeds after any failure, every listener is called at once
-(:meth:`Connectivity.on_recovery`): the queues retry immediately instead of
-sleeping out their backoff.
+When a request gets an answer after requests got none (the link was down),
+every listener is called at once (:meth:`Connectivity.on_recovery`): the
+queues retry immediately instead of sleeping out their backoff. A server
+that answers but fails (5xx, 429) wakes nobody: its queues keep backing off,
+and however the link flaps, listeners are called at most once per
+:data:`MIN_WAKE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from enum import StrEnum
 log = logging.getLogger(__name__)
 
 OFFLINE_AFTER = 3
+MIN_WAKE_SECONDS = 5.0
 
 
 class LinkState(StrEnum):
@@ -39,6 +43,9 @@ class Connectivity:
         self.failures = 0
         self.last_error: str | None = None
         self.last_answer_at: float | None = None
+        # The last failure got no answer at all (the link, not the server).
+        self.unreachable = True
+        self._woken_at: float | None = None
         self._listeners: list[Callable[[], None]] = []
 
     def on_recovery(self, listener: Callable[[], None]) -> None:
@@ -46,11 +53,14 @@ class Connectivity:
 
     def answered(self) -> None:
         """A request got an answer the server meant (success or a refusal)."""
-        recovered = self.state is not LinkState.ONLINE
-        self.state, self.failures, self.last_error = LinkState.ONLINE, 0, None
-        self.last_answer_at = self._monotonic()
-        if recovered:
+        was_down = self.state is not LinkState.ONLINE and self.unreachable
+        if self.state is not LinkState.ONLINE:
             log.info("central server reachable: link online")
+        self.state, self.failures, self.last_error = LinkState.ONLINE, 0, None
+        self.unreachable = False
+        now = self.last_answer_at = self._monotonic()
+        if was_down and (self._woken_at is None or now - self._woken_at >= MIN_WAKE_SECONDS):
+            self._woken_at = now
             for listener in self._listeners:
                 listener()
 
@@ -59,6 +69,7 @@ class Connectivity:
         self.failures += 1
         self.last_error = error
         previous = self.state
+        self.unreachable = not server_answered
         if server_answered:
             self.last_answer_at = self._monotonic()
             self.state = LinkState.DEGRADED

@@ -38,6 +38,15 @@ from msp_protocol.sync import SyncRequest, SyncResponse
 # a dead one must not hold a sync loop for ever.
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=120, connect=15, sock_read=60)
 
+PROBLEM_PREFIX = "urn:msp:problem:"
+# Refusals a later attempt may not get: the request was dated outside the
+# server's window (this appliance's clock is off), or its nonce collided.
+# Treating them as final would set evidence and incidents aside for good.
+RETRYABLE_REFUSALS = frozenset(
+    {"stale-signature", "future-signature", "stale-request", "replayed-nonce"}
+)
+CLOCK_REFUSALS = frozenset({"stale-signature", "future-signature", "stale-request"})
+
 
 class HttpCentralClient:
     def __init__(
@@ -157,9 +166,21 @@ class HttpCentralClient:
             error = f"{method} {path}: HTTP {status}"
             self.connectivity.unavailable(error, server_answered=True)
             raise CentralUnavailable(error)
-        self.connectivity.answered()
         if status >= 400:
-            raise _rejected(status, payload)
+            rejection = _rejected(status, payload, answer_headers.get("Content-Type", ""))
+            if rejection is None:
+                # Not the central server's answer (a proxy, a captive portal,
+                # a filter): nothing was decided; never a reason to give up.
+                error = f"{method} {path}: HTTP {status} from something other than the server"
+                self.connectivity.unavailable(error, server_answered=False)
+                raise CentralUnavailable(error)
+            if rejection.code in RETRYABLE_REFUSALS:
+                error = f"{method} {path}: refused ({rejection.code}): {rejection.detail}"
+                self.connectivity.unavailable(error, server_answered=True)
+                raise CentralUnavailable(error, code=rejection.code)
+            self.connectivity.answered()
+            raise rejection
+        self.connectivity.answered()
         return status, answer_headers, payload
 
 
@@ -191,21 +212,21 @@ def _parse(model: type[ModelT], body: bytes) -> ModelT:
         raise CentralUnavailable(f"central server answered with a bad document: {exc}") from None
 
 
-def _rejected(status: int, payload: bytes) -> CentralRejected:
+def _rejected(status: int, payload: bytes, content_type: str) -> CentralRejected | None:
+    """The central server's refusal, or None when the answer is not one of
+    its problem documents (RFC 9457, ``type`` ``urn:msp:problem:<code>``)."""
+    if not content_type.startswith("application/problem+json"):
+        return None
     try:
         problem = json.loads(payload)
     except ValueError:
-        problem = None
-    if not isinstance(problem, dict):
-        return CentralRejected(status, f"http-{status}", payload[:200].decode(errors="replace"))
-    code = (
-        problem.get("code") or str(problem.get("type", "")).rsplit(":", 1)[-1] or f"http-{status}"
-    )
+        return None
+    if not isinstance(problem, dict) or not str(problem.get("type", "")).startswith(PROBLEM_PREFIX):
+        return None
+    code = str(problem["type"])[len(PROBLEM_PREFIX) :] or f"http-{status}"
     extra = {
         key: value
         for key, value in problem.items()
         if key not in ("type", "title", "status", "detail", "code", "instance")
     }
-    return CentralRejected(
-        status, str(code or f"http-{status}"), str(problem.get("detail", "")), extra
-    )
+    return CentralRejected(status, code, str(problem.get("detail", "")), extra)

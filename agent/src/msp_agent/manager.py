@@ -121,6 +121,10 @@ class LocalResilienceManager:
         await self.trail.close()
 
     async def _reconcile(self, sms: SMSAlerter | None) -> None:
+        if self.signer.revoked:
+            # Nothing can be recorded any more; what a crash left is kept
+            # as it is (the incidents still wait, and are texted).
+            return
         for store, quarantine in (
             ("urgent", self.urgent.quarantine),
             ("sms", sms and sms.quarantine),
@@ -249,6 +253,13 @@ class LocalResilienceManager:
         verified = self.signer.store_rotation_certificate(certificate)
         await self._record_rotation(verified.certificate.serial, next_key.key_id)
         self.signer.complete_rotation()
+        # A first commit under the new key records its certificate in the
+        # trail before anything (a sync's fresh checkpoint) is signed with it.
+        await self.trail.append(
+            "key.activated",
+            "agent",
+            {"key_id": next_key.key_id, "serial": verified.certificate.serial},
+        )
         return next_key.key_id
 
     async def _record_rotation(self, new_serial: str, new_key_id: str) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp
 
 from msp_agent import __version__
-from msp_agent.audit import AuditSyncRejected, LocalTruncationError
+from msp_agent.audit import AuditSyncRejected, AuditTrailError, LocalTruncationError
 from msp_agent.caches import (
     BundleCacheError,
     LocalFrameworkCache,
@@ -55,9 +55,9 @@ from msp_agent.checks import CHECKS, CheckContext, Observation, run_check
 from msp_agent.config import AgentSettings, ConfigError
 from msp_agent.connectivity import Connectivity, LinkState
 from msp_agent.files import write_atomic
-from msp_agent.http_client import HttpCentralClient
+from msp_agent.http_client import CLOCK_REFUSALS, HttpCentralClient
 from msp_agent.keys import KEY_FILE, DelegatedSigningKey, KeyFileError, KeyRevokedError
-from msp_agent.l1 import INTERNAL_ACTIONS, L1Runner
+from msp_agent.l1 import INTERNAL_ACTIONS, ActionNotAllowedError, L1Runner
 from msp_agent.manager import LocalResilienceManager, Quotas
 from msp_agent.retry import retry_delay
 from msp_agent.sms import SMSAlerter, TwilioSettings
@@ -72,6 +72,7 @@ from msp_protocol.keys import VerifyKey
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+CHECK_RESULTS_FILE = "check-results.json"
 REVOCATIONS_FILE = "revocations.json"
 ROTATE_REQUEST_FILE = "rotate-requested"
 BUNDLE_DIR = "bundles"
@@ -190,6 +191,7 @@ class Agent:
         self._last_results: dict[str, str] = {}
         self.unsupported: list[str] = []
         self._revocations_etag: str | None = None
+        self.sync_refused = False
         self._sleepers: dict[str, Sleeper] = {}
         self._status_written: tuple[Any, float] | None = None
 
@@ -245,8 +247,29 @@ class Agent:
         ping = self.notifier.watchdog_interval() or STATUS_SECONDS
         attempt = 0
         while not self.stop.is_set():
+            request = asyncio.ensure_future(
+                enroll(self.signer, self.client, token, audience=self.central_key.key_id)
+            )
+            stopper = asyncio.ensure_future(self.stop.wait())
             try:
-                await enroll(self.signer, self.client, token, audience=self.central_key.key_id)
+                # A request may take a while: the watchdog is fed meanwhile,
+                # and SIGTERM does not wait for it (a retry with the same
+                # token and key gets the same answer from the server).
+                while not request.done() and not self.stop.is_set():
+                    self.notifier.watchdog()
+                    await asyncio.wait(
+                        {request, stopper}, timeout=ping, return_when="FIRST_COMPLETED"
+                    )
+            finally:
+                stopper.cancel()
+                if not request.done():
+                    request.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await request
+            if request.cancelled():
+                return False
+            try:
+                request.result()
                 return True
             except CentralUnavailable as exc:
                 deadline = time.monotonic() + retry_delay(attempt)
@@ -309,6 +332,11 @@ class Agent:
             bundles, site_id=self.site_id, central_keys=keys, clock=self.clock
         )
         self.runner = L1Runner(settings.l1_command)
+        try:
+            stored = json.loads((settings.state_dir / CHECK_RESULTS_FILE).read_text())
+            self._last_results = {str(k): str(v) for k, v in dict(stored).items()}
+        except (OSError, ValueError, TypeError):
+            self._last_results = {}
 
     async def _close_state(self) -> None:
         await self.manager.close()
@@ -317,10 +345,15 @@ class Agent:
 
     async def _serve(self) -> None:
         trail = self.manager.trail
-        with contextlib.suppress(KeyRevokedError):
+        try:
             await trail.append(
                 "agent.started", "agent", {"version": __version__, "pid": os.getpid()}
             )
+        except (KeyRevokedError, AuditTrailError) as exc:
+            # Full or revoked: reported, and everything else keeps running
+            # (heartbeat, incidents, the SMS fallback).
+            log.error("cannot record the start in the audit trail: %s", exc)
+            self.problems["audit"] = str(exc)[:200]
         loops: list[tuple[str, Callable[[Sleeper], Awaitable[None]]]] = [
             ("audit-sync", self._audit_sync_loop),
             ("evidence", self._evidence_loop),
@@ -345,9 +378,11 @@ class Agent:
             self.site_id,
             trail.size,
         )
+        watchdog = asyncio.create_task(self._watchdog_loop(), name="watchdog")
         try:
             await self._status_loop()
         finally:
+            watchdog.cancel()
             self.notifier.stopping()
             self.stop.set()
             # Loops end at their next await of the stop event; one in the
@@ -386,10 +421,14 @@ class Agent:
 
     async def _audit_sync_loop(self, sleeper: Sleeper) -> None:
         attempt = 0
+        refused_until = 0.0
         while not self.stop.is_set():
             wait = self.settings.sync_interval_seconds
             if self.signer.revoked:  # every request is signed: nothing to send
                 await sleeper.sleep(wait)
+                continue
+            if time.monotonic() < refused_until:  # woken, but the verdict stands
+                await sleeper.sleep(refused_until - time.monotonic())
                 continue
             try:
                 report = await self.manager.trail.sync(self.client)
@@ -400,11 +439,14 @@ class Agent:
                 await self._report_sync_refusal(exc)
                 # Retrying will not change the verdict (each refusal is a
                 # security alert on the server): slowly, until a human acts.
-                wait = max(wait, REFUSED_RETRY_SECONDS)
+                refused_until = time.monotonic() + REFUSED_RETRY_SECONDS
+                self.sync_refused = True
+                wait = REFUSED_RETRY_SECONDS
             except KeyRevokedError:
                 wait = self.settings.sync_interval_seconds
             else:
                 attempt = 0
+                self.sync_refused = False
                 self.last_sync_at = self.clock()
                 self.problems.pop("audit-sync", None)
                 if report.batches:
@@ -453,12 +495,23 @@ class Agent:
             await sleeper.sleep(wait)
 
     async def _heartbeat_loop(self, sleeper: Sleeper) -> None:
+        failures = 0
         while not self.stop.is_set():
+            if self.signer.revoked:
+                await sleeper.sleep(self.settings.heartbeat_interval_seconds)
+                continue
             try:
                 answer = await self.client.heartbeat(await self._heartbeat_state())
-            except (CentralUnavailable, CentralRejected, KeyRevokedError) as exc:
+            except (CentralUnavailable, CentralRejected) as exc:
+                failures += 1
                 log.debug("heartbeat: %s", exc)
+                if isinstance(exc, CentralUnavailable) and exc.code in CLOCK_REFUSALS:
+                    self.problems["clock"] = (
+                        "the central server refuses this appliance's request times: "
+                        "its clock is off (check time synchronisation)"
+                    )
             else:
+                failures = 0
                 skew = answer.get("clock_skew_seconds")
                 if isinstance(skew, int | float):
                     self.clock_skew = float(skew)
@@ -470,8 +523,12 @@ class Agent:
                         self.problems.pop("clock", None)
             if self.connectivity.state is LinkState.ONLINE:
                 wait = self.settings.heartbeat_interval_seconds
-            else:
+            elif self.connectivity.unreachable:
+                # Nothing reaches the server: probing costs it nothing.
                 wait = OFFLINE_PROBE_SECONDS * random.uniform(0.5, 1.5)  # noqa: S311 - jitter
+            else:
+                # It answers but fails (overloaded, 5xx, 429): back off.
+                wait = max(1.0, retry_delay(failures))
             await sleeper.sleep(wait)
 
     async def _heartbeat_state(self) -> dict[str, Any]:
@@ -567,6 +624,13 @@ class Agent:
             log.info("device key rotated to %s", new_key)
             self.problems.pop("keys", None)
         elif self.signer.renewal_due():
+            if self.signer.expired() and not self.sync_refused:
+                head = await self.manager.trail.head()
+                if head.receipt_size < head.size:
+                    # Lapsed while offline: let what was signed meanwhile
+                    # reach the server first, so it is judged (and flagged)
+                    # under the certificate it was signed under.
+                    return
             await self.manager.renew_certificate(self.client, audience=audience)
             log.info("certificate renewed")
             self.problems.pop("keys", None)
@@ -584,6 +648,9 @@ class Agent:
                 await self.run_checks()
             except KeyRevokedError:
                 log.warning("checks not recorded: this appliance no longer signs")
+            except AuditTrailError as exc:
+                log.error("checks not recorded: %s", exc)
+                self.problems["checks"] = f"not recorded: {exc}"[:200]
             await sleeper.sleep(self.settings.check_interval_seconds)
 
     def _cached(self, cache: SignedBundleCache) -> dict[str, Any] | None:
@@ -682,6 +749,17 @@ class Agent:
                 return False
             await self.manager.log_l1_action(action, runbook=planned.runbook_id, result="succeeded")
             return True
+        try:
+            self.runner.argv(action)
+        except ActionNotAllowedError as exc:
+            await self.manager.log_l1_action(
+                action, runbook=planned.runbook_id, result="refused", detail={"error": str(exc)}
+            )
+            self.problems["l1"] = str(exc)[:200]
+            return False
+        # The intent is recorded before the action runs: one that is cut
+        # short (SIGTERM, kill -9, a crash) still left a trace.
+        await self.manager.log_l1_action(action, runbook=planned.runbook_id, result="started")
         outcome = await self.runner.run(action)
         await self.manager.log_l1_action(
             action, runbook=planned.runbook_id, result=outcome.result, detail=outcome.detail()
@@ -692,7 +770,15 @@ class Agent:
         """A check that starts failing (and stays failing after L1) is an
         incident, once per change, not once per round."""
         previous = self._last_results.get(planned.runbook_id)
-        self._last_results[planned.runbook_id] = observation.result
+        if previous != observation.result:
+            self._last_results[planned.runbook_id] = observation.result
+            # Kept on disk: a restart (an upgrade, the watchdog) must not
+            # raise, and text, the same failing check again.
+            write_atomic(
+                self.settings.state_dir / CHECK_RESULTS_FILE,
+                json.dumps(self._last_results, sort_keys=True).encode(),
+                mode=0o640,
+            )
         if observation.result != "fail" or previous == "fail":
             return
         await self.manager.escalate_to_cloud(
@@ -703,20 +789,28 @@ class Agent:
 
     # --- status -----------------------------------------------------------------------------
 
-    async def _status_loop(self) -> None:
-        interval = STATUS_SECONDS
-        watchdog = self.notifier.watchdog_interval()
-        if watchdog is not None:
-            interval = min(interval, watchdog)
+    async def _watchdog_loop(self) -> None:
+        """``WATCHDOG=1`` from the event loop itself, touching nothing that
+        can wait (no database): if the loop hangs, the pings stop and
+        systemd restarts the service; a long verify or sync does not."""
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
         while not self.stop.is_set():
-            # Fed from the main loop: if the event loop hangs, the pings stop
-            # and systemd restarts the service.
             self.notifier.watchdog()
-            self.notifier.status(self.status_line())
-            await self._refresh_counts()
-            self._write_status()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), interval)
+
+    async def _status_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                await self._refresh_counts()
+                self.notifier.status(self.status_line())
+                self._write_status()
+            except Exception:  # a report must never stop the service
+                log.exception("cannot refresh the status")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), STATUS_SECONDS)
 
     async def _refresh_counts(self) -> None:
         head = await self.manager.trail.head()

@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from msp_agent.central import CentralClient, CentralRejected, CentralUnavailable
+from msp_agent.keys import KeyRevokedError
 from msp_agent.retry import BASE_SECONDS, CAP_SECONDS, retry_delay
 from msp_agent.sms import SMSAlerter
 from msp_agent.store import Quarantine, SQLiteStore
@@ -188,7 +189,9 @@ class UrgentCloudRetry:
                 continue
             try:
                 await client.escalate(incident.escalation)
-            except CentralUnavailable as exc:
+            except (CentralUnavailable, KeyRevokedError) as exc:
+                # Revoked, this appliance cannot reach the cloud at all (every
+                # request is signed): the incident waits and is texted.
                 await self._reschedule(incident, str(exc))
                 result.unavailable = str(exc)
                 break  # the link is down: the others keep their own schedule

@@ -711,9 +711,9 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
         # certificate, or at a time (the appliance's clock) no certificate
         # of its key covered, such as offline between expiry and a renewal
         # that reached the server before this batch did.
-        signed_at = outcome.checkpoint.checkpoint.ts
+        signed_at, skew = outcome.checkpoint.checkpoint.ts, service.limits.clock_skew
         late = delegation.signed_after_expiry or not any(
-            start <= signed_at <= end for start, end in windows
+            start - skew <= signed_at <= end + skew for start, end in windows
         )
         if await _commit(service, caller, state, outcome, receipt, cert_row.serial, late, now):
             return json_response(SyncResponse(size=outcome.state.size, receipt=receipt))
