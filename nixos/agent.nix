@@ -207,6 +207,7 @@ in
               "info"
               "warning"
               "error"
+              "critical"
             ];
             default = "info";
             description = "How much the agent logs to the journal.";

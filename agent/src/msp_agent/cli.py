@@ -1,7 +1,7 @@
 """``msp-agent``: the appliance agent's service and its operator commands.
 
     msp-agent [--config FILE] run
-    msp-agent [--config FILE] enroll --server URL --token TOKEN
+    msp-agent [--config FILE] enroll [--server URL] --token-file FILE|- | --token TOKEN
     msp-agent [--config FILE] status [--json]
     msp-agent [--config FILE] audit verify
     msp-agent [--config FILE] audit export OUT
@@ -10,15 +10,21 @@
 
 Every failure is one line on stderr and a non-zero exit status: 1 when
 something does not verify or cannot be done, 2 for a usage error.
+
+Run the commands as the agent's user (``msp`` on NixOS): the key files must
+belong to whoever reads them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import pwd
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +37,13 @@ from msp_agent.central import CentralRejected, CentralUnavailable
 from msp_agent.config import AgentSettings, ConfigError, load_settings
 from msp_agent.export import ExportError, export_audit, verify_evidence_file
 from msp_agent.http_client import HttpCentralClient
-from msp_agent.keys import DelegatedSigningKey, KeyFileError, read_audit_row_key
+from msp_agent.keys import (
+    CERTIFICATE_FILE,
+    CertificateRejectedError,
+    DelegatedSigningKey,
+    KeyFileError,
+    read_audit_row_key,
+)
 from msp_agent.runtime import ROTATE_REQUEST_FILE, STATUS_FILE, enroll, run_service
 from msp_agent.store import connect
 from msp_protocol.encoding import utc_now
@@ -58,8 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     enroll_parser = commands.add_parser("enroll", help="enroll with a one-time token")
     enroll_parser.add_argument("--server", help="central server URL (default: central_url)")
     token = enroll_parser.add_mutually_exclusive_group(required=True)
-    token.add_argument("--token", help="the one-time enrollment token")
-    token.add_argument("--token-file", type=Path, help="a file holding the token")
+    token.add_argument(
+        "--token",
+        help="the one-time enrollment token (other users see it in ps: prefer --token-file)",
+    )
+    token.add_argument(
+        "--token-file", type=Path, help="a file holding the token, or - to read it from stdin"
+    )
     status = commands.add_parser("status", help="what the agent is doing")
     status.add_argument("--json", action="store_true", help="machine-readable")
     audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
@@ -105,11 +122,44 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"msp-agent: {exc}", file=sys.stderr)
         return exc.status
-    except (ConfigError, KeyFileError) as exc:
+    except ConfigError as exc:
         print(f"msp-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyFileError as exc:
+        print(f"msp-agent: {_key_file_problem(exc, args.command, settings)}", file=sys.stderr)
+        return EXIT_FAILED
+    except CertificateRejectedError as exc:
+        path = settings.key_dir / CERTIFICATE_FILE
+        print(
+            f"msp-agent: the stored certificate {path} is unusable ({exc}); "
+            "restore it from backup, or remove it and re-enroll the appliance",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def _key_file_problem(exc: KeyFileError, command: str, settings: AgentSettings) -> str:
+    """The key file's own message, except its ``fix: chown`` advice when an
+    operator command runs as another user than the service: handing the keys
+    to that user would stop the service from reading them."""
+    if command == "run" or "is owned by uid" not in str(exc):
+        return str(exc)
+    owner, example = "the owner of the state directory", ""
+    with contextlib.suppress(OSError):
+        uid = settings.state_dir.stat().st_uid
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            owner = f"uid {uid}, the owner of {settings.state_dir}"
+        else:
+            owner = f"{name}, the owner of {settings.state_dir}"
+            example = f" (runuser -u {name} -- msp-agent ...)"
+    return (
+        f"the key files in {settings.key_dir} are not yours (uid {os.geteuid()}): "
+        f"run this command as {owner}{example}, do not chown them"
+    )
 
 
 # --- enroll -------------------------------------------------------------------------------
@@ -117,15 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _enroll(args: argparse.Namespace, settings: AgentSettings) -> int:
     server = (args.server or settings.require_central_url()).rstrip("/")
-    if args.token_file is not None:
-        try:
-            token = args.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise CommandError(
-                f"cannot read {args.token_file}: {exc.strerror}", EXIT_USAGE
-            ) from None
-    else:
-        token = args.token.strip()
+    token = _token(args)
     central = settings.central_key()
     signer = DelegatedSigningKey.load_or_create(settings.key_dir, central_keys=[central])
     existing = signer.certificate
@@ -146,7 +188,7 @@ def _enroll(args: argparse.Namespace, settings: AgentSettings) -> int:
         raise CommandError(f"enrollment refused: {exc.detail or exc.code}") from None
     except CentralUnavailable as exc:
         raise CommandError(f"central server unavailable: {exc}") from None
-    except ProtocolError as exc:
+    except (ProtocolError, CertificateRejectedError) as exc:
         raise CommandError(f"the central server's certificate does not verify: {exc}") from None
     certificate = signer.certificate
     assert certificate is not None
@@ -158,6 +200,27 @@ def _enroll(args: argparse.Namespace, settings: AgentSettings) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> str:
+    """The token from ``--token``, ``--token-file FILE`` or ``--token-file -``
+    (stdin), which keeps it out of ``ps``."""
+    if args.token_file is None:
+        source, token = "--token", str(args.token)
+    else:
+        source = "stdin" if str(args.token_file) == "-" else str(args.token_file)
+        try:
+            if source == "stdin":
+                token = sys.stdin.read()
+            else:
+                token = args.token_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CommandError(f"cannot read {source}: {exc.strerror}", EXIT_USAGE) from None
+        except UnicodeDecodeError:
+            raise CommandError(f"{source} does not hold a token", EXIT_USAGE) from None
+    if not token.strip():
+        raise CommandError(f"no enrollment token: {source} is empty", EXIT_USAGE)
+    return token.strip()
+
+
 # --- status -------------------------------------------------------------------------------
 
 
@@ -167,12 +230,12 @@ def _status(args: argparse.Namespace, settings: AgentSettings) -> int:
         print(json.dumps(document, indent=2))
         return 0
     if not document.get("enrolled", True):
-        print("not enrolled: run `msp-agent enroll --server URL --token TOKEN`")
+        print("not enrolled: run `msp-agent enroll --token-file FILE`")
         return 0
     state = "running" if document.get("running") else "not running"
-    print(
-        f"agent: {state} (appliance {document.get('appliance_id')}, site {document.get('site_id')})"
-    )
+    if document.get("appliance_id"):
+        state += f" (appliance {document['appliance_id']}, site {document.get('site_id')})"
+    print(f"agent: {state}")
     link = document.get("link", "unknown")
     print(f"link: {link}" if document.get("running") else f"link: {link} when it last ran")
     if document.get("last_error") and document.get("link") != "online":
@@ -206,17 +269,37 @@ def read_status(settings: AgentSettings) -> dict[str, Any]:
     the files say (the agent is not running)."""
     path = settings.state_dir / STATUS_FILE
     try:
-        document: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise CommandError(_denied(path)) from None
     except (OSError, ValueError):
-        document = {}
+        loaded = {}
+    document: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
     if document.get("running") and not _alive(document.get("pid")):
         document["running"] = False
     if document:
         return document
-    certificate_path = settings.key_dir / "certificate.json"
-    if not certificate_path.exists():
+    if not _exists(settings.key_dir / CERTIFICATE_FILE):
         return {"running": False, "enrolled": False}
     return {"running": False, "enrolled": True, "link": "unknown"}
+
+
+def _denied(path: Path) -> str:
+    return f"cannot read {path}: permission denied; run as the agent's user or root"
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; one this user may not look at is a
+    :class:`CommandError`, never "absent"."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise CommandError(_denied(path.parent)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    return True
 
 
 def _alive(pid: Any) -> bool:
@@ -236,15 +319,18 @@ def _alive(pid: Any) -> bool:
 
 def _audit(args: argparse.Namespace, settings: AgentSettings) -> int:
     database = settings.state_dir / "audit.sqlite"
-    if not database.exists():
+    if not _exists(database):
         raise CommandError(f"no audit trail at {database}")
     if args.audit_command == "verify":
         row_key = read_audit_row_key(settings.key_dir)
-        connection = connect(database, readonly=True)
         try:
-            result = verify_database(connection, [settings.central_key()], utc_now(), row_key)
-        finally:
-            connection.close()
+            connection = connect(database, readonly=True)
+            try:
+                result = verify_database(connection, [settings.central_key()], utc_now(), row_key)
+            finally:
+                connection.close()
+        except sqlite3.Error as exc:
+            raise CommandError(f"cannot read {database}: {exc}") from None
         if not result.ok:
             raise CommandError(f"audit trail does NOT verify: {result.describe()}")
         print(result.describe())
@@ -272,8 +358,14 @@ def _evidence(args: argparse.Namespace, settings: AgentSettings) -> int:
 
 
 def _keys(_args: argparse.Namespace, settings: AgentSettings) -> int:
-    if not (settings.key_dir / "certificate.json").exists():
+    if not _exists(settings.key_dir / CERTIFICATE_FILE):
         raise CommandError("not enrolled: there is no key to rotate")
-    (settings.state_dir / ROTATE_REQUEST_FILE).write_bytes(b"")
+    request = settings.state_dir / ROTATE_REQUEST_FILE
+    try:
+        request.write_bytes(b"")
+    except OSError as exc:
+        raise CommandError(
+            f"cannot write {request}: {exc.strerror}; run as the agent's user"
+        ) from None
     print("key rotation requested: the running agent rotates at its next key check")
     return 0

@@ -16,7 +16,7 @@ import tomllib
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, ValidationError, field_validator
 from pydantic_settings import (
@@ -88,7 +88,7 @@ class AgentSettings(BaseSettings):
     # A device key older than this is replaced (rotated) at its next renewal.
     key_rotation_seconds: Annotated[float, Field(gt=0)] = 90 * 24 * 3600
 
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
     @field_validator("central_url")
     @classmethod
@@ -109,6 +109,11 @@ class AgentSettings(BaseSettings):
         except (ProtocolError, ValueError) as exc:
             raise ValueError(f"not an Ed25519 public key in hex: {exc}") from None
         return value.strip()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("l1_command")
     @classmethod

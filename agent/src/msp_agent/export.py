@@ -42,8 +42,12 @@ class ExportError(Exception):
 
 def _open(state_dir: Path) -> sqlite3.Connection:
     database = state_dir / "audit.sqlite"
-    if not database.exists():
-        raise ExportError(f"no audit trail at {database}")
+    try:
+        database.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ExportError(f"no audit trail at {database}") from None
+    except OSError as exc:
+        raise ExportError(f"cannot read {database}: {exc.strerror}") from None
     try:
         return connect(database, readonly=True)
     except sqlite3.Error as exc:
@@ -60,10 +64,20 @@ def export_audit(
     try:
         connection.execute("BEGIN")  # one snapshot of a log that keeps growing
         entries = [bytes(r[0]) for r in connection.execute("SELECT raw FROM entries ORDER BY idx")]
-        checkpoints = _envelopes(connection, "SELECT envelope FROM checkpoints ORDER BY size")
-        receipts = _envelopes(connection, "SELECT envelope FROM receipts ORDER BY size")
-        certificates = _envelopes(connection, "SELECT envelope FROM certificates ORDER BY rowid")
-        evidence = _envelopes(connection, "SELECT envelope FROM evidence ORDER BY log_index")
+        checkpoints = _envelopes(
+            connection, "checkpoint", "SELECT size, envelope FROM checkpoints ORDER BY size"
+        )
+        receipts = _envelopes(
+            connection, "receipt", "SELECT size, envelope FROM receipts ORDER BY size"
+        )
+        certificates = _envelopes(
+            connection, "certificate", "SELECT serial, envelope FROM certificates ORDER BY rowid"
+        )
+        evidence = _envelopes(
+            connection,
+            "evidence bundle",
+            "SELECT bundle_id, envelope FROM evidence ORDER BY log_index",
+        )
         connection.execute("COMMIT")
     except sqlite3.Error as exc:
         raise ExportError(f"cannot read the audit trail: {exc}") from None
@@ -77,29 +91,47 @@ def export_audit(
         raise ExportError(f"entry 0 is not this log's genesis: {exc}") from None
     revocations = load_revocations_file(state_dir)
     at = now or utc_now()
-    document = build_audit_export(
-        appliance_id=appliance_id.appliance_id,
-        entries=entries,
-        checkpoints=checkpoints,
-        certificates=certificates,
-        receipts=receipts,
-        revocations=None if revocations is None else parse_envelope(revocations),
-        evidence=evidence,
-        exported_at=at,
-    )
+    try:
+        document = build_audit_export(
+            appliance_id=appliance_id.appliance_id,
+            entries=entries,
+            checkpoints=checkpoints,
+            certificates=certificates,
+            receipts=receipts,
+            revocations=None if revocations is None else parse_envelope(revocations),
+            evidence=evidence,
+            exported_at=at,
+        )
+    except ProtocolError as exc:
+        raise ExportError(f"the audit trail is damaged, not exported: {exc}") from None
     checked = check_audit_export(document, [central_key], at=at)
     if not checked.ok:
         raise ExportError(f"the audit trail does not verify, not exported: {checked.describe()}")
     report = checked.unwrap()
-    write_atomic(out, document, mode=0o640)
+    if out.is_dir():
+        raise ExportError(f"cannot write {out}: it is a directory")
+    try:
+        write_atomic(out, document, mode=0o640)
+    except OSError as exc:
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
     return (
         f"exported {report.size} entries, {report.checkpoints} checkpoints, "
         f"witnessed up to {report.witnessed_size}, {report.evidence} evidence bundle(s) to {out}"
     )
 
 
-def _envelopes(connection: sqlite3.Connection, query: str) -> list[Envelope]:
-    return [parse_envelope(bytes(row[0])) for row in connection.execute(query)]
+def _envelopes(connection: sqlite3.Connection, what: str, query: str) -> list[Envelope]:
+    """The envelopes ``query`` selects (``key, envelope`` rows); a damaged one
+    is an :class:`ExportError` naming it."""
+    envelopes = []
+    for key, data in connection.execute(query):
+        try:
+            envelopes.append(parse_envelope(bytes(data)))
+        except ProtocolError as exc:
+            raise ExportError(
+                f"the audit trail is damaged, not exported: {what} {key}: {exc}"
+            ) from None
+    return envelopes
 
 
 def verify_evidence_file(state_dir: Path, path: Path, central_key: VerifyKey) -> str:
@@ -173,7 +205,7 @@ def verify_evidence_file(state_dir: Path, path: Path, central_key: VerifyKey) ->
             witnessed = f", witnessed by the central server in a log of {size}"
         else:
             witnessed = ", not yet witnessed by the central server"
-    except (sqlite3.Error, AuditTrailError) as exc:
+    except (sqlite3.Error, AuditTrailError, ProtocolError) as exc:
         raise ExportError(f"cannot read the audit trail: {exc}") from None
     finally:
         connection.close()

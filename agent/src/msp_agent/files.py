@@ -13,14 +13,19 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with_mode = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(with_mode, mode)  # the umask must not widen or narrow it
-        view = memoryview(data)
-        while view:
-            view = view[os.write(with_mode, view) :]
-        os.fsync(with_mode)
-    finally:
-        os.close(with_mode)
-    os.replace(temporary, path)
+        try:
+            os.fchmod(with_mode, mode)  # the umask must not widen or narrow it
+            view = memoryview(data)
+            while view:
+                view = view[os.write(with_mode, view) :]
+            os.fsync(with_mode)
+        finally:
+            os.close(with_mode)
+        os.replace(temporary, path)
+    except BaseException:
+        # A full disk or a failed rename leaves no stray temporary file.
+        temporary.unlink(missing_ok=True)
+        raise
     fsync_directory(path.parent)
 
 
