@@ -392,7 +392,10 @@ class Agent:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._refresh_counts()
+            try:
+                await self._refresh_counts()
+            except Exception:  # the last report is best effort; stopping is not
+                log.exception("cannot refresh the status while stopping")
             self._write_status(force=True, stopped=True)
 
     def _wake_all(self) -> None:
