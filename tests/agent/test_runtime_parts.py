@@ -18,6 +18,10 @@ import pytest
 from msp_agent.checks import (
     CheckContext,
     delegation_valid,
+    journal_size,
+    nix_generations,
+    os_update_age,
+    pending_reboot,
     ssh_password_login_disabled,
     state_disk_space,
 )
@@ -340,3 +344,71 @@ def test_status_of_an_appliance_never_enrolled(tmp_path: Path) -> None:
     assert "not enrolled" in human.stdout
     machine = cli("--config", str(config), "status", "--json")
     assert json.loads(machine.stdout) == {"running": False, "enrolled": False}
+
+
+# --- NixOS checks, on a tree of our own ------------------------------------------------------
+
+
+async def test_journal_size(tmp_path: Path) -> None:
+    journal = tmp_path / "var/log/journal/0123"
+    journal.mkdir(parents=True)
+    (journal / "system.journal").write_bytes(b"x" * 4000)
+    (journal / "user-1000.journal~").write_bytes(b"x" * 2000)
+    ok = await journal_size(context(tmp_path, root=tmp_path, journal_max_bytes=6000))
+    assert (ok.result, ok.observed["bytes"], ok.observed["files"]) == ("pass", 6000, 2)
+    assert (
+        await journal_size(context(tmp_path, root=tmp_path, journal_max_bytes=5999))
+    ).result == "fail"
+    assert (
+        await journal_size(context(tmp_path / "none", root=tmp_path / "none"))
+    ).result == "not_applicable"
+
+
+async def test_nix_generations(tmp_path: Path) -> None:
+    profiles = tmp_path / "nix/var/nix/profiles"
+    profiles.mkdir(parents=True)
+    for number in range(1, 13):
+        (profiles / f"system-{number}-link").symlink_to(f"/nix/store/{number}-nixos-system")
+    (profiles / "system").symlink_to("system-12-link")
+    (profiles / "per-user").mkdir()
+    many = await nix_generations(context(tmp_path, root=tmp_path))
+    assert (many.result, many.observed["generations"], many.observed["oldest"]) == ("fail", 12, 1)
+    assert (
+        await nix_generations(context(tmp_path, root=tmp_path, max_system_generations=12))
+    ).result == "pass"
+
+
+async def test_pending_reboot(tmp_path: Path) -> None:
+    for generation in ("gen-1", "gen-2"):
+        for part in ("kernel", "initrd", "kernel-modules", "systemd"):
+            (tmp_path / "store" / generation / part).mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/booted-system").symlink_to(tmp_path / "store/gen-1")
+    (tmp_path / "run/current-system").symlink_to(tmp_path / "store/gen-1")
+    assert (await pending_reboot(context(tmp_path, root=tmp_path))).result == "pass"
+    (tmp_path / "run/current-system").unlink()
+    (tmp_path / "run/current-system").symlink_to(tmp_path / "store/gen-2")
+    pending = await pending_reboot(context(tmp_path, root=tmp_path))
+    assert (pending.result, pending.observed["differ"]) == (
+        "fail",
+        ["kernel", "initrd", "kernel-modules", "systemd"],
+    )
+    assert (
+        await pending_reboot(context(tmp_path / "x", root=tmp_path / "x"))
+    ).result == "not_applicable"
+
+
+@pytest.mark.parametrize(
+    ("version", "result"),
+    [
+        ("26.05.20261101.0123abc (Yarara)", "pass"),
+        ("26.05.20261001.0123abc (Yarara)", "fail"),
+        ("26.05pre-git", "error"),
+    ],
+    ids=["recent", "old", "no-date"],
+)
+async def test_os_update_age(tmp_path: Path, version: str, result: str) -> None:
+    system = tmp_path / "run/current-system"
+    system.mkdir(parents=True)
+    (system / "nixos-version").write_text(version + "\n")
+    assert (await os_update_age(context(tmp_path, root=tmp_path))).result == result

@@ -7,18 +7,23 @@ runbook); the scheduler maps each to the controls of the site's frameworks.
 
 Checks run as the agent's unprivileged user: they read what any user may
 read (the kernel's clock state, file-system statistics, systemd's unit
-states over D-Bus, sshd's configuration) and change nothing.
+states over D-Bus, sshd's configuration, the journal's and the Nix
+profiles' directories, the booted and current NixOS systems) and change
+nothing. ``disk_health`` (SMART) needs privileges the agent does not have:
+it has no check yet, and the agent reports it as such.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
+import re
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,12 @@ class CheckContext:
     now: Callable[[], datetime]
     certificate_min_remaining: float
     systemctl: str = "systemctl"
+    # Limits of the full-tier checks.
+    journal_max_bytes: int = 600 * 1024 * 1024
+    max_system_generations: int = 10
+    max_os_age_days: int = 30
+    # Where the file system is (tests point it at a tree of their own).
+    root: Path = Path("/")
 
 
 Check = Callable[[CheckContext], Awaitable[Observation]]
@@ -276,6 +287,111 @@ async def delegation_valid(context: CheckContext) -> Observation:
     )
 
 
+# --- NixOS (the full coverage tier) -------------------------------------------------------------
+
+
+async def journal_size(context: CheckContext) -> Observation:
+    """The journal's files on disk (sizes only: reading a directory's entries
+    needs no access to the files themselves) against the limit."""
+    total, files = 0, 0
+    for directory in ("var/log/journal", "run/log/journal"):
+        base = context.root / directory
+        if not base.is_dir():
+            continue
+        try:
+            for path in base.rglob("*.journal*"):
+                with contextlib.suppress(OSError):  # rotated away meanwhile
+                    total += path.stat().st_size
+                    files += 1
+        except OSError as exc:
+            return Observation("error", {"error": exc.strerror or str(exc)})
+    if files == 0:
+        return Observation("not_applicable", {"journal_files": 0})
+    return Observation(
+        "pass" if total <= context.journal_max_bytes else "fail",
+        {"bytes": total, "files": files, "max_bytes": context.journal_max_bytes},
+    )
+
+
+_GENERATION = re.compile(r"^system-(\d+)-link$")
+
+
+async def nix_generations(context: CheckContext) -> Observation:
+    """Retained NixOS system generations (each keeps its closure in the
+    store) against the limit."""
+    profiles = context.root / "nix/var/nix/profiles"
+    if not profiles.is_dir():
+        return Observation("not_applicable", {"nixos": False})
+    try:
+        numbers = sorted(
+            int(match.group(1))
+            for entry in profiles.iterdir()
+            if (match := _GENERATION.match(entry.name))
+        )
+    except OSError as exc:
+        return Observation("error", {"error": exc.strerror or str(exc)})
+    return Observation(
+        "pass" if len(numbers) <= context.max_system_generations else "fail",
+        {
+            "generations": len(numbers),
+            "oldest": numbers[0] if numbers else None,
+            "newest": numbers[-1] if numbers else None,
+            "max_generations": context.max_system_generations,
+        },
+    )
+
+
+# What must match between the booted and the current system for installed
+# updates to be in effect.
+_BOOT_PARTS = ("kernel", "initrd", "kernel-modules", "systemd")
+
+
+async def pending_reboot(context: CheckContext) -> Observation:
+    booted, current = context.root / "run/booted-system", context.root / "run/current-system"
+    if not booted.exists() or not current.exists():
+        return Observation("not_applicable", {"nixos": False})
+    differ = [part for part in _BOOT_PARTS if _resolved(booted / part) != _resolved(current / part)]
+    return Observation("pass" if not differ else "fail", {"differ": differ})
+
+
+def _resolved(path: Path) -> str | None:
+    try:
+        return str(path.resolve(strict=True))
+    except OSError:
+        return None
+
+
+# nixos-version: "26.05.20261120.0123abc (Codename)"; the date is that of
+# the nixpkgs revision the system was built from.
+_VERSION_DATE = re.compile(r"\.(\d{8})\.")
+
+
+async def os_update_age(context: CheckContext) -> Observation:
+    version_file = context.root / "run/current-system/nixos-version"
+    try:
+        version = version_file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return Observation("not_applicable", {"nixos": False})
+    except OSError as exc:
+        return Observation("error", {"error": exc.strerror or str(exc)})
+    match = _VERSION_DATE.search(version)
+    if match is None:
+        return Observation("error", {"error": f"no revision date in {version[:80]!r}"})
+    try:
+        built = datetime.strptime(match.group(1), "%Y%m%d").replace(tzinfo=UTC)
+    except ValueError:
+        return Observation("error", {"error": f"bad revision date in {version[:80]!r}"})
+    age_days = (context.now() - built).days
+    return Observation(
+        "pass" if age_days <= context.max_os_age_days else "fail",
+        {
+            "nixos_version": version[:80],
+            "age_days": age_days,
+            "max_age_days": context.max_os_age_days,
+        },
+    )
+
+
 CHECKS: dict[str, Check] = {
     "time_sync": time_sync,
     "state_disk_space": state_disk_space,
@@ -284,6 +400,10 @@ CHECKS: dict[str, Check] = {
     "ssh_password_login_disabled": ssh_password_login_disabled,
     "audit_log_integrity": audit_log_integrity,
     "delegation_valid": delegation_valid,
+    "journal_size": journal_size,
+    "nix_generations": nix_generations,
+    "pending_reboot": pending_reboot,
+    "os_update_age": os_update_age,
 }
 
 

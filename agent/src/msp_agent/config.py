@@ -85,6 +85,12 @@ class AgentSettings(BaseSettings):
     # A certificate is "near expiry" (a failed delegation check) with less than
     # this fraction of its lifetime left.
     certificate_min_remaining: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # Full-tier checks: the journal on disk (the appliance profile's
+    # SystemMaxUse is 512 MiB; one file's worth of slack), retained system
+    # generations, and the age of the nixpkgs revision the system was built from.
+    journal_max_bytes: Annotated[int, Field(gt=0)] = 600 * 1024 * 1024
+    max_system_generations: Annotated[int, Field(ge=1)] = 10
+    max_os_age_days: Annotated[int, Field(ge=1)] = 30
     # A device key older than this is replaced (rotated) at its next renewal.
     key_rotation_seconds: Annotated[float, Field(gt=0)] = 90 * 24 * 3600
 

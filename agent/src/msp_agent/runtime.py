@@ -417,7 +417,9 @@ class Agent:
                 raise
             except Exception:
                 log.exception("%s loop failed; restarting it", name)
-                self.problems[name] = "loop failed (see the journal)"
+                self.problems[name] = (
+                    f"loop failed at {format_time(self.clock())} and was restarted (see the journal)"
+                )
                 await sleeper.sleep(self.settings.sync_interval_seconds)
 
     # --- the loops --------------------------------------------------------------------------
@@ -711,6 +713,9 @@ class Agent:
             certificate=certificate,
             now=self.clock,
             certificate_min_remaining=self.settings.certificate_min_remaining,
+            journal_max_bytes=self.settings.journal_max_bytes,
+            max_system_generations=self.settings.max_system_generations,
+            max_os_age_days=self.settings.max_os_age_days,
         )
 
     async def _record_check(
