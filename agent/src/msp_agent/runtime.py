@@ -417,9 +417,8 @@ class Agent:
                 raise
             except Exception:
                 log.exception("%s loop failed; restarting it", name)
-                self.problems[name] = (
-                    f"loop failed at {format_time(self.clock())} and was restarted (see the journal)"
-                )
+                when = format_time(self.clock())
+                self.problems[name] = f"loop failed at {when}, restarted (see the journal)"
                 await sleeper.sleep(self.settings.sync_interval_seconds)
 
     # --- the loops --------------------------------------------------------------------------
