@@ -116,6 +116,37 @@ def test_export_of_a_damaged_envelope_is_one_line(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_a_tampered_trail_is_exported_and_fails_verification(tmp_path: Path) -> None:
+    """What does not verify is exactly what an auditor must see: written,
+    and the command (like msp-verify on the file) says it does not verify."""
+    audit_trail(tmp_path / "state")
+    with sqlite3.connect(tmp_path / "state" / "audit.sqlite") as database:
+        (raw,) = database.execute("SELECT raw FROM entries WHERE idx = 2").fetchone()
+        database.execute(
+            "UPDATE entries SET raw = ? WHERE idx = 2", (bytes(raw).replace(b'"n":1', b'"n":7'),)
+        )
+    database.close()
+    config = config_file(tmp_path, TRAIL_ROOT.verify_key.hex)
+    out = tmp_path / "out.json"
+    fails(cli("--config", str(config), "audit", "export", str(out)), 1, "but it does NOT verify")
+    assert out.exists()
+    verdict = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "msp_protocol.verify_cli",
+            "--central-key",
+            TRAIL_ROOT.verify_key.hex,
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert verdict.returncode == 1, verdict.stdout + verdict.stderr
+
+
 # --- 2. a damaged stored certificate ----------------------------------------------------------
 
 

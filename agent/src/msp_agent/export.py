@@ -58,8 +58,9 @@ def export_audit(
     state_dir: Path, out: Path, *, central_key: VerifyKey, now: datetime | None = None
 ) -> str:
     """Write the audit export to ``out`` and return a one-line summary. The
-    export is verified with the protocol's own verifier before it is written,
-    so an auditor never receives a file the appliance knew to be bad."""
+    export is checked with the protocol's own verifier (what ``msp-verify``
+    runs); one that does not verify is written all the same and raises
+    :class:`ExportError` naming why, so the command exits non-zero."""
     connection = _open(state_dir)
     try:
         connection.execute("BEGIN")  # one snapshot of a log that keeps growing
@@ -105,15 +106,17 @@ def export_audit(
     except ProtocolError as exc:
         raise ExportError(f"the audit trail is damaged, not exported: {exc}") from None
     checked = check_audit_export(document, [central_key], at=at)
-    if not checked.ok:
-        raise ExportError(f"the audit trail does not verify, not exported: {checked.describe()}")
-    report = checked.unwrap()
     if out.is_dir():
         raise ExportError(f"cannot write {out}: it is a directory")
     try:
         write_atomic(out, document, mode=0o640)
     except OSError as exc:
         raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
+    if not checked.ok:
+        # Written all the same: a log that does not verify (tampered, signed
+        # past a revocation) is exactly what an auditor must be able to see.
+        raise ExportError(f"exported to {out}, but it does NOT verify: {checked.describe()}")
+    report = checked.unwrap()
     return (
         f"exported {report.size} entries, {report.checkpoints} checkpoints, "
         f"witnessed up to {report.witnessed_size}, {report.evidence} evidence bundle(s) to {out}"
