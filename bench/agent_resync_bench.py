@@ -27,40 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-
 # The system tests' process harness: the same way of starting each process.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msp_agent.audit import OfflineAuditTrail
-from msp_agent.http_client import HttpCentralClient
-from msp_agent.keys import DelegatedSigningKey
-from msp_protocol.keys import VerifyKey
-from tests.system.harness import Agent, Central, wait_for
-
-
-async def direct_sync(agent: Agent, url: str) -> float:
-    keys = [VerifyKey.from_hex(agent.central.public_key)]
-    signer = DelegatedSigningKey.load_or_create(agent.state_dir / "keys", central_keys=keys)
-    assert signer.certificate is not None
-    appliance = signer.certificate.certificate.appliance_id
-    trail = await OfflineAuditTrail.open(
-        agent.state_dir / "audit.sqlite",
-        appliance_id=appliance,
-        signer=signer,
-        central_keys=keys,
-        row_key=signer.audit_row_key(),
-    )
-    try:
-        async with aiohttp.ClientSession() as session:
-            client = HttpCentralClient(
-                url, session, signing_key=signer.signing_key, appliance_id=appliance
-            )
-            started = time.perf_counter()
-            await trail.sync(client)
-            return time.perf_counter() - started
-    finally:
-        await trail.close()
+from tests.system.harness import Agent, Central, sync_with_library, wait_for
 
 
 async def main(entries: int) -> None:
@@ -104,7 +74,7 @@ async def main(entries: int) -> None:
             agent.service.terminate()
 
             other, other_size = agents[1]
-            direct = await direct_sync(other, central.url)
+            direct = await sync_with_library(other.state_dir, central.public_key, central.url)
         finally:
             central.server.terminate()
     print(f"resync_seconds={resync:.2f} s")

@@ -328,26 +328,35 @@ class Agent:
         assert not self.service.running
         shutil.copytree(self.state_dir, copy)
         (copy / "keys" / "revoked").unlink()
-        central_keys = [VerifyKey.from_hex(self.central.public_key)]
-        key = SigningKey((copy / "keys" / "device.key").read_bytes())
-        signer = DelegatedSigningKey.load_or_create(copy / "keys", central_keys=central_keys)
-        assert signer.certificate is not None
-        appliance = signer.certificate.certificate.appliance_id
-        trail = await OfflineAuditTrail.open(
-            copy / "audit.sqlite",
-            appliance_id=appliance,
-            signer=signer,
-            central_keys=central_keys,
-            row_key=signer.audit_row_key(),
-        )
-        try:
-            async with aiohttp.ClientSession() as session:
-                client = HttpCentralClient(
-                    url, session, signing_key=lambda: key, appliance_id=appliance
-                )
-                await trail.sync(client)
-        finally:
-            await trail.close()
+        await sync_with_library(copy, self.central.public_key, url)
+
+
+async def sync_with_library(state_dir: Path, central_public_key: str, url: str) -> float:
+    """Sync the audit trail in ``state_dir`` to ``url`` from this process
+    with the agent's own library and device key (no agent process); returns
+    the seconds the sync took. Raises what ``OfflineAuditTrail.sync`` raises."""
+    central_keys = [VerifyKey.from_hex(central_public_key)]
+    key = SigningKey((state_dir / "keys" / "device.key").read_bytes())
+    signer = DelegatedSigningKey.load_or_create(state_dir / "keys", central_keys=central_keys)
+    assert signer.certificate is not None
+    appliance = signer.certificate.certificate.appliance_id
+    trail = await OfflineAuditTrail.open(
+        state_dir / "audit.sqlite",
+        appliance_id=appliance,
+        signer=signer,
+        central_keys=central_keys,
+        row_key=signer.audit_row_key(),
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = HttpCentralClient(
+                url, session, signing_key=lambda: key, appliance_id=appliance
+            )
+            started = time.perf_counter()
+            await trail.sync(client)
+            return time.perf_counter() - started
+    finally:
+        await trail.close()
 
 
 def start_proxy(upstream_port: int) -> ProxyProcess:

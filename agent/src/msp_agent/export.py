@@ -99,7 +99,7 @@ def export_audit(
             checkpoints=checkpoints,
             certificates=certificates,
             receipts=receipts,
-            revocations=None if revocations is None else parse_envelope(revocations),
+            revocations=revocations,
             evidence=evidence,
             exported_at=at,
         )

@@ -64,7 +64,7 @@ from msp_agent.sms import SMSAlerter, TwilioSettings
 from msp_agent.store import StoreError
 from msp_agent.systemd import Notifier
 from msp_protocol.delegation import check_revocations
-from msp_protocol.dsse import parse_envelope
+from msp_protocol.dsse import Envelope, parse_envelope
 from msp_protocol.encoding import format_time, utc_now
 from msp_protocol.errors import ProtocolError
 from msp_protocol.keys import VerifyKey
@@ -191,6 +191,8 @@ class Agent:
         self._last_results: dict[str, str] = {}
         self.unsupported: list[str] = []
         self._revocations_etag: str | None = None
+        # The stores' sizes and queue depths as last read (status, heartbeat).
+        self._counts: dict[str, int] = {}
         self.sync_refused = False
         self._sleepers: dict[str, Sleeper] = {}
         self._status_written: tuple[Any, float] | None = None
@@ -536,12 +538,12 @@ class Agent:
             await sleeper.sleep(wait)
 
     async def _heartbeat_state(self) -> dict[str, Any]:
-        evidence = await self.manager.evidence.stats()
-        urgent = await self.manager.urgent.counts()
+        await self._refresh_counts()
+        counts = self._counts
         return {
             "version": __version__,
-            "log_size": self.manager.trail.size,
-            "queues": {"evidence": evidence.queued, "urgent": urgent["waiting"]},
+            "log_size": counts["log_size"],
+            "queues": {"evidence": counts["evidence_queued"], "urgent": counts["urgent_waiting"]},
             "clock": format_time(self.clock()),
         }
 
@@ -833,7 +835,7 @@ class Agent:
         }
 
     def status_line(self) -> str:
-        counts = getattr(self, "_counts", None) or {"log_size": self.manager.trail.size}
+        counts = self._counts or {"log_size": self.manager.trail.size}
         parts = [
             "revoked" if self.signer.revoked else self.connectivity.state.value,
             f"log {counts['log_size']}",
@@ -866,7 +868,7 @@ class Agent:
                 "revoked": self.signer.revoked,
                 "expired": self.signer.expired(),
             },
-            **(getattr(self, "_counts", None) or {}),
+            **self._counts,
             "last_sync_at": _time_or_none(self.last_sync_at),
             "last_check_at": _time_or_none(self.last_check_at),
             "runbooks_without_check": self.unsupported,
@@ -912,14 +914,13 @@ async def enroll(
     signer.install_certificate(certificate)
 
 
-def load_revocations_file(state_dir: Path) -> bytes | None:
+def load_revocations_file(state_dir: Path) -> Envelope | None:
+    """The last revocation list the agent stored, if any is readable."""
     path = state_dir / BUNDLE_DIR / REVOCATIONS_FILE
     try:
-        data = path.read_bytes()
-        parse_envelope(data)
+        return parse_envelope(path.read_bytes())
     except (OSError, ProtocolError):
         return None
-    return data
 
 
 def run_service(settings: AgentSettings) -> int:
