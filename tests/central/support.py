@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from msp_central.queries import create_api_key, create_partner, create_site
 from msp_protocol.delegation import DelegationCertificate, Scope, make_delegation_request
 from msp_protocol.dsse import Envelope
 from msp_protocol.encoding import utc_now
+from msp_protocol.evidence import EvidenceBundle, evidence_entry_data, sign_evidence
 from msp_protocol.httpsig import sign_request
 from msp_protocol.keys import SigningKey
 from msp_protocol.log import EntryRecord, genesis_entry, make_checkpoint, make_entry
@@ -217,6 +219,44 @@ class ApplianceClient:
             checkpoint=make_checkpoint(
                 signer or self.key, appliance_id=self.appliance_id, state=state, ts=self.clock()
             ),
+        )
+
+    def sign_bundle(
+        self,
+        *,
+        key: SigningKey | None = None,
+        bundle_id: str | None = None,
+        site_id: str | None = None,
+        check_id: str = "time_sync",
+        controls: dict[str, tuple[str, ...]] | None = None,
+        result: str = "pass",
+        observed: dict[str, Any] | None = None,
+    ) -> Envelope:
+        """A signed evidence bundle, recorded as the next entry of the log."""
+        index = len(self.records)
+        bundle = EvidenceBundle(
+            bundle_id=bundle_id or f"ev-{uuid.uuid4().hex}",
+            site_id=site_id or self.site_id,
+            appliance_id=self.appliance_id,
+            check_id=check_id,
+            controls=controls or {"hipaa": ("164.312(b)",), "pci_dss": ("10.6.1",)},
+            result=result,  # type: ignore[arg-type]
+            observed=observed if observed is not None else {"offset_ms": 3},
+            collected_at=self.clock(),
+            log_index=index,
+        )
+        envelope = sign_evidence(key or self.key, bundle)
+        self.records.append(
+            make_entry(
+                index, self.clock(), "evidence.signed", "agent", evidence_entry_data(envelope)
+            )
+        )
+        return envelope
+
+    async def push(self, envelope: Envelope) -> Reply:
+        """Send one evidence bundle."""
+        return await self.request(
+            "POST", f"/api/v1/appliances/{self.appliance_id}/evidence", envelope
         )
 
     async def sync(self, request: SyncRequest, **kwargs: Any) -> Reply:

@@ -19,9 +19,8 @@ from msp_protocol.delegation import (
     verify_revocations,
 )
 from msp_protocol.dsse import Envelope
-from msp_protocol.evidence import EvidenceBundle, evidence_entry_data, sign_evidence
+from msp_protocol.evidence import EvidenceBundle, sign_evidence
 from msp_protocol.keys import SigningKey
-from msp_protocol.log import make_entry
 from tests.central.support import ApplianceClient, Harness, KeyClient, call, dumps
 
 
@@ -342,25 +341,7 @@ async def test_config_bundles_etag_and_versions(harness: Harness) -> None:
 def evidence_for(
     appliance: ApplianceClient, *, key: SigningKey | None = None, **changes: Any
 ) -> Envelope:
-    index = len(appliance.records)
-    bundle = EvidenceBundle(
-        bundle_id=changes.pop("bundle_id", f"ev-{uuid.uuid4().hex}"),
-        site_id=changes.pop("site_id", appliance.site_id),
-        appliance_id=appliance.appliance_id,
-        check_id="time_sync",
-        controls={"hipaa": ("164.312(b)",), "pci_dss": ("10.6.1",)},
-        result=changes.pop("result", "pass"),
-        observed={"offset_ms": 3},
-        collected_at=appliance.clock(),
-        log_index=index,
-    )
-    envelope = sign_evidence(key or appliance.key, bundle)
-    appliance.records.append(
-        make_entry(
-            index, appliance.clock(), "evidence.signed", "agent", evidence_entry_data(envelope)
-        )
-    )
-    return envelope
+    return appliance.sign_bundle(key=key, **changes)
 
 
 async def test_evidence_is_verified_stored_once_and_checked_against_the_log(

@@ -141,6 +141,9 @@ ROWS = [
     row("POST", "/api/v1/sites/{site_id}/enrollment-tokens",           MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  CREATED),
     row("GET",  "/api/v1/sites/{site_id}/appliances",                  MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/evidence",                    MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/posture",                     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/posture/trend",               MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/posture",                                     MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("POST", "/api/v1/certificates/{serial}/revoke",                MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/escalations",                                 MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("POST", "/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge",     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
@@ -436,6 +439,20 @@ def _check_evidence(w: World, body: Any) -> None:
     assert _ids(body, "bundle_id") == {w.bundle_id}
 
 
+def _check_site_posture(w: World, body: Any) -> None:
+    assert body["site_id"] == w.site
+    assert w.foreign_bundle_id not in json.dumps(body)
+
+
+def _check_trend(w: World, body: Any) -> None:
+    assert (body["site_id"], len(body["days"])) == (w.site, 90)
+
+
+def _check_partner_posture(w: World, body: Any) -> None:
+    assert {w.site, w.other_site} <= _ids(body["sites"], "site_id")  # the walk adds sites
+    assert w.foreign_site not in json.dumps(body)
+
+
 def _check_revoke(w: World, body: Any) -> None:
     assert (body["serial"], body["appliance_id"]) == (w.target.serial, w.target.appliance_id)
 
@@ -506,6 +523,9 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "POST /api/v1/sites/{site_id}/enrollment-tokens": _check_token,
     "GET /api/v1/sites/{site_id}/appliances": _check_appliances,
     "GET /api/v1/sites/{site_id}/evidence": _check_evidence,
+    "GET /api/v1/sites/{site_id}/posture": _check_site_posture,
+    "GET /api/v1/sites/{site_id}/posture/trend": _check_trend,
+    "GET /api/v1/posture": _check_partner_posture,
     "POST /api/v1/certificates/{serial}/revoke": _check_revoke,
     "GET /api/v1/escalations": _check_escalations,
     "POST /api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge": _check_acknowledged,

@@ -238,6 +238,109 @@ class EvidenceOut(Body):
     received_at: datetime
 
 
+# --- compliance posture -----------------------------------------------------------------
+
+PostureState = Literal["passing", "failing", "error", "stale", "manual", "not_applicable"]
+
+
+class PostureEvidenceOut(Body):
+    """The signed bundle a control's state rests on."""
+
+    bundle_id: str
+    appliance_id: str
+    check_id: str
+    result: str
+    collected_at: datetime
+    log_index: int
+    signed_after_expiry: bool
+    in_log: bool | None
+    # What the check observed to fail (``observed.reason``), when it said.
+    reason: str | None
+
+
+class StateCounts(Body):
+    passing: int
+    failing: int
+    error: int
+    stale: int
+    manual: int
+    not_applicable: int
+
+
+class ControlPostureOut(Body):
+    control_id: str
+    title: str
+    # True: a check of the site's tier gives evidence for it; false: manual.
+    automated: bool
+    state: PostureState
+    evidence: PostureEvidenceOut | None
+    # How many (appliance, check) pairs gave evidence for it.
+    checks: int
+
+
+class FrameworkScoreOut(Body):
+    framework_id: str
+    name: str
+    # Passing among the controls evidence decides, in percent (null: none).
+    score: int | None
+    counts: StateCounts
+
+
+class FrameworkPostureOut(FrameworkScoreOut):
+    controls: list[ControlPostureOut]
+
+
+class SitePostureOut(Body):
+    site_id: str
+    name: str
+    evaluated_at: datetime
+    frameworks: list[FrameworkPostureOut]
+
+
+class SiteScoresOut(Body):
+    site_id: str
+    name: str
+    frameworks: list[FrameworkScoreOut]
+
+
+class FrameworkRollupOut(FrameworkScoreOut):
+    site_count: int
+
+
+class SiteStateOut(Body):
+    site_id: str
+    name: str
+    evidence: PostureEvidenceOut | None
+
+
+class FailingControlOut(Body):
+    framework_id: str
+    control_id: str
+    title: str
+    site_count: int
+    sites: list[SiteStateOut]
+
+
+class PartnerPostureOut(Body):
+    evaluated_at: datetime
+    sites: list[SiteScoresOut]
+    # Per framework across the sites that use it: counts summed, score over the sum.
+    frameworks: list[FrameworkRollupOut]
+    # Failing controls across all sites, the most widely failing first.
+    failing_controls: list[FailingControlOut]
+
+
+class TrendPointOut(Body):
+    date: str  # the UTC day, YYYY-MM-DD
+    at: datetime  # the instant evaluated: the day's end, or now for today
+    frameworks: list[FrameworkScoreOut]
+
+
+class PostureTrendOut(Body):
+    site_id: str
+    days: list[TrendPointOut]
+
+
 # --- the appliance API ------------------------------------------------------------------
 
 
@@ -268,6 +371,9 @@ class HeartbeatIn(Body):
         Field(max_length=16),
     ]
     clock: Timestamp
+    # How often the appliance runs its checks: posture calls its evidence
+    # stale after a few missed rounds. Absent from older agents.
+    check_interval_seconds: Annotated[StrictInt, Field(ge=1, le=7 * 24 * 3600)] | None = None
 
 
 class HeartbeatOut(Body):

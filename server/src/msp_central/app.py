@@ -23,6 +23,7 @@ from msp_central.problems import Problem, problem_response
 from msp_central.routes.appliances import routes as appliance_routes
 from msp_central.routes.catalogue import routes as catalogue_routes
 from msp_central.routes.partners import routes as partner_routes
+from msp_central.routes.posture import routes as posture_routes
 from msp_protocol.encoding import utc_now
 from msp_protocol.errors import ProtocolError
 from msp_protocol.keys import SigningKey
@@ -104,7 +105,13 @@ def create_app(
             await dispose(engine)
 
     app.cleanup_ctx.append(lifecycle)
-    for table in (catalogue_routes, partner_routes, appliance_routes, openapi_routes):
+    for table in (
+        catalogue_routes,
+        partner_routes,
+        posture_routes,
+        appliance_routes,
+        openapi_routes,
+    ):
         app.add_routes(table)
     return app
 

@@ -52,6 +52,9 @@ OPERATIONS: list[
     ("post", "/api/v1/sites/{site_id}/enrollment-tokens", "A one-time enrollment token", PARTNER, m.TokenCreate, {201: m.TokenOut}),
     ("get", "/api/v1/sites/{site_id}/appliances", "A site's appliances and their state", PARTNER, None, {200: list[m.ApplianceOut]}),
     ("get", "/api/v1/sites/{site_id}/evidence", "A site's evidence bundles", PARTNER, None, {200: list[m.EvidenceOut]}),
+    ("get", "/api/v1/sites/{site_id}/posture", "A site's compliance posture, control by control, with the evidence behind each state", PARTNER, None, {200: m.SitePostureOut}),
+    ("get", "/api/v1/sites/{site_id}/posture/trend", "A site's posture at the end of each day", PARTNER, None, {200: m.PostureTrendOut}),
+    ("get", "/api/v1/posture", "Posture across the partner's sites: scores, per-framework roll-ups, the most widely failing controls", PARTNER, None, {200: m.PartnerPostureOut}),
     ("post", "/api/v1/certificates/{serial}/revoke", "Revoke an appliance certificate", PARTNER, m.RevokeIn, {200: m.RevokeOut}),
     ("get", "/api/v1/escalations", "The partner's escalations", PARTNER, None, {200: list[m.EscalationOut]}),
     ("post", "/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge", "Acknowledge an escalation", PARTNER, None, {200: m.EscalationOut}),
@@ -69,6 +72,14 @@ OPERATIONS: list[
 
 REF = "#/components/schemas/{model}"
 
+_FRAMEWORK_FILTER: dict[str, Any] = {
+    "name": "framework",
+    "in": "query",
+    "required": False,
+    "description": "only this framework (one the site uses)",
+    "schema": {"type": "string"},
+}
+
 QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("get", "/api/v1/escalations"): [
         {
@@ -78,7 +89,18 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "description": "true: only escalations not acknowledged yet",
             "schema": {"type": "string", "enum": ["true", "false"]},
         }
-    ]
+    ],
+    ("get", "/api/v1/sites/{site_id}/posture"): [_FRAMEWORK_FILTER],
+    ("get", "/api/v1/sites/{site_id}/posture/trend"): [
+        _FRAMEWORK_FILTER,
+        {
+            "name": "days",
+            "in": "query",
+            "required": False,
+            "description": "how many days back, today included (default and most: 90)",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 90},
+        },
+    ],
 }
 
 

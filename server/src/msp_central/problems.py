@@ -27,6 +27,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "malformed-json": (400, "The request body is not valid JSON"),
     "malformed-encoding": (400, "A value is not in its canonical encoding"),
     "malformed-document": (400, "The request body is not a valid document"),
+    "malformed-query": (400, "A query parameter is not valid"),
     "body-too-large": (413, "The request body is too large"),
     "unsupported-media-type": (415, "The request body must be application/json"),
     "not-found": (404, "No such resource"),

@@ -403,7 +403,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         await connection.execute(
             sa.update(appliances)
             .where(appliances.c.id == caller.appliance_id)
-            .values(last_seen_at=now, heartbeat=beat.model_dump(mode="json"))
+            .values(last_seen_at=now, heartbeat=beat.model_dump(mode="json", exclude_none=True))
         )
         witnessed = (
             await connection.execute(

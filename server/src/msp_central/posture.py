@@ -1,0 +1,425 @@
+"""Compliance posture: per site, framework and control, the state that the
+latest signed evidence shows, derived from the stored evidence only.
+
+The rule, for one control of one framework at a site, at a time ``at``:
+
+- every (appliance, check) pair keeps only its newest bundle collected at or
+  before ``at`` whose signed ``controls`` list this control (an appliance's
+  bundle says which controls it gives evidence for: what was signed is what
+  counts); revoked appliances count only up to their revocation;
+- each such bundle reads as ``stale`` when it is older than its appliance's
+  freshness window (``STALE_AFTER_ROUNDS`` check intervals, the interval
+  being what the appliance last reported in its heartbeat, else the
+  server's default), otherwise by its result: pass → ``passing``, fail →
+  ``failing``, error → ``error``, not_applicable → ``not_applicable``;
+- the control takes the worst of them (failing, error, stale, passing,
+  not_applicable) and names the bundle behind it, the newest of that state;
+- with no bundle at all, a control that a runbook of the site's tier covers
+  is ``stale`` (no recent evidence), one that none covers is ``manual``.
+
+A framework's score is the share of passing controls among those that
+automated evidence decides (passing, failing, error, stale), in percent;
+manual and not_applicable controls are counted, never scored. The trend is
+the same rule evaluated at the end of each UTC day, over the site's current
+framework selection (settings are not versioned; evidence is).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from msp_central.catalogue import Tier
+from msp_central.db.tables import (
+    appliances,
+    control_runbook_mapping,
+    controls,
+    evidence,
+    frameworks,
+    runbooks,
+)
+from msp_protocol.canonical import parse_json
+from msp_protocol.dsse import Envelope
+from msp_protocol.errors import MalformedError
+
+ControlState = Literal["passing", "failing", "error", "stale", "manual", "not_applicable"]
+STATES: Final[tuple[ControlState, ...]] = (
+    "passing",
+    "failing",
+    "error",
+    "stale",
+    "manual",
+    "not_applicable",
+)
+# Worst first: the state a control takes when its checks disagree.
+_SEVERITY: Final[dict[ControlState, int]] = {
+    "failing": 0,
+    "error": 1,
+    "stale": 2,
+    "passing": 3,
+    "not_applicable": 4,
+}
+_BY_RESULT: Final[dict[str, ControlState]] = {
+    "pass": "passing",
+    "fail": "failing",
+    "error": "error",
+    "not_applicable": "not_applicable",
+}
+SCORED: Final[frozenset[ControlState]] = frozenset({"passing", "failing", "error", "stale"})
+
+# Evidence older than this many of its appliance's check intervals is stale:
+# one missed round is a slow round, three is an appliance not checking.
+STALE_AFTER_ROUNDS: Final = 3
+# The agent's default check interval, for appliances that never said theirs.
+DEFAULT_CHECK_INTERVAL: Final = timedelta(seconds=900)
+# Reasons are shown, not parsed: a bound keeps one odd bundle from bloating
+# every posture answer.
+MAX_REASON_CHARS: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogueControl:
+    framework_id: str
+    control_id: str
+    title: str
+    # The checks of the runbooks mapped to this control that the site's tier
+    # runs; empty: no check covers it (manual evidence only).
+    checks: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SiteCatalogue:
+    """The controls of a site's frameworks, in catalogue order."""
+
+    frameworks: dict[str, str]  # id -> name, in catalogue order
+    controls: tuple[CatalogueControl, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One stored evidence bundle, as much of it as posture needs."""
+
+    appliance_id: str
+    bundle_id: str
+    check_id: str
+    result: str
+    controls: Mapping[str, Sequence[str]]
+    collected_at: datetime
+    log_index: int
+    signed_after_expiry: bool
+    in_log: bool | None
+    envelope: str | None = None  # the signed envelope's JSON, for the reason
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPosture:
+    framework_id: str
+    control_id: str
+    title: str
+    automated: bool
+    state: ControlState
+    evidence: Observation | None  # the bundle behind the state
+    checks: int  # how many (appliance, check) pairs gave evidence
+
+
+@dataclass(frozen=True, slots=True)
+class FrameworkPosture:
+    framework_id: str
+    name: str
+    counts: dict[ControlState, int]
+    score: int | None  # percent; None when no control is decided by evidence
+    controls: tuple[ControlPosture, ...]
+
+
+@dataclass(slots=True)
+class Freshness:
+    """Each appliance's freshness window, and when it was revoked."""
+
+    windows: dict[str, timedelta] = field(default_factory=dict)
+    revoked_at: dict[str, datetime] = field(default_factory=dict)
+
+    def window(self, appliance_id: str) -> timedelta:
+        return self.windows.get(appliance_id, DEFAULT_CHECK_INTERVAL * STALE_AFTER_ROUNDS)
+
+    def counts_at(self, appliance_id: str, at: datetime) -> bool:
+        revoked = self.revoked_at.get(appliance_id)
+        return revoked is None or revoked > at
+
+
+def evaluate(
+    catalogue: SiteCatalogue,
+    latest: Iterable[Observation],
+    *,
+    at: datetime,
+    freshness: Freshness,
+) -> list[FrameworkPosture]:
+    """The posture of one site at ``at`` from the newest bundle of each
+    (appliance, check) pair (see the module docstring for the rule)."""
+    by_control: dict[tuple[str, str], list[Observation]] = defaultdict(list)
+    for observation in latest:
+        if not freshness.counts_at(observation.appliance_id, at):
+            continue
+        for framework_id, ids in observation.controls.items():
+            for control_id in ids:
+                by_control[framework_id, control_id].append(observation)
+    grouped: dict[str, list[ControlPosture]] = {fid: [] for fid in catalogue.frameworks}
+    for control in catalogue.controls:
+        found = by_control.get((control.framework_id, control.control_id), [])
+        grouped[control.framework_id].append(_control_posture(control, found, at, freshness))
+    return [
+        framework_posture(fid, name, grouped[fid]) for fid, name in catalogue.frameworks.items()
+    ]
+
+
+def _control_posture(
+    control: CatalogueControl, found: list[Observation], at: datetime, freshness: Freshness
+) -> ControlPosture:
+    automated = bool(control.checks) or bool(found)
+    if not found:
+        return ControlPosture(
+            control.framework_id,
+            control.control_id,
+            control.title,
+            automated,
+            "stale" if automated else "manual",
+            None,
+            0,
+        )
+    best: tuple[int, datetime, str] | None = None
+    chosen: tuple[ControlState, Observation] | None = None
+    for observation in found:
+        state = observation_state(observation, at, freshness)
+        # Worst state first; among equals the newest bundle speaks.
+        rank = (-_SEVERITY[state], observation.collected_at, observation.bundle_id)
+        if best is None or rank > best:
+            best, chosen = rank, (state, observation)
+    assert chosen is not None
+    return ControlPosture(
+        control.framework_id,
+        control.control_id,
+        control.title,
+        automated,
+        chosen[0],
+        chosen[1],
+        len(found),
+    )
+
+
+def observation_state(observation: Observation, at: datetime, freshness: Freshness) -> ControlState:
+    if at - observation.collected_at > freshness.window(observation.appliance_id):
+        return "stale"
+    return _BY_RESULT.get(observation.result, "error")
+
+
+def framework_posture(
+    framework_id: str, name: str, posture: Sequence[ControlPosture]
+) -> FrameworkPosture:
+    counts: dict[ControlState, int] = dict.fromkeys(STATES, 0)
+    for control in posture:
+        counts[control.state] += 1
+    decided = sum(counts[state] for state in SCORED)
+    score = round(100 * counts["passing"] / decided) if decided else None
+    return FrameworkPosture(framework_id, name, counts, score, tuple(posture))
+
+
+def reason_of(observation: Observation) -> str | None:
+    """What the check observed to fail: ``observed.reason`` of the signed
+    bundle, when it says one."""
+    if observation.envelope is None:
+        return None
+    try:
+        envelope = Envelope.from_wire(parse_json(observation.envelope.encode()))
+        payload: Any = parse_json(envelope.payload_bytes())
+    except MalformedError:
+        return None
+    observed = payload.get("observed") if isinstance(payload, dict) else None
+    reason = observed.get("reason") if isinstance(observed, dict) else None
+    return reason[:MAX_REASON_CHARS] if isinstance(reason, str) and reason else None
+
+
+# --- the trend --------------------------------------------------------------------------
+
+
+def day_ends(now: datetime, days: int) -> list[datetime]:
+    """The ends (next UTC midnight) of the last ``days`` days, oldest first;
+    today's end is ``now`` itself."""
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    ends = [today - timedelta(days=back) for back in range(days - 2, -1, -1)]
+    return [*ends, now]
+
+
+def trend(
+    catalogue: SiteCatalogue,
+    seed: Iterable[Observation],
+    rows: Iterable[Observation],
+    *,
+    ends: Sequence[datetime],
+    freshness: Freshness,
+) -> list[tuple[datetime, list[FrameworkPosture]]]:
+    """The posture at each of ``ends`` (ascending). ``seed`` is the newest
+    bundle of each (appliance, check) pair before the first day, ``rows``
+    every later bundle in ascending ``collected_at`` order: one pass."""
+    latest: dict[tuple[str, str], Observation] = {(o.appliance_id, o.check_id): o for o in seed}
+    pending = iter(rows)
+    upcoming = next(pending, None)
+    points = []
+    for end in ends:
+        while upcoming is not None and upcoming.collected_at <= end:
+            key = (upcoming.appliance_id, upcoming.check_id)
+            held = latest.get(key)
+            if held is None or upcoming.collected_at >= held.collected_at:
+                latest[key] = upcoming
+            upcoming = next(pending, None)
+        points.append((end, evaluate(catalogue, latest.values(), at=end, freshness=freshness)))
+    return points
+
+
+# --- queries ----------------------------------------------------------------------------
+
+
+async def site_catalogue(
+    connection: AsyncConnection, framework_ids: Sequence[str], tier: Tier
+) -> SiteCatalogue:
+    """The controls of ``framework_ids`` and which checks of ``tier`` cover each."""
+    framework_rows = (
+        await connection.execute(
+            sa.select(frameworks.c.id, frameworks.c.name)
+            .where(frameworks.c.id.in_(list(framework_ids)))
+            .order_by(frameworks.c.position)
+        )
+    ).all()
+    control_rows = (
+        await connection.execute(
+            sa.select(controls)
+            .where(controls.c.framework_id.in_(list(framework_ids)))
+            .order_by(controls.c.position)
+        )
+    ).all()
+    mapping_query = (
+        sa.select(
+            control_runbook_mapping.c.framework_id,
+            control_runbook_mapping.c.control_id,
+            runbooks.c.check_name,
+        )
+        .join(runbooks, runbooks.c.id == control_runbook_mapping.c.runbook_id)
+        .where(control_runbook_mapping.c.framework_id.in_(list(framework_ids)))
+    )
+    if tier == Tier.BASIC:
+        mapping_query = mapping_query.where(runbooks.c.tier == Tier.BASIC.value)
+    covered: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for row in (await connection.execute(mapping_query)).all():
+        covered[row.framework_id, row.control_id].add(row.check_name)
+    order = {row.id: i for i, row in enumerate(framework_rows)}
+    ordered = sorted(control_rows, key=lambda row: (order[row.framework_id], row.position))
+    return SiteCatalogue(
+        frameworks={row.id: row.name for row in framework_rows},
+        controls=tuple(
+            CatalogueControl(
+                row.framework_id,
+                row.control_id,
+                row.title,
+                frozenset(covered.get((row.framework_id, row.control_id), ())),
+            )
+            for row in ordered
+        ),
+    )
+
+
+async def site_freshness(connection: AsyncConnection, site_ids: Sequence[str]) -> Freshness:
+    """Each appliance's freshness window (from the check interval its last
+    heartbeat reported) and revocation time, for the given sites."""
+    rows = (
+        await connection.execute(
+            sa.select(appliances.c.id, appliances.c.heartbeat, appliances.c.revoked_at).where(
+                appliances.c.site_id.in_(list(site_ids))
+            )
+        )
+    ).all()
+    freshness = Freshness()
+    for row in rows:
+        interval = (row.heartbeat or {}).get("check_interval_seconds")
+        if isinstance(interval, int) and interval > 0:
+            freshness.windows[row.id] = timedelta(seconds=interval) * STALE_AFTER_ROUNDS
+        if row.revoked_at is not None:
+            freshness.revoked_at[row.id] = row.revoked_at
+    return freshness
+
+
+_COLUMNS = (
+    evidence.c.site_id,
+    evidence.c.appliance_id,
+    evidence.c.bundle_id,
+    evidence.c.check_id,
+    evidence.c.result,
+    evidence.c.controls,
+    evidence.c.collected_at,
+    evidence.c.log_index,
+    evidence.c.signed_after_expiry,
+    evidence.c.in_log,
+)
+
+
+def _observation(row: Any, envelope: str | None = None) -> Observation:
+    return Observation(
+        appliance_id=row.appliance_id,
+        bundle_id=row.bundle_id,
+        check_id=row.check_id,
+        result=row.result,
+        controls=row.controls,
+        collected_at=row.collected_at,
+        log_index=int(row.log_index),
+        signed_after_expiry=bool(row.signed_after_expiry),
+        in_log=row.in_log,
+        envelope=envelope,
+    )
+
+
+async def latest_evidence(
+    connection: AsyncConnection,
+    site_ids: Sequence[str],
+    *,
+    before: datetime | None = None,
+    with_envelopes: bool = False,
+) -> dict[str, list[Observation]]:
+    """Per site, the newest bundle of each (appliance, check) pair (collected
+    at or before ``before`` when given)."""
+    newest = sa.func.row_number().over(
+        partition_by=(evidence.c.appliance_id, evidence.c.check_id),
+        order_by=(evidence.c.collected_at.desc(), evidence.c.bundle_id.desc()),
+    )
+    columns: list[Any] = [*_COLUMNS, newest.label("newest")]
+    if with_envelopes:
+        columns.append(evidence.c.envelope)
+    inner = sa.select(*columns).where(evidence.c.site_id.in_(list(site_ids)))
+    if before is not None:
+        inner = inner.where(evidence.c.collected_at <= before)
+    ranked = inner.subquery()
+    rows = (await connection.execute(sa.select(ranked).where(ranked.c.newest == 1))).all()
+    found: dict[str, list[Observation]] = defaultdict(list)
+    for row in rows:
+        found[row.site_id].append(_observation(row, row.envelope if with_envelopes else None))
+    return found
+
+
+async def evidence_since(
+    connection: AsyncConnection, site_id: str, since: datetime, until: datetime
+) -> list[Observation]:
+    """A site's bundles collected in (since, until], oldest first."""
+    rows = (
+        await connection.execute(
+            sa.select(*_COLUMNS)
+            .where(
+                evidence.c.site_id == site_id,
+                evidence.c.collected_at > since,
+                evidence.c.collected_at <= until,
+            )
+            .order_by(evidence.c.collected_at, evidence.c.bundle_id)
+        )
+    ).all()
+    return [_observation(row) for row in rows]

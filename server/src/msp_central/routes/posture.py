@@ -1,0 +1,292 @@
+"""Compliance posture for partners: one site, control by control; the roll-up
+across the partner's sites; a site's daily trend. Everything is derived from
+the stored evidence at the time of asking (:mod:`msp_central.posture`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import timedelta
+
+import sqlalchemy as sa
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from msp_central.api_models import (
+    ControlPostureOut,
+    FailingControlOut,
+    FrameworkPostureOut,
+    FrameworkRollupOut,
+    FrameworkScoreOut,
+    PartnerPostureOut,
+    PostureEvidenceOut,
+    PostureTrendOut,
+    SitePostureOut,
+    SiteScoresOut,
+    SiteStateOut,
+    StateCounts,
+    TrendPointOut,
+)
+from msp_central.auth import require_partner
+from msp_central.catalogue import Tier
+from msp_central.context import central, json_response
+from msp_central.db.engine import read_only
+from msp_central.db.tables import sites
+from msp_central.posture import (
+    ControlState,
+    FrameworkPosture,
+    Observation,
+    SiteCatalogue,
+    day_ends,
+    evaluate,
+    evidence_since,
+    framework_posture,
+    latest_evidence,
+    reason_of,
+    site_catalogue,
+    site_freshness,
+    trend,
+)
+from msp_central.problems import Problem
+from msp_central.queries import Row, get_partner, get_site
+
+routes = web.RouteTableDef()
+
+MAX_TREND_DAYS = 90
+
+
+def evidence_out(observation: Observation | None) -> PostureEvidenceOut | None:
+    if observation is None:
+        return None
+    return PostureEvidenceOut(
+        bundle_id=observation.bundle_id,
+        appliance_id=observation.appliance_id,
+        check_id=observation.check_id,
+        result=observation.result,
+        collected_at=observation.collected_at,
+        log_index=observation.log_index,
+        signed_after_expiry=observation.signed_after_expiry,
+        in_log=observation.in_log,
+        reason=reason_of(observation),
+    )
+
+
+def _counts(counts: dict[ControlState, int]) -> StateCounts:
+    return StateCounts(**counts)
+
+
+def score_out(posture: FrameworkPosture) -> FrameworkScoreOut:
+    return FrameworkScoreOut(
+        framework_id=posture.framework_id,
+        name=posture.name,
+        score=posture.score,
+        counts=_counts(posture.counts),
+    )
+
+
+def framework_out(posture: FrameworkPosture) -> FrameworkPostureOut:
+    return FrameworkPostureOut(
+        framework_id=posture.framework_id,
+        name=posture.name,
+        score=posture.score,
+        counts=_counts(posture.counts),
+        controls=[
+            ControlPostureOut(
+                control_id=control.control_id,
+                title=control.title,
+                automated=control.automated,
+                state=control.state,
+                evidence=evidence_out(control.evidence),
+                checks=control.checks,
+            )
+            for control in posture.controls
+        ],
+    )
+
+
+async def _catalogue_of(
+    connection: AsyncConnection,
+    site: Row,
+    partner: Row,
+    cache: dict[tuple[tuple[str, ...], str], SiteCatalogue],
+) -> SiteCatalogue:
+    chosen = tuple(site.frameworks if site.frameworks is not None else partner.frameworks)
+    tier = site.tier or partner.tier
+    key = (chosen, tier)
+    if key not in cache:
+        cache[key] = await site_catalogue(connection, chosen, Tier(tier))
+    return cache[key]
+
+
+def _one_framework(request: web.Request, catalogue: SiteCatalogue) -> SiteCatalogue:
+    """``?framework=ID`` narrows the answer to one of the site's frameworks."""
+    wanted = request.query.getall("framework", [])
+    if not wanted:
+        return catalogue
+    if len(wanted) > 1:
+        raise Problem("malformed-query", "give framework at most once")
+    framework_id = wanted[0]
+    if framework_id not in catalogue.frameworks:
+        raise Problem(
+            "malformed-query", f"framework {framework_id[:32]!r} is not one this site uses"
+        )
+    return SiteCatalogue(
+        frameworks={framework_id: catalogue.frameworks[framework_id]},
+        controls=tuple(c for c in catalogue.controls if c.framework_id == framework_id),
+    )
+
+
+def _only(request: web.Request, allowed: set[str]) -> None:
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise Problem("malformed-query", f"unknown query parameter {unknown[0][:32]!r}")
+
+
+@routes.get("/api/v1/sites/{site_id}/posture")
+async def site_posture(request: web.Request) -> web.Response:
+    """Every control of each of the site's frameworks, with its state and the
+    signed evidence behind it."""
+    holder = await require_partner(request)
+    _only(request, {"framework"})
+    service = central(request)
+    now = service.clock()
+    async with read_only(service.engine) as connection:
+        site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
+        partner = await get_partner(connection, site.partner_id)
+        catalogue = _one_framework(request, await _catalogue_of(connection, site, partner, {}))
+        latest = await latest_evidence(connection, [site.id], with_envelopes=True)
+        freshness = await site_freshness(connection, [site.id])
+    posture = evaluate(catalogue, latest.get(site.id, []), at=now, freshness=freshness)
+    return json_response(
+        SitePostureOut(
+            site_id=site.id,
+            name=site.name,
+            evaluated_at=now,
+            frameworks=[framework_out(p) for p in posture],
+        )
+    )
+
+
+@routes.get("/api/v1/posture")
+async def partner_posture(request: web.Request) -> web.Response:
+    """Scores per site and framework, each framework across the sites that
+    use it, and the controls failing anywhere, the most widely failing first."""
+    holder = await require_partner(request)
+    _only(request, set())
+    service = central(request)
+    now = service.clock()
+    async with read_only(service.engine) as connection:
+        partner = await get_partner(connection, holder.partner_id or "")
+        site_rows = (
+            await connection.execute(
+                sa.select(sites)
+                .where(sites.c.partner_id == partner.id)
+                .order_by(sites.c.created_at, sites.c.id)
+            )
+        ).all()
+        site_ids = [row.id for row in site_rows]
+        cache: dict[tuple[tuple[str, ...], str], SiteCatalogue] = {}
+        catalogues = {
+            row.id: await _catalogue_of(connection, row, partner, cache) for row in site_rows
+        }
+        latest = await latest_evidence(connection, site_ids, with_envelopes=True)
+        freshness = await site_freshness(connection, site_ids)
+
+    site_scores = []
+    per_framework: dict[str, list[FrameworkPosture]] = defaultdict(list)
+    failing: dict[tuple[str, str], list[tuple[Row, Observation | None]]] = defaultdict(list)
+    titles: dict[tuple[str, str], str] = {}
+    names: dict[str, str] = {}
+    for site in site_rows:
+        posture = evaluate(
+            catalogues[site.id], latest.get(site.id, []), at=now, freshness=freshness
+        )
+        site_scores.append(
+            SiteScoresOut(
+                site_id=site.id, name=site.name, frameworks=[score_out(p) for p in posture]
+            )
+        )
+        for framework in posture:
+            names[framework.framework_id] = framework.name
+            per_framework[framework.framework_id].append(framework)
+            for control in framework.controls:
+                if control.state == "failing":
+                    key = (control.framework_id, control.control_id)
+                    titles[key] = control.title
+                    failing[key].append((site, control.evidence))
+
+    rollups = []
+    for framework_id, postures in per_framework.items():
+        summed = framework_posture(
+            framework_id, names[framework_id], [c for p in postures for c in p.controls]
+        )
+        rollups.append(
+            FrameworkRollupOut(
+                framework_id=framework_id,
+                name=summed.name,
+                score=summed.score,
+                counts=_counts(summed.counts),
+                site_count=len(postures),
+            )
+        )
+    ordered = sorted(failing.items(), key=lambda item: (-len(item[1]), item[0]))
+    return json_response(
+        PartnerPostureOut(
+            evaluated_at=now,
+            sites=site_scores,
+            frameworks=rollups,
+            failing_controls=[
+                FailingControlOut(
+                    framework_id=framework_id,
+                    control_id=control_id,
+                    title=titles[framework_id, control_id],
+                    site_count=len(found),
+                    sites=[
+                        SiteStateOut(site_id=site.id, name=site.name, evidence=evidence_out(seen))
+                        for site, seen in found
+                    ],
+                )
+                for (framework_id, control_id), found in ordered
+            ],
+        )
+    )
+
+
+def _days(request: web.Request) -> int:
+    text = request.query.get("days", str(MAX_TREND_DAYS))
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TREND_DAYS:
+        raise Problem("malformed-query", f"days must be a whole number from 1 to {MAX_TREND_DAYS}")
+    return int(text)
+
+
+@routes.get("/api/v1/sites/{site_id}/posture/trend")
+async def site_trend(request: web.Request) -> web.Response:
+    """The site's posture at the end of each UTC day (today: now), oldest
+    first, for the last ``days`` days (default and most: 90)."""
+    holder = await require_partner(request)
+    _only(request, {"days", "framework"})
+    days = _days(request)
+    service = central(request)
+    now = service.clock()
+    ends = day_ends(now, days)
+    async with read_only(service.engine) as connection:
+        site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
+        partner = await get_partner(connection, site.partner_id)
+        catalogue = _one_framework(request, await _catalogue_of(connection, site, partner, {}))
+        freshness = await site_freshness(connection, [site.id])
+        # The newest bundle of each pair at the first day's end, then every later one.
+        seed = (await latest_evidence(connection, [site.id], before=ends[0])).get(site.id, [])
+        rows = await evidence_since(connection, site.id, ends[0], now)
+    points = trend(catalogue, seed, rows, ends=ends, freshness=freshness)
+    return json_response(
+        PostureTrendOut(
+            site_id=site.id,
+            days=[
+                TrendPointOut(
+                    date=(at - timedelta(microseconds=1) if at != now else at).date().isoformat(),
+                    at=at,
+                    frameworks=[score_out(p) for p in posture],
+                )
+                for at, posture in points
+            ],
+        )
+    )
