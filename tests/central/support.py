@@ -80,7 +80,8 @@ def check_response(method: str, path: str, status: int, content_type: str, body:
     ((media, content),) = spec["content"].items()
     assert content_type == media, (content_type, media)
     schema = {**content["schema"], "components": document()["components"]}
-    jsonschema.Draft202012Validator(schema).validate(json.loads(body))
+    value = body.decode() if media == "text/plain" else json.loads(body)
+    jsonschema.Draft202012Validator(schema).validate(value)
 
 
 @dataclass
@@ -110,6 +111,8 @@ async def call(
     response = await client.request(method, path, data=data, headers=send)
     raw = await response.read()
     check_response(method, path, response.status, response.content_type, raw)
+    if response.content_type == "text/plain":
+        return Reply(response.status, raw.decode(), CIMultiDict(response.headers))
     return Reply(response.status, json.loads(raw) if raw else None, CIMultiDict(response.headers))
 
 
@@ -258,6 +261,24 @@ class ApplianceClient:
         return await self.request(
             "POST", f"/api/v1/appliances/{self.appliance_id}/evidence", envelope
         )
+
+    async def rotate(self) -> tuple[SigningKey, str]:
+        """Ask for a certificate of a new key; return the key and the new serial
+        (the appliance keeps using its current key until the caller switches)."""
+        new = SigningKey.generate()
+        request = make_delegation_request(
+            purpose="rotate",
+            audience=ROOT.key_id,
+            subject=new,
+            scopes=(Scope.AUDIT, Scope.EVIDENCE),
+            current=(self.serial, self.key),
+            created=self.clock(),
+        )
+        path = f"/api/v1/appliances/{self.appliance_id}/certificates"
+        reply = await self.request("POST", path, {"request": request.to_wire()})
+        assert reply.status == 201, reply.body
+        envelope = Envelope.from_wire(reply.body["certificate"])
+        return new, DelegationCertificate.from_json(envelope.payload_bytes()).serial
 
     async def sync(self, request: SyncRequest, **kwargs: Any) -> Reply:
         return await self.request(

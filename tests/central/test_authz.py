@@ -143,6 +143,8 @@ ROWS = [
     row("GET",  "/api/v1/sites/{site_id}/evidence",                    MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/posture",                     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/posture/trend",               MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}",        MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export",     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/posture",                                     MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("POST", "/api/v1/certificates/{serial}/revoke",                MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/escalations",                                 MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
@@ -158,7 +160,11 @@ ROWS = [
 ]
 # fmt: on
 
-PUBLIC = {("POST", "/api/v1/enroll"), ("GET", "/api/v1/openapi.json")}
+PUBLIC = {
+    ("POST", "/api/v1/enroll"),
+    ("GET", "/api/v1/openapi.json"),
+    ("GET", "/.well-known/msp-central-key"),
+}
 
 
 # --- the world every walk starts from ----------------------------------------------------
@@ -444,6 +450,14 @@ def _check_site_posture(w: World, body: Any) -> None:
     assert w.foreign_bundle_id not in json.dumps(body)
 
 
+def _check_evidence_export(w: World, body: Any) -> None:
+    assert json.loads(Envelope.from_wire(body["evidence"]).payload_bytes())["bundle_id"] == w.bundle_id
+
+
+def _check_audit_export(w: World, body: Any) -> None:
+    assert body["appliance_id"] == w.app.appliance_id
+
+
 def _check_trend(w: World, body: Any) -> None:
     assert (body["site_id"], len(body["days"])) == (w.site, 90)
 
@@ -526,6 +540,8 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "GET /api/v1/sites/{site_id}/posture": _check_site_posture,
     "GET /api/v1/sites/{site_id}/posture/trend": _check_trend,
     "GET /api/v1/posture": _check_partner_posture,
+    "GET /api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}": _check_evidence_export,
+    "GET /api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export": _check_audit_export,
     "POST /api/v1/certificates/{serial}/revoke": _check_revoke,
     "GET /api/v1/escalations": _check_escalations,
     "POST /api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge": _check_acknowledged,
@@ -590,6 +606,7 @@ async def send(world: World, caller: str, row: Row) -> Reply:
         escalation_id=world.escalation_id,
         appliance_id=owner.appliance_id,
         kind="site-config",
+        bundle_id=world.bundle_id,
     )
     make_body = BODIES.get(row.label)
     body = dumps(make_body(world, owner)) if make_body else None
@@ -801,20 +818,7 @@ async def test_enrollment_is_public_and_guarded_by_its_token(harness: Harness) -
 
 
 async def rotate(app: ApplianceClient) -> tuple[SigningKey, str]:
-    """Ask for a certificate of a new key; return the key and the new serial."""
-    new = SigningKey.generate()
-    request = make_delegation_request(
-        purpose="rotate",
-        audience=ROOT.key_id,
-        subject=new,
-        scopes=(Scope.AUDIT, Scope.EVIDENCE),
-        current=(app.serial, app.key),
-        created=app.clock(),
-    )
-    path = f"/api/v1/appliances/{app.appliance_id}/certificates"
-    reply = expect_status(await app.request("POST", path, {"request": request.to_wire()}), 201)
-    envelope = Envelope.from_wire(reply.body["certificate"])
-    return new, DelegationCertificate.from_json(envelope.payload_bytes()).serial
+    return await app.rotate()
 
 
 async def test_a_rotation_hands_authority_to_the_new_key(harness: Harness) -> None:

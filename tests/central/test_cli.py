@@ -214,16 +214,19 @@ def test_keys_init_refuses_to_overwrite_and_show_prints_the_key(
     state: State, tmp_path: Path
 ) -> None:
     before = state.key_file.read_bytes()
-    again, show = cli_all(
+    again, show, bare = cli_all(
         tmp_path,
         ["--state-dir", state.dir, "keys", "init"],
         ["--state-dir", state.dir, "keys", "show"],
+        ["--state-dir", state.dir, "keys", "show", "--hex"],
     )
     assert_fails(again, str(state.key_file), "refusing to overwrite")
     assert state.key_file.read_bytes() == before
     assert mode(state.key_file) == 0o600
     assert show.json() == {"key_id": state.key_id, "public_key": state.public_key}
     assert before.decode().strip() not in show.stdout
+    # Exactly what msp-verify --central-key-file reads (and the server publishes).
+    assert bare.stdout == state.public_key + "\n"
 
 
 def test_a_root_key_others_can_read_is_refused(state: State, tmp_path: Path) -> None:

@@ -6,13 +6,65 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import aiohttp
+
 from tests.system.harness import ROOT, free_port, wait_for
+
+
+async def _posture_and_audit_export_verify(guide: str, port: int, tmp_path: Path) -> None:
+    """The demo site's posture is one call; an appliance's witnessed log,
+    downloaded as the guide says, verifies with the key file it names."""
+    key = re.search(r"^partner API key +(\S+)", guide, re.M)
+    site = re.search(r"^site +(\S+)", guide, re.M)
+    key_file_named = re.search(r"^central key +[0-9a-f]{64} +\(also in ([^,]+),", guide, re.M)
+    assert key, guide
+    assert site, guide
+    assert key_file_named, guide
+    key_file = Path(key_file_named[1])
+    if not key_file.is_absolute():
+        key_file = ROOT / key_file
+    headers = {"Authorization": f"Bearer {key[1]}"}
+    base = f"http://127.0.0.1:{port}/api/v1/sites/{site[1]}"
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.get(f"{base}/posture") as response:
+            assert response.status == 200
+            posture = await response.json()
+        frameworks = {f["framework_id"] for f in posture["frameworks"]}
+        assert "hipaa" in frameworks
+        decided = [
+            c
+            for f in posture["frameworks"]
+            for c in f["controls"]
+            if c["state"] in {"passing", "failing", "error"}
+        ]
+        assert decided, "no control is decided by the agents' evidence"
+        assert all(c["evidence"]["bundle_id"] for c in decided)
+        async with session.get(f"{base}/appliances") as response:
+            appliance_id = (await response.json())[0]["id"]
+        async with session.get(f"{base}/appliances/{appliance_id}/audit-export") as response:
+            assert response.status == 200
+            (tmp_path / "audit-export.json").write_bytes(await response.read())
+    verified = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "msp_protocol.verify_cli",
+            "--central-key-file",
+            str(key_file),
+            str(tmp_path / "audit-export.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 async def test_the_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
@@ -60,6 +112,7 @@ async def test_the_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
             await wait_for(
                 lambda n=number: witnessed(n), within=60, what=f"agent {number} witnessed"
             )
+        await _posture_and_audit_export_verify(guide, port, tmp_path)
         agents = [
             int(
                 json.loads(

@@ -65,7 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="the central root key and certificates")
     key_actions = keys.add_subparsers(dest="action", required=True)
     key_actions.add_parser("init", help="create the central root key (refuses to overwrite)")
-    key_actions.add_parser("show", help="print the root public key and key id")
+    show = key_actions.add_parser("show", help="print the root public key and key id")
+    show.add_argument(
+        "--hex",
+        action="store_true",
+        help="print only the public key, as msp-verify --central-key-file reads it",
+    )
     revoke = key_actions.add_parser("revoke", help="revoke an appliance certificate")
     revoke.add_argument("serial")
     revoke.add_argument("--reason", default="")
@@ -229,7 +234,10 @@ def run(argv: list[str] | None = None) -> int:
             )
         case "keys", "show":
             key = load_root_key(settings.key_file)
-            _print({"key_id": key.key_id, "public_key": key.verify_key.hex})
+            if args.hex:
+                print(key.verify_key.hex)
+            else:
+                _print({"key_id": key.key_id, "public_key": key.verify_key.hex})
         case "keys", "revoke":
             root = load_root_key(settings.key_file)
 

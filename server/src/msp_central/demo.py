@@ -149,7 +149,7 @@ async def _run(settings: Settings, root_dir: Path, *, agents: int, host: str, po
                         start_new_session=True,  # Ctrl-C reaches us; we stop them in order
                     )
                 )
-        _print_guide(root_dir, url, state, agents)
+        _print_guide(root_dir, url, state, agents, root.verify_key.hex)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -174,8 +174,12 @@ async def _run(settings: Settings, root_dir: Path, *, agents: int, host: str, po
         print("stopped.", file=sys.stderr)
 
 
-def _print_guide(root_dir: Path, url: str, state: dict[str, Any], agents: int) -> None:
+def _print_guide(
+    root_dir: Path, url: str, state: dict[str, Any], agents: int, public_key: str
+) -> None:
     cwd = Path.cwd()
+    key_file = root_dir / "central.pub"
+    key_file.write_text(public_key + "\n", encoding="ascii")
 
     def show(path: Path) -> str:
         return os.path.relpath(path, cwd) if path.is_relative_to(cwd) else str(path)
@@ -185,12 +189,22 @@ def _print_guide(root_dir: Path, url: str, state: dict[str, Any], agents: int) -
         "",
         f"central server    {url}  (API description: {url}/api/v1/openapi.json)",
         f"partner API key   {key}",
+        f"central key       {public_key}  (also in {show(key_file)}, "
+        f"{url}/.well-known/msp-central-key)",
         f"site              {state['site_id']} (Demo clinic, healthcare, full coverage)",
         "",
         "ask the server, as the partner:",
+        f'  curl -s -H "Authorization: Bearer {key}" {url}/api/v1/sites/{site}/posture',
+        f'  curl -s -H "Authorization: Bearer {key}" {url}/api/v1/posture',
         f'  curl -s -H "Authorization: Bearer {key}" {url}/api/v1/sites/{site}/appliances',
         f'  curl -s -H "Authorization: Bearer {key}" {url}/api/v1/sites/{site}/evidence',
         f'  curl -s -H "Authorization: Bearer {key}" {url}/api/v1/escalations',
+        "",
+        "verify as an auditor would (an appliance's log as the server witnessed it;",
+        "APPLIANCE_ID is an id from the appliances list above):",
+        f'  curl -s -H "Authorization: Bearer {key}" -o audit-export.json \\',
+        f"    {url}/api/v1/sites/{site}/appliances/APPLIANCE_ID/audit-export",
+        f"  uv run msp-verify --central-key-file {show(key_file)} audit-export.json",
         "",
         "ask an agent (its own state directory, its log):",
     ]

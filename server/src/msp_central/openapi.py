@@ -20,6 +20,7 @@ from msp_central import api_models as m
 from msp_protocol.bundle import Escalation
 from msp_protocol.canonical import canonicalize
 from msp_protocol.dsse import Envelope
+from msp_protocol.export import AuditExport, EvidenceExport
 from msp_protocol.sync import SyncRequest, SyncResponse
 
 Security = list[dict[str, list[str]]]
@@ -55,6 +56,9 @@ OPERATIONS: list[
     ("get", "/api/v1/sites/{site_id}/posture", "A site's compliance posture, control by control, with the evidence behind each state", PARTNER, None, {200: m.SitePostureOut}),
     ("get", "/api/v1/sites/{site_id}/posture/trend", "A site's posture at the end of each day", PARTNER, None, {200: m.PostureTrendOut}),
     ("get", "/api/v1/posture", "Posture across the partner's sites: scores, per-framework roll-ups, the most widely failing controls", PARTNER, None, {200: m.PartnerPostureOut}),
+    ("get", "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}", "One evidence bundle as an evidence export: its signed envelope, certificate, audit entry, inclusion proof and receipt (msp-verify checks it)", PARTNER, None, {200: EvidenceExport}),
+    ("get", "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export", "An appliance's audit log as the server witnessed it (msp-verify checks it)", PARTNER, None, {200: AuditExport}),
+    ("get", "/.well-known/msp-central-key", "The central public key, hex, as msp-verify --central-key-file reads it", NONE, None, {200: str}),
     ("post", "/api/v1/certificates/{serial}/revoke", "Revoke an appliance certificate", PARTNER, m.RevokeIn, {200: m.RevokeOut}),
     ("get", "/api/v1/escalations", "The partner's escalations", PARTNER, None, {200: list[m.EscalationOut]}),
     ("post", "/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge", "Acknowledge an escalation", PARTNER, None, {200: m.EscalationOut}),
@@ -105,6 +109,8 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
 
 
 def _schema_of(annotation: Any) -> dict[str, Any]:
+    if annotation is str:
+        return {"type": "string"}
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {"$ref": REF.format(model=annotation.__name__)}
     (item,) = annotation.__args__  # list[Model]
@@ -118,7 +124,7 @@ def _models() -> list[type[BaseModel]]:
             model = annotation
             while model is not None and not isinstance(model, type):
                 (model,) = model.__args__
-            if model is not None:
+            if model is not None and model is not str:
                 found[model.__name__] = model
     return list(found.values())
 
@@ -148,7 +154,9 @@ def document() -> dict[str, Any]:
                     else {
                         "description": "Success",
                         "content": {
-                            "application/json": {"schema": _schema_of(model) if model else {}}
+                            ("text/plain" if model is str else "application/json"): {
+                                "schema": _schema_of(model) if model else {}
+                            }
                         },
                     }
                 )
