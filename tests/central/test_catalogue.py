@@ -10,13 +10,14 @@ import typing
 from collections import defaultdict
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from msp_central.api_models import Industry
-from msp_central.catalogue import INDUSTRIES, Catalogue, Tier, load_catalogue
+from msp_central.catalogue import CURRENT_VERSION, INDUSTRIES, Catalogue, Tier, load_catalogue
 from tests.central.support import Harness, call
 
 FRAMEWORK_IDS = (
@@ -33,11 +34,11 @@ FRAMEWORK_IDS = (
 )
 
 
-def raw_catalogue() -> dict[str, Any]:
-    """The shipped file as plain JSON (a fresh copy each call)."""
+def raw_catalogue(version: int = CURRENT_VERSION) -> dict[str, Any]:
+    """A shipped file as plain JSON (a fresh copy each call)."""
     text = (
         resources.files("msp_central")
-        .joinpath("data", "frameworks-v1.json")
+        .joinpath("data", f"frameworks-v{version}.json")
         .read_text(encoding="utf-8")
     )
     value: dict[str, Any] = json.loads(text)
@@ -54,15 +55,18 @@ def mapped(raw: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
 # --- the shipped file --------------------------------------------------------------
 
 
-def test_version_1_validates() -> None:
-    catalogue = load_catalogue(1)
-    assert catalogue.version == 1
+@pytest.mark.parametrize("version", [1, CURRENT_VERSION])
+def test_shipped_version_validates(version: int) -> None:
+    """Every shipped version still loads: the migrations that load it, and
+    the downgrades that restore it, need it."""
+    catalogue = load_catalogue(version)
+    assert catalogue.version == version
     # Nothing is lost or added between the file and the model.
-    assert catalogue.model_dump(mode="json") == raw_catalogue()
+    assert catalogue.model_dump(mode="json") == raw_catalogue(version)
 
 
 def test_the_ten_frameworks() -> None:
-    catalogue = load_catalogue(1)
+    catalogue = load_catalogue(CURRENT_VERSION)
     assert tuple(f.id for f in catalogue.frameworks) == FRAMEWORK_IDS
 
 
@@ -78,13 +82,13 @@ def test_the_ten_frameworks() -> None:
     ],
 )
 def test_real_control_ids_exist(framework: str, control: str) -> None:
-    catalogue = load_catalogue(1)
+    catalogue = load_catalogue(CURRENT_VERSION)
     (found,) = [f for f in catalogue.frameworks if f.id == framework]
     assert control in [c.id for c in found.controls]
 
 
 def test_framework_editions() -> None:
-    editions = {f.id: f.edition for f in load_catalogue(1).frameworks}
+    editions = {f.id: f.edition for f in load_catalogue(CURRENT_VERSION).frameworks}
     assert editions["iso_27001"].startswith("ISO/IEC 27001:2022")
     assert "v4.0.1" in editions["pci_dss"]
     assert editions["cis"].startswith("CIS Controls v8")
@@ -93,7 +97,7 @@ def test_framework_editions() -> None:
 
 
 def test_every_framework_has_at_least_four_mapped_controls() -> None:
-    catalogue = load_catalogue(1)
+    catalogue = load_catalogue(CURRENT_VERSION)
     pairs = {(m.framework, m.control) for m in catalogue.mappings}
     for framework in catalogue.frameworks:
         covered = [c.id for c in framework.controls if (framework.id, c.id) in pairs]
@@ -101,7 +105,7 @@ def test_every_framework_has_at_least_four_mapped_controls() -> None:
 
 
 def test_every_basic_runbook_is_mapped() -> None:
-    catalogue = load_catalogue(1)
+    catalogue = load_catalogue(CURRENT_VERSION)
     used = {m.runbook for m in catalogue.mappings}
     basic = {r.id for r in catalogue.runbooks if r.tier == Tier.BASIC}
     assert basic
@@ -111,7 +115,7 @@ def test_every_basic_runbook_is_mapped() -> None:
 def test_tiers() -> None:
     """Seven compliance runbooks in ``basic``; ``full`` adds the five OS
     maintenance runbooks (docs/frameworks.md)."""
-    catalogue = load_catalogue(1)
+    catalogue = load_catalogue(CURRENT_VERSION)
     basic = {r.id for r in catalogue.runbooks if r.tier == Tier.BASIC}
     full = {r.id for r in catalogue.runbooks if r.tier == Tier.FULL}
     assert len(basic) == 7
@@ -141,7 +145,7 @@ def test_cmmc_maps_like_800_171() -> None:
 
 
 def test_presets_are_the_eight_industries() -> None:
-    catalogue = load_catalogue(1)
+    catalogue = load_catalogue(CURRENT_VERSION)
     ids = [p.id for p in catalogue.presets]
     assert len(ids) == 8
     assert sorted(ids) == sorted(INDUSTRIES)
@@ -151,6 +155,111 @@ def test_presets_are_the_eight_industries() -> None:
     for preset in catalogue.presets:
         assert set(preset.frameworks) <= framework_ids
         assert len(set(preset.frameworks)) == len(preset.frameworks), preset.id
+
+
+# Each framework's ids as its source writes them (docs/frameworks.md).
+ID_PATTERNS = {
+    "hipaa": r"164\.3(08|10|12|14|16)\([a-e]\)(\([1-8]\)(\((i|ii|iii|iv)\)(\([A-E]\))?)?)?",
+    "soc2": r"(CC[1-9]\.[1-8]|A1\.[1-3]|C1\.[12])",
+    "pci_dss": r"([1-9]|1[0-2])(\.[1-9][0-9]?){2,3}",
+    "nist_csf": r"(GV\.(OC|RM|RR|PO|OV|SC)|ID\.(AM|RA|IM)|PR\.(AA|AT|DS|PS|IR)"
+    r"|DE\.(CM|AE)|RS\.(MA|AN|CO|MI)|RC\.(RP|CO))-[0-9]{2}",
+    "nist_800_171": r"3\.([1-9]|1[0-4])\.[1-9][0-9]?",
+    "sox": r"ITGC-(AC|CM|OP)-[0-9]{2}",
+    "gdpr": r"Art\.[1-9][0-9]?(\([0-9]+\)(\([a-f]\))?)?",
+    "cmmc": r"(AC|AT|AU|CM|IA|IR|MA|MP|PS|PE|RA|CA|SC|SI)\.L2-3\.([1-9]|1[0-4])\.[1-9][0-9]?",
+    "iso_27001": r"A\.(5\.([1-9]|[12][0-9]|3[0-7])|6\.[1-8]|7\.([1-9]|1[0-4])|8\.([1-9]|[12][0-9]|3[0-4]))",
+    "cis": r"([1-9]|1[0-8])\.([1-9]|1[0-4])",
+}
+
+# (controls, automated) per framework: the table in docs/frameworks.md.
+COUNTS = {
+    "hipaa": (61, 5),
+    "soc2": (38, 5),
+    "pci_dss": (195, 10),
+    "nist_csf": (106, 10),
+    "nist_800_171": (110, 12),
+    "sox": (24, 7),
+    "gdpr": (43, 4),
+    "cmmc": (110, 12),
+    "iso_27001": (93, 12),
+    "cis": (153, 6),
+}
+
+
+def test_control_ids_follow_their_source() -> None:
+    for framework in load_catalogue(CURRENT_VERSION).frameworks:
+        pattern = re.compile(ID_PATTERNS[framework.id])
+        for control in framework.controls:
+            assert pattern.fullmatch(control.id), (framework.id, control.id)
+
+
+def test_no_control_listed_twice() -> None:
+    for framework in raw_catalogue()["frameworks"]:
+        ids = [c["id"] for c in framework["controls"]]
+        assert len(ids) == len(set(ids)), framework["id"]
+        titles = [c["title"] for c in framework["controls"]]
+        # A repeated title is a copy-and-paste slip (PCI DSS's x.1.1 and x.1.2
+        # titles differ by the requirement number they name).
+        assert len(titles) == len(set(titles)), framework["id"]
+
+
+def test_counts_as_documented() -> None:
+    catalogue = load_catalogue(CURRENT_VERSION)
+    pairs = {(m.framework, m.control) for m in catalogue.mappings}
+    counts = {
+        f.id: (len(f.controls), sum((f.id, c.id) in pairs for c in f.controls))
+        for f in catalogue.frameworks
+    }
+    assert counts == COUNTS
+
+
+def test_counts_table_in_the_docs() -> None:
+    """docs/frameworks.md gives the same counts a partner would get."""
+    doc = (Path(__file__).parents[2] / "docs" / "frameworks.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \| (\d+) \| (\d+) \| (\d+) \|", doc, re.MULTILINE)
+    documented = {fid: (int(total), int(auto)) for fid, total, auto, _ in rows}
+    assert documented == COUNTS
+    for fid, total, auto, manual in rows:
+        assert int(total) == int(auto) + int(manual), fid
+
+
+def test_complete_editions() -> None:
+    """The frameworks the catalogue lists whole, checked by their numbering."""
+    ids = {f.id: [c.id for c in f.controls] for f in load_catalogue(CURRENT_VERSION).frameworks}
+    assert ids["nist_800_171"] == [
+        f"3.{family}.{n}"
+        for family, size in enumerate((22, 3, 9, 9, 11, 3, 6, 9, 2, 6, 3, 4, 16, 7), start=1)
+        for n in range(1, size + 1)
+    ]
+    assert ids["iso_27001"] == [
+        f"A.{theme}.{n}"
+        for theme, size in ((5, 37), (6, 8), (7, 14), (8, 34))
+        for n in range(1, size + 1)
+    ]
+    safeguards = (5, 7, 14, 12, 6, 8, 7, 12, 7, 7, 5, 8, 11, 9, 7, 14, 9, 5)
+    assert ids["cis"] == [
+        f"{control}.{n}"
+        for control, size in enumerate(safeguards, start=1)
+        for n in range(1, size + 1)
+    ]
+    criteria = {"CC1": 5, "CC2": 3, "CC3": 4, "CC4": 2, "CC5": 3, "CC6": 8, "CC7": 5, "CC8": 1}
+    criteria |= {"CC9": 2, "A1": 3, "C1": 2}
+    assert ids["soc2"] == [f"{c}.{n}" for c, size in criteria.items() for n in range(1, size + 1)]
+    assert len(ids["nist_csf"]) == 106
+
+
+def test_version_2_keeps_version_1() -> None:
+    """Sites and appliances hold version 1 ids: none is dropped, and no
+    version 1 mapping is lost."""
+    old, new = raw_catalogue(1), raw_catalogue()
+    for before, after in zip(old["frameworks"], new["frameworks"], strict=True):
+        assert before["id"] == after["id"]
+        assert {c["id"] for c in before["controls"]} <= {c["id"] for c in after["controls"]}
+    as_set = lambda raw: {tuple(m.values()) for m in raw["mappings"]}  # noqa: E731
+    assert as_set(old) <= as_set(new)
+    assert old["runbooks"] == new["runbooks"]
+    assert old["presets"] == new["presets"]
 
 
 # --- the model refuses a bad catalogue ---------------------------------------------
@@ -289,6 +398,7 @@ async def test_frameworks_served_as_shipped(harness: Harness) -> None:
         for control in served["controls"]:
             expected = runbooks.get((served["id"], control["id"]), [])
             assert sorted(control["runbooks"]) == sorted(expected), (served["id"], control["id"])
+            assert control["automated"] is bool(expected), (served["id"], control["id"])
             assert len(set(control["runbooks"])) == len(control["runbooks"])
     total = sum(len(c["runbooks"]) for f in reply.body for c in f["controls"])
     assert total == len(raw["mappings"])

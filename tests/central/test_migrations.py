@@ -3,21 +3,40 @@ load the catalogue, and a database from a newer server is refused."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestServer
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
 from msp_central.app import create_app
-from msp_central.catalogue import load_catalogue
+from msp_central.catalogue import CURRENT_VERSION, Catalogue, load_catalogue
 from msp_central.config import Settings
 from msp_central.db.engine import create_engine
-from msp_central.db.migrate import DatabaseVersionError, check_current, head_revision, upgrade
-from msp_central.db.tables import controls, frameworks, metadata
+from msp_central.db.migrate import (
+    DatabaseVersionError,
+    alembic_config,
+    check_current,
+    head_revision,
+    upgrade,
+)
+from msp_central.db.tables import (
+    control_runbook_mapping,
+    controls,
+    frameworks,
+    metadata,
+    presets,
+    runbooks,
+)
+from tests.central.conftest import PG_ADMIN_URL, _create_pg_database
 from tests.central.support import ROOT
 
 
@@ -37,7 +56,7 @@ async def test_migrated_schema_matches_the_tables(database_url: str) -> None:
 
 
 async def test_the_catalogue_is_loaded(database_url: str) -> None:
-    catalogue = load_catalogue(1)
+    catalogue = load_catalogue(CURRENT_VERSION)
     engine = create_engine(database_url)
     try:
         async with engine.connect() as connection:
@@ -90,3 +109,105 @@ async def test_an_empty_database_is_refused_until_upgraded(tmp_path: Any) -> Non
         await check_current(engine)
     finally:
         await engine.dispose()
+
+
+# --- moving between catalogue versions -------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def blank_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database no migration has touched: the catalogue migrations are run
+    step by step from the start, not from the session's migrated template."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'steps.db'}"
+        return
+    name = f"msp_central_steps_{os.getpid()}"
+    yield asyncio.run(_create_pg_database(name))
+
+    async def drop() -> None:
+        admin = create_engine(PG_ADMIN_URL)
+        try:
+            async with admin.connect() as plain:
+                connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
+                await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            await admin.dispose()
+
+    asyncio.run(drop())
+
+
+async def _to_revision(url: str, revision: str, *, down: bool = False) -> None:
+    config = alembic_config(url)
+    engine = create_engine(url)
+
+    def run(connection: Connection) -> None:
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(run)
+    finally:
+        await engine.dispose()
+
+
+def _expected(catalogue: Catalogue) -> dict[str, set[tuple[Any, ...]]]:
+    """The catalogue tables' rows for ``catalogue``, as sets of tuples."""
+    return {
+        "frameworks": {
+            (f.id, f.name, f.edition, n, catalogue.version)
+            for n, f in enumerate(catalogue.frameworks)
+        },
+        "controls": {
+            (f.id, c.id, c.title, n) for f in catalogue.frameworks for n, c in enumerate(f.controls)
+        },
+        "control_runbook_mapping": {
+            (m.framework, m.control, m.runbook) for m in catalogue.mappings
+        },
+        "runbooks": {
+            (r.id, r.title, r.tier.value, r.check, r.l1_action, r.description)
+            for r in catalogue.runbooks
+        },
+        "presets": {
+            (p.id, p.name, p.description, p.tier.value, tuple(p.frameworks), n)
+            for n, p in enumerate(catalogue.presets)
+        },
+    }
+
+
+async def _stored(url: str) -> dict[str, set[tuple[Any, ...]]]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            rows = {
+                table.name: (await connection.execute(sa.select(table))).all()
+                for table in (frameworks, controls, control_runbook_mapping, runbooks)
+            }
+            preset_rows = (await connection.execute(sa.select(presets))).all()
+    finally:
+        await engine.dispose()
+    result = {name: {tuple(row) for row in table_rows} for name, table_rows in rows.items()}
+    result["presets"] = {
+        (p.id, p.name, p.description, p.tier, tuple(p.frameworks), p.position) for p in preset_rows
+    }
+    return result
+
+
+async def test_catalogue_v1_upgrades_in_place_and_downgrades_back(
+    blank_database_url: str,
+) -> None:
+    """0003 moves a database that holds version 1 to version 2 without
+    dropping a version 1 id, and its downgrade leaves exactly version 1."""
+    url = blank_database_url
+    await _to_revision(url, "0002")
+    assert await _stored(url) == _expected(load_catalogue(1))
+
+    await _to_revision(url, "0003")
+    assert await _stored(url) == _expected(load_catalogue(2))
+
+    await _to_revision(url, "0002", down=True)
+    assert await _stored(url) == _expected(load_catalogue(1))
+
+    # And up again: a downgraded database is an ordinary version 1 database.
+    await _to_revision(url, "head")
+    assert await _stored(url) == _expected(load_catalogue(CURRENT_VERSION))

@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from msp_central.catalogue import Tier, load_catalogue
+from msp_central.catalogue import CURRENT_VERSION, Tier, load_catalogue
 from msp_central.openapi import document as openapi_document
 from msp_protocol.bundle import Escalation
 from msp_protocol.delegation import Scope, make_delegation_request
@@ -27,7 +27,7 @@ from tests.central.support import (
     dumps,
 )
 
-CATALOGUE = load_catalogue(1)
+CATALOGUE = load_catalogue(CURRENT_VERSION)
 PRESETS = {p.id: p for p in CATALOGUE.presets}
 FRAMEWORK_IDS = [f.id for f in CATALOGUE.frameworks]
 FRAMEWORK_NAMES = {f.id: f.name for f in CATALOGUE.frameworks}

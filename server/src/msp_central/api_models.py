@@ -49,6 +49,9 @@ class ControlOut(Body):
     id: str
     title: str
     runbooks: list[str]
+    # True when at least one runbook is mapped (the appliance gives evidence);
+    # false when a person attaches the evidence. Derived from ``runbooks``.
+    automated: bool
 
 
 class FrameworkOut(Body):

@@ -2,8 +2,9 @@
 runbook mapping, and industry presets.
 
 It ships as ``data/frameworks-v<N>.json`` and reaches the database through a
-migration (``0002`` loads version 1). A changed catalogue is a new file and a
-new migration, never an edit of a file a database was loaded from.
+migration (``0002`` loads version 1, ``0003`` moves it to version 2). A changed
+catalogue is a new file and a new migration, never an edit of a file a
+database was loaded from.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class Tier(StrEnum):
     BASIC = "basic"
     FULL = "full"
 
+
+# The version the newest migration leaves in the database; the older files stay
+# shipped because their migrations still load them (and downgrades restore them).
+CURRENT_VERSION = 2
 
 INDUSTRIES = (
     "healthcare",

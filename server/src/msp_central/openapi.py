@@ -34,7 +34,7 @@ NONE: Security = []
 OPERATIONS: list[
     tuple[str, str, str, list[dict[str, list[str]]], type[BaseModel] | None, dict[int, Any]]
 ] = [
-    ("get", "/api/v1/frameworks", "The ten frameworks, their controls and mapped runbooks", ANY_KEY, None, {200: list[m.FrameworkOut]}),
+    ("get", "/api/v1/frameworks", "The ten frameworks, their controls, mapped runbooks and whether each is automated", ANY_KEY, None, {200: list[m.FrameworkOut]}),
     ("get", "/api/v1/frameworks/{framework_id}", "One framework", ANY_KEY, None, {200: m.FrameworkOut}),
     ("get", "/api/v1/runbooks", "Every runbook and its coverage tier", ANY_KEY, None, {200: list[m.RunbookOut]}),
     ("get", "/api/v1/presets", "Industry presets", ANY_KEY, None, {200: list[m.PresetOut]}),

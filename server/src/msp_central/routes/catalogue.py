@@ -40,9 +40,13 @@ async def list_frameworks(request: web.Request) -> web.Response:
         mapped[(m.framework_id, m.control_id)].append(m.runbook_id)
     by_framework: dict[str, list[ControlOut]] = defaultdict(list)
     for c in control_rows:
+        runbook_ids = mapped[(c.framework_id, c.control_id)]
         by_framework[c.framework_id].append(
             ControlOut(
-                id=c.control_id, title=c.title, runbooks=mapped[(c.framework_id, c.control_id)]
+                id=c.control_id,
+                title=c.title,
+                runbooks=runbook_ids,
+                automated=bool(runbook_ids),
             )
         )
     wanted = request.match_info.get("framework_id")
