@@ -435,6 +435,16 @@ def test_key_rotation_between_bundles_verifies() -> None:
     )
 
 
+def test_one_key_certified_for_two_appliances() -> None:
+    # Each bundle is judged under the certificate of the appliance it names.
+    second = make_log(SECOND, size=30, bundles=SECOND_BUNDLES, serial="ef" * 16)
+    report = verify_auditor_package(
+        package_of((make_log(), 0), (second, 0)).build(), CENTRAL, at=AUDIT_AT
+    )
+    assert [segment.bundles for segment in report.segments] == [4, 2]
+    assert report.segments[1].key_ids == (DEVICE.key_id,)
+
+
 def test_bundles_signed_after_expiry_are_flagged_not_failed() -> None:
     log = make_log(lifetime=timedelta(hours=10))
     result = check(package_of((log, 0)))

@@ -370,10 +370,10 @@ def check_auditor_package(
         appliance's verified segment by an entry holding the digest of its
         exact signed bytes — forged, edited, out-of-scope or unlogged
         evidence, one bundle counted twice;
-    (6) the summary equals the one recomputed with
-        :func:`summarise_evidence` from the verified bundles, and lists
-        every in-scope control they give evidence for — a summary that
-        flatters, or hides a failing control;
+    (6) once everything else verified, the summary equals the one
+        recomputed with :func:`summarise_evidence` from the bundles, and
+        lists every in-scope control they give evidence for — a summary
+        that flatters, or hides a failing control;
     (7) ``evidence.signed`` entries of the period inside a segment whose
         bundle is not in the package are counted for review — a bundle left
         out (the package cannot show one left out beyond its segments).
@@ -447,7 +447,7 @@ class _PackageCheck:
             self.check_segment(segment)  # (4)
         self.check_evidence()  # (5)
         summary_verified = not self.failures and self.check_summary()  # (6)
-        return self.report(summary_verified)  # (7)
+        return self.report(summary_verified)
 
     def check_certificates(self, segment: _Segment) -> None:
         for j, envelope in enumerate(segment.model.certificates):
@@ -738,7 +738,7 @@ class _PackageCheck:
         segments = []
         for segment in self.segments.values():
             omitted = 0
-            if segment.verified:
+            if segment.verified:  # (7)
                 start, end = package.period_start, package.period_end
                 omitted = sum(
                     1
