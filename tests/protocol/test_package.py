@@ -274,7 +274,7 @@ class Parts:
 
     logs: list[LogSegmentParts]
     evidence: list[Envelope]
-    summary: dict[str, Any]
+    summary: dict[str, Any] | PackageSummary
     revocations: Envelope | None = None
     frameworks: tuple[str, ...] = FRAMEWORKS
     period_end: datetime = PERIOD_END
@@ -468,6 +468,8 @@ def test_package_bytes_are_canonical_and_tagged() -> None:
     assert canonicalize(value) == data
     assert "revocations" not in value
     package = parse_auditor_package(data)
+    # The server may hand over the summary as summarise_evidence returns it.
+    assert replace(base(), summary=package.summary).build() == data
     assert len(package.logs[0].prefix) == 2
     assert package.logs[0].end == 20
     assert isinstance(package.summary, PackageSummary)
@@ -964,8 +966,8 @@ def test_cli_verifies_an_auditor_package(
         "  3 evidence bundles, each recorded in its appliance's witnessed log",
         "  summary of 4 controls recomputed and matching: 1 error, 1 no-evidence, "
         "1 passing, 1 stale",
-        "  review: 1 evidence entry of the period in the logs shown record bundles not in "
-        "the package (of other frameworks, or left out)",
+        "  review: bundles recorded in the logs shown during the period but not in the "
+        "package: 1 (of other frameworks, or left out)",
     ]
 
 
@@ -998,3 +1000,20 @@ def test_cli_names_the_failure_of_a_bad_package(
         "not_applicable": 0,
     }
     assert from_hex(report["segments"][0]["key_ids"][0]) == bytes.fromhex(DEVICE.key_id)
+
+
+def test_cli_shows_what_is_flagged_for_review(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "late.json"
+    path.write_bytes(package_of((make_log(lifetime=timedelta(hours=10)), 0)).build())
+    status, out, _ = run_main([*KEY, str(path)], capsys)
+    assert status == 0
+    assert out[-3:] == [
+        f"  review: 2 bundles collected after the signing key's certificate expired "
+        f"({APPLIANCE}.ev-13, {APPLIANCE}.ev-16)",
+        f"  review: the checkpoint of {APPLIANCE} was signed after the signing key's "
+        "certificate expired",
+        "  review: bundles recorded in the logs shown during the period but not in the "
+        "package: 1 (of other frameworks, or left out)",
+    ]

@@ -349,11 +349,20 @@ def _package_lines(report: AuditorPackageReport, verified: bool) -> list[str]:
             f"  review: {_count(len(report.signed_after_expiry), 'bundle')} collected after "
             f"the signing key's certificate expired ({', '.join(report.signed_after_expiry)})"
         )
+    late = [
+        segment.appliance_id
+        for segment in report.segments
+        if segment.checkpoint_signed_after_expiry
+    ]
+    if late:
+        lines.append(
+            f"  review: the checkpoint of {', '.join(late)} was signed after the signing "
+            "key's certificate expired"
+        )
     if report.omitted_bundles:
         lines.append(
-            f"  review: {_count(report.omitted_bundles, 'evidence entry', 'evidence entries')} "
-            "of the period in the logs shown record bundles not in the package "
-            "(of other frameworks, or left out)"
+            "  review: bundles recorded in the logs shown during the period but not in the "
+            f"package: {report.omitted_bundles} (of other frameworks, or left out)"
         )
     if report.unwitnessed_bundles:
         lines.append(
