@@ -12,6 +12,8 @@ Pure: no network, no disk (the auditor's command aside). Modules, bottom up:
 - :mod:`~msp_protocol.evidence` — evidence bundles and their log inclusion
 - :mod:`~msp_protocol.sync` — the audit sync batch and the witness's check of it
 - :mod:`~msp_protocol.export` — audit and evidence exports, verified offline
+- :mod:`~msp_protocol.summary` — an auditor package's per-control summary, one rule
+- :mod:`~msp_protocol.package` — the auditor package (a site's evidence for a period)
 - :mod:`~msp_protocol.bundle` — signed config bundles, escalations
 - :mod:`~msp_protocol.httpsig` — RFC 9421 request signatures, RFC 9530 digests
 - :mod:`~msp_protocol.errors`, :mod:`~msp_protocol.limits`, :mod:`~msp_protocol.result`

@@ -164,6 +164,12 @@ class EvidenceError(VerificationError):
     code = "bad-evidence"
 
 
+class SummaryError(VerificationError):
+    """A summary that says something other than the signed documents beside it."""
+
+    code = "bad-summary"
+
+
 class RequestSignatureError(VerificationError):
     """An RFC 9421 request signature that does not verify."""
 

@@ -23,7 +23,7 @@ from files; this module, like the rest of the package, does no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
@@ -33,6 +33,7 @@ from pydantic import Field, StringConstraints
 from msp_protocol.canonical import parse_json
 from msp_protocol.delegation import (
     Revocation,
+    RevocationList,
     VerifiedDelegation,
     check_delegation,
     check_revocations,
@@ -341,18 +342,7 @@ class _AuditCheck:
             self.fail(failure, where="revocations")
         if not checked.ok:
             return
-        # One index for all lookups: RevocationList.find rebuilds it per call.
-        revoked: dict[str, Revocation] = {
-            entry.serial: entry for entry in checked.unwrap().revocations.revoked
-        }
-        for key_id, held in self.certificates.items():
-            found = [
-                (revocation.cutoff_size, revocation.serial)
-                for delegation in held
-                if (revocation := revoked.get(delegation.certificate.serial)) is not None
-            ]
-            if found:
-                self.cutoffs[key_id] = min(found)
+        self.cutoffs = revocation_cutoffs(self.certificates, checked.unwrap().revocations)
 
     def check_checkpoints(self) -> None:
         unknown: dict[str, list[int]] = {}
@@ -845,6 +835,27 @@ def check_evidence_export(
 verify_evidence_export = raising(check_evidence_export)
 
 
+def revocation_cutoffs(
+    certificates: Mapping[str, Iterable[VerifiedDelegation]], revocations: RevocationList
+) -> dict[str, tuple[int, str]]:
+    """Key id -> (cutoff size, serial) for every key with a revoked
+    certificate among ``certificates`` (verified ones, by key id): the lowest
+    cutoff of any of its certificates, since the server revokes a key's
+    serials together."""
+    # One index for all lookups: RevocationList.find rebuilds it per call.
+    revoked: dict[str, Revocation] = {entry.serial: entry for entry in revocations.revoked}
+    cutoffs: dict[str, tuple[int, str]] = {}
+    for key_id, held in certificates.items():
+        found = [
+            (revocation.cutoff_size, revocation.serial)
+            for delegation in held
+            if (revocation := revoked.get(delegation.certificate.serial)) is not None
+        ]
+        if found:
+            cutoffs[key_id] = min(found)
+    return cutoffs
+
+
 def _located(where: str, failures: Iterable[Failure]) -> tuple[Failure, ...]:
     return tuple(type(failure)(f"{where}: {failure}") for failure in failures)
 
@@ -863,6 +874,7 @@ __all__ = [
     "check_evidence_export",
     "parse_audit_export",
     "parse_evidence_export",
+    "revocation_cutoffs",
     "verify_audit_export",
     "verify_evidence_export",
 ]

@@ -68,6 +68,12 @@ class Limits:
     # entries (checkpoint sizes ascend, each bundle has its own entry), and
     # each costs an Ed25519 verification.
     max_export_entries: int = 1_000_000
+    # An auditor package (a site's evidence for a period) bounds its entries,
+    # bundles, certificates and summary controls with max_export_entries and
+    # max_export_bytes too: 90 days of a busy site is some 100,000 bundles in
+    # 300,000 entries. Its log segments, one per appliance of the site: a
+    # site has a handful of appliances, a campus perhaps a hundred.
+    max_package_appliances: int = 1_000
 
     def __post_init__(self) -> None:
         for name in self.__slots__:

@@ -276,7 +276,10 @@ class LogReplay:
 
     Each :meth:`add` checks the entry parses, sits at the next index, and (for
     index 0) is the genesis of the expected appliance; :meth:`root` is the
-    RFC 6962 root of everything added so far.
+    RFC 6962 root of everything added so far. Given a ``state`` (a compact
+    range, :meth:`TreeState.from_compact_range`), the replay resumes at that
+    size: the next entry must carry index ``state.size``, and only the root
+    compared with a signed checkpoint shows the range was genuine.
     """
 
     def __init__(

@@ -25,7 +25,12 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from msp_protocol.errors import ConsistencyProofError, InclusionProofError, UsageError
+from msp_protocol.errors import (
+    ConsistencyProofError,
+    InclusionProofError,
+    ModelError,
+    UsageError,
+)
 from msp_protocol.limits import DEFAULT_LIMITS, Limits
 from msp_protocol.result import Result, raising
 
@@ -328,6 +333,28 @@ class TreeState:
             )
         if any(len(node) != HASH_BYTES for node in self.nodes):
             raise UsageError("subtree roots must be 32-byte hashes")
+
+    @classmethod
+    def from_compact_range(
+        cls, size: int, nodes: Sequence[bytes], *, limits: Limits = DEFAULT_LIMITS
+    ) -> TreeState:
+        """A tree of ``size`` leaves from its compact range, as received.
+
+        Nothing here shows the nodes are those of any real tree: whoever
+        appends to the state compares the resulting root with a signed one.
+        Raises :class:`ModelError` for a size or a node count no compact
+        range has.
+        """
+        if not 0 <= size <= limits.max_tree_size:
+            raise ModelError(f"compact range: tree size {size} out of range")
+        if len(nodes) != size.bit_count():
+            raise ModelError(
+                f"compact range of a tree of size {size} has {size.bit_count()} "
+                f"subtree roots, got {len(nodes)}"
+            )
+        if any(len(node) != HASH_BYTES for node in nodes):
+            raise ModelError("compact range: subtree roots must be 32-byte hashes")
+        return cls(size, list(nodes))
 
     def append(self, leaf: bytes) -> None:
         """Add one leaf hash; O(log n) hashing, no old leaf read."""

@@ -5,12 +5,14 @@
     msp-verify --central-key HEX [--json] [--at TIME] FILE
     msp-verify --central-key-file central.pub --certificate certificate.json bundle.json
 
-FILE is an audit export (``msp-agent audit export``), an evidence export, or a
-bare evidence bundle envelope (then ``--certificate`` names its delegation
-certificate). The central server's public key is the only thing trusted.
+FILE is an audit export (``msp-agent audit export``), an evidence export, an
+auditor package (a site's evidence for some frameworks over a period, from
+the central server), or a bare evidence bundle envelope (then
+``--certificate`` names its delegation certificate). The central server's
+public key is the only thing trusted.
 
 Exit status: 0 verified; 1 verification failed (one line per problem, naming
-the first bad entry); 2 the command was used wrongly (no central key, a file
+the first bad entry or document); 2 the command was used wrongly (no central key, a file
 that cannot be read or is not JSON, a document of no known kind). Every
 message is one line; there is no traceback.
 
@@ -30,7 +32,7 @@ from typing import Any, NoReturn
 
 from msp_protocol.canonical import parse_json
 from msp_protocol.dsse import PayloadType, parse_envelope
-from msp_protocol.encoding import parse_time, utc_now
+from msp_protocol.encoding import format_time, parse_time, utc_now
 from msp_protocol.errors import EncodingError, JSONError, MalformedError
 from msp_protocol.export import (
     AUDIT_EXPORT_FORMAT,
@@ -43,6 +45,11 @@ from msp_protocol.export import (
 )
 from msp_protocol.keys import VerifyKey
 from msp_protocol.limits import DEFAULT_LIMITS, Limits
+from msp_protocol.package import (
+    AUDITOR_PACKAGE_FORMAT,
+    AuditorPackageReport,
+    check_auditor_package,
+)
 from msp_protocol.result import Failure
 
 PROG = "msp-verify"
@@ -66,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description=(
-            "Verify an audit export, an evidence export or an evidence bundle offline, "
-            "with only the central server's public key."
+            "Verify an audit export, an evidence export, an auditor package or an evidence "
+            "bundle offline, with only the central server's public key."
         ),
         epilog="Exit status: 0 verified, 1 verification failed, 2 usage error.",
     )
@@ -104,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    kind: str  # "audit-export", "evidence-export" or "evidence-bundle"
-    report: AuditExportReport | EvidenceExportReport | None
+    kind: str  # "audit-export", "evidence-export", "auditor-package" or "evidence-bundle"
+    report: AuditExportReport | EvidenceExportReport | AuditorPackageReport | None
     failures: tuple[Failure, ...]
 
     @property
@@ -206,6 +213,9 @@ def _verify(
     if tag == EVIDENCE_EXPORT_FORMAT:
         evidence = check_evidence_export(value, keys, at=at, limits=limits)
         return Outcome("evidence-export", evidence.value, evidence.failures)
+    if tag == AUDITOR_PACKAGE_FORMAT:
+        package = check_auditor_package(value, keys, at=at, limits=limits)
+        return Outcome("auditor-package", package.value, package.failures)
     if payload_type == PayloadType.EVIDENCE.value:
         if args.certificate is None:
             raise CommandLineError(
@@ -228,7 +238,8 @@ def _verify(
             f"{args.file} is a signed {payload_type[:80]} document, not an evidence bundle"
         )
     raise CommandLineError(
-        f"{args.file} is not an audit export, an evidence export or an evidence bundle"
+        f"{args.file} is not an audit export, an evidence export, an auditor package "
+        "or an evidence bundle"
     )
 
 
@@ -238,6 +249,8 @@ def _human_report(path: Path, outcome: Outcome) -> list[str]:
         lines = _audit_lines(report, outcome.verified)
     elif isinstance(report, EvidenceExportReport):
         lines = _evidence_lines(report)
+    elif isinstance(report, AuditorPackageReport):
+        lines = _package_lines(report, outcome.verified)
     else:
         lines = [f"{path}: NOT VERIFIED"]
     lines.extend(f"  {failure.code}: {failure}" for failure in outcome.failures)
@@ -303,6 +316,59 @@ def _evidence_lines(report: EvidenceExportReport) -> list[str]:
         )
     if report.signed_after_expiry:
         lines.append("  review: collected after its certificate expired")
+    return lines
+
+
+def _package_lines(report: AuditorPackageReport, verified: bool) -> list[str]:
+    title = (
+        f"auditor package of site {report.site_id} ({', '.join(report.frameworks)}), "
+        f"{format_time(report.period_start)} to {format_time(report.period_end)}"
+    )
+    if not verified:
+        return [f"{title}: NOT VERIFIED"]
+    lines = [f"{title}: verified"]
+    for segment in report.segments:
+        witnessed = (
+            f", witnessed {format_time(segment.witnessed_at)}" if segment.witnessed_at else ""
+        )
+        lines.append(
+            f"  appliance {segment.appliance_id}: entries {segment.start}..{segment.size - 1} "
+            f"signed by {', '.join(segment.key_ids)}{witnessed}"
+        )
+    lines.append(
+        f"  {_count(report.bundles, 'evidence bundle')}, each recorded in its appliance's "
+        "witnessed log"
+    )
+    states = ", ".join(f"{count} {state}" for state, count in sorted(report.states.items()))
+    lines.append(
+        f"  summary of {_count(len(report.controls), 'control')} recomputed and matching"
+        + (f": {states}" if states else "")
+    )
+    if report.signed_after_expiry:
+        lines.append(
+            f"  review: {_count(len(report.signed_after_expiry), 'bundle')} collected after "
+            f"the signing key's certificate expired ({', '.join(report.signed_after_expiry)})"
+        )
+    late = [
+        segment.appliance_id
+        for segment in report.segments
+        if segment.checkpoint_signed_after_expiry
+    ]
+    if late:
+        lines.append(
+            f"  review: the checkpoint of {', '.join(late)} was signed after the signing "
+            "key's certificate expired"
+        )
+    if report.omitted_bundles:
+        lines.append(
+            "  review: bundles recorded in the logs shown during the period but not in the "
+            f"package: {report.omitted_bundles} (of other frameworks, or left out)"
+        )
+    if report.unwitnessed_bundles:
+        lines.append(
+            f"  not verifiable: the server reports {report.unwitnessed_bundles} more "
+            "bundles of the period it cannot prove yet (not yet witnessed)"
+        )
     return lines
 
 
