@@ -388,11 +388,24 @@ def test_summary_latest_breaks_ties_by_appliance_then_bundle() -> None:
     assert audit.state == "failing"
     # A control listed twice by one bundle counts once.
     assert audit.counts.by_result() == {"pass": 1, "fail": 1, "error": 0, "not_applicable": 0}
+    # Each appliance's check speaks through its newest bundle, and the worst
+    # of them decides: appliance-a turning not_applicable leaves b failing.
     na = bundle("appliance-a", 31, "not_applicable", {"hipaa": ["164.312(b)"]}, {})
     summary = summarise_evidence(
         [*same_time, na], CONTROLS[:2], period_end=PERIOD_END, freshness_seconds=FRESHNESS
     )
-    assert summary.controls[1].state == "not-applicable"
+    assert summary.controls[1].state == "failing"
+    fixed = bundle("appliance-b", 32, "pass", {"hipaa": ["164.312(b)"]}, {})
+    summary = summarise_evidence(
+        [*same_time, na, fixed], CONTROLS[:2], period_end=PERIOD_END, freshness_seconds=FRESHNESS
+    )
+    assert summary.controls[1].state == "passing"
+    assert summary.controls[1].latest is not None
+    assert summary.controls[1].latest.bundle_id == fixed.bundle_id
+    summary = summarise_evidence(
+        [na], CONTROLS[:2], period_end=PERIOD_END, freshness_seconds=FRESHNESS
+    )
+    assert summary.controls[1].state == "not_applicable"
 
 
 def test_two_appliances_verify() -> None:

@@ -4,14 +4,19 @@ The central server writes the summary of a package with
 :func:`summarise_evidence`; an auditor's check recomputes it with the same
 function from the bundles that verified, and :func:`control_difference`
 names the first field where the server's summary says otherwise. Per
-(framework, control): the bundles listing it, counted by result; the newest
-of them (max by collected_at, appliance_id, bundle_id); and the state:
+(framework, control): the bundles listing it, counted by result, and the
+state at the end of the period, by the rule the central server's posture
+uses:
 
-- ``no-evidence`` without a bundle;
-- ``stale`` when the newest is older than ``freshness_seconds`` at the end
-  of the period;
-- else the newest bundle's result: ``passing``, ``failing``, ``error`` or
-  ``not-applicable``.
+- each (appliance, check) pair speaks through its newest bundle (max by
+  collected_at, then bundle_id);
+- that bundle reads ``stale`` when it is older than ``freshness_seconds`` at
+  the end of the period, else by its result: ``passing``, ``failing``,
+  ``error`` or ``not_applicable``;
+- the control takes the worst of them (failing, error, stale, passing,
+  not_applicable), and ``latest`` names the bundle behind it: the newest of
+  those in that state (max by collected_at, appliance_id, bundle_id);
+- without a bundle the state is ``no-evidence``.
 """
 
 from __future__ import annotations
@@ -26,12 +31,20 @@ from msp_protocol.encoding import Identifier, Timestamp, format_time
 from msp_protocol.evidence import CheckId, CheckResult, ControlId, EvidenceBundle, FrameworkId
 from msp_protocol.model import WireModel
 
-ControlState = Literal["passing", "failing", "error", "not-applicable", "stale", "no-evidence"]
+ControlState = Literal["passing", "failing", "error", "not_applicable", "stale", "no-evidence"]
 STATE_OF_RESULT: Final[dict[str, ControlState]] = {
     "pass": "passing",
     "fail": "failing",
     "error": "error",
-    "not_applicable": "not-applicable",
+    "not_applicable": "not_applicable",
+}
+# Worst first: the state a control takes when its checks disagree.
+SEVERITY: Final[dict[ControlState, int]] = {
+    "failing": 0,
+    "error": 1,
+    "stale": 2,
+    "passing": 3,
+    "not_applicable": 4,
 }
 Count = Annotated[StrictInt, Field(ge=0)]
 Title = Annotated[str, StringConstraints(strict=True, max_length=1024)]
@@ -62,7 +75,7 @@ class ResultCounts(WireModel):
 
 
 class LatestEvidence(WireModel):
-    """The newest bundle for a control: max by (collected_at, appliance_id, bundle_id)."""
+    """The bundle a control's state rests on (see the module docstring)."""
 
     document_name = "latest evidence"
 
@@ -139,7 +152,8 @@ def summarise_evidence(
     """
     position = {(framework, control_id): i for i, (framework, control_id, _) in enumerate(controls)}
     counts = [dict.fromkeys(STATE_OF_RESULT, 0) for _ in controls]
-    newest: list[EvidenceBundle | None] = [None] * len(controls)
+    # (control position, appliance, check) -> that pair's newest bundle
+    newest: dict[tuple[int, str, str], EvidenceBundle] = {}
     for bundle in bundles:
         for framework, control_ids in bundle.controls.items():
             for control_id in dict.fromkeys(control_ids):
@@ -147,12 +161,27 @@ def summarise_evidence(
                 if i is None:
                     continue
                 counts[i][bundle.result] += 1
-                current = newest[i]
-                if current is None or _newest_key(bundle) > _newest_key(current):
-                    newest[i] = bundle
+                pair = (i, bundle.appliance_id, bundle.check_id)
+                current = newest.get(pair)
+                if current is None or (bundle.collected_at, bundle.bundle_id) > (
+                    current.collected_at,
+                    current.bundle_id,
+                ):
+                    newest[pair] = bundle
     fresh = timedelta(seconds=freshness_seconds)
+    deciding: list[tuple[tuple[int, datetime, str, str], ControlState, EvidenceBundle] | None]
+    deciding = [None] * len(controls)
+    for (i, _appliance, _check), bundle in newest.items():
+        stale = period_end - bundle.collected_at > fresh
+        state = "stale" if stale else STATE_OF_RESULT[bundle.result]
+        rank = (-SEVERITY[state], *_newest_key(bundle))
+        held = deciding[i]
+        if held is None or rank > held[0]:
+            deciding[i] = (rank, state, bundle)
     summaries: list[dict[str, Any]] = []
-    for (framework, control_id, title), count, latest in zip(controls, counts, newest, strict=True):
+    for (framework, control_id, title), count, decided in zip(
+        controls, counts, deciding, strict=True
+    ):
         summary: dict[str, Any] = {
             "framework": framework,
             "control_id": control_id,
@@ -160,7 +189,8 @@ def summarise_evidence(
             "counts": count,
             "state": "no-evidence",
         }
-        if latest is not None:
+        if decided is not None:
+            _rank, state, latest = decided
             reason = latest.observed.get("reason")
             summary["latest"] = {
                 "bundle_id": latest.bundle_id,
@@ -170,8 +200,7 @@ def summarise_evidence(
                 "collected_at": latest.collected_at,
                 "reason": reason if isinstance(reason, str) else None,
             }
-            stale = period_end - latest.collected_at > fresh
-            summary["state"] = "stale" if stale else STATE_OF_RESULT[latest.result]
+            summary["state"] = state
         summaries.append(summary)
     return PackageSummary.from_wire(
         {
@@ -213,6 +242,7 @@ def _shown(value: object) -> str:
 
 
 __all__ = [
+    "SEVERITY",
     "STATE_OF_RESULT",
     "ControlState",
     "ControlSummary",
