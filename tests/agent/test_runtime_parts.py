@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from msp_agent.checks import (
-    CheckContext,
     delegation_valid,
     journal_size,
     nix_generations,
@@ -31,6 +30,7 @@ from msp_agent.l1 import ActionNotAllowedError, L1Runner
 from msp_agent.runtime import plan_checks
 from msp_agent.systemd import Notifier
 from msp_protocol.keys import SigningKey
+from tests.agent.support import check_context as context
 
 CENTRAL = SigningKey(b"\x07" * 32).verify_key.hex
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -184,23 +184,6 @@ def test_the_plan_is_what_the_site_enables_with_its_controls() -> None:
 
 
 # --- checks that read files ----------------------------------------------------------------------
-
-
-def context(tmp_path: Path, **changes: object) -> CheckContext:
-    async def verify() -> tuple[bool, int, int | None, str | None]:
-        return True, 0, None, None
-
-    values: dict[str, object] = {
-        "state_dir": tmp_path,
-        "disk_min_free_percent": 0.0,
-        "sshd_config": tmp_path / "sshd_config",
-        "verify_audit": verify,
-        "certificate": lambda: None,
-        "now": lambda: NOW,
-        "certificate_min_remaining": 0.2,
-    }
-    values.update(changes)
-    return CheckContext(**values)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
