@@ -256,12 +256,19 @@ async def test_l1_failures_are_outcomes(tmp_path: Path) -> None:
         "reload-firewall"
     )
     assert (failed.result, failed.exit_status, failed.output) == ("failed", 3, "nope")
+    assert failed.reason == "exited with status 3: nope"
     missing = await L1Runner([str(tmp_path / "absent"), "{action}"]).run("reload-firewall")
     assert missing.result == "not-started"
+    assert missing.reason is not None
+    assert missing.reason.startswith("could not start: [Errno 2] No such file or directory")
     slow = await L1Runner(["/bin/sh", "-c", "sleep 5; echo done", "{action}"], timeout=0.2).run(
         "reload-firewall"
     )
     assert slow.result == "timed-out"
+    assert slow.reason is not None
+    assert slow.reason.startswith("timed out after 0.2")
+    done = await L1Runner(["/bin/true", "{action}"]).run("reload-firewall")
+    assert (done.result, done.reason) == ("succeeded", None)
 
 
 # --- CLI ----------------------------------------------------------------------------------------
