@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from msp_agent.checks import CheckContext
 from msp_agent.keys import DelegatedSigningKey
 from msp_protocol.delegation import Scope, issue_delegation
 from msp_protocol.keys import SigningKey
@@ -52,3 +53,23 @@ def enrolled_key(
         )
     )
     return signer
+
+
+def check_context(tmp_path: Path, **changes: object) -> CheckContext:
+    """A check context looking at ``tmp_path``, where every check passes
+    unless ``changes`` say otherwise."""
+
+    async def verify() -> tuple[bool, int, int | None, str | None]:
+        return True, 0, None, None
+
+    values: dict[str, object] = {
+        "state_dir": tmp_path,
+        "disk_min_free_percent": 0.0,
+        "sshd_config": tmp_path / "sshd_config",
+        "verify_audit": verify,
+        "certificate": lambda: None,
+        "now": lambda: NOW,
+        "certificate_min_remaining": 0.2,
+    }
+    values.update(changes)
+    return CheckContext(**values)  # type: ignore[arg-type]

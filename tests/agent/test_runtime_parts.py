@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from msp_agent.checks import (
-    CheckContext,
     delegation_valid,
     journal_size,
     nix_generations,
@@ -31,6 +30,7 @@ from msp_agent.l1 import ActionNotAllowedError, L1Runner
 from msp_agent.runtime import plan_checks
 from msp_agent.systemd import Notifier
 from msp_protocol.keys import SigningKey
+from tests.agent.support import check_context as context
 
 CENTRAL = SigningKey(b"\x07" * 32).verify_key.hex
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -186,23 +186,6 @@ def test_the_plan_is_what_the_site_enables_with_its_controls() -> None:
 # --- checks that read files ----------------------------------------------------------------------
 
 
-def context(tmp_path: Path, **changes: object) -> CheckContext:
-    async def verify() -> tuple[bool, int, int | None, str | None]:
-        return True, 0, None, None
-
-    values: dict[str, object] = {
-        "state_dir": tmp_path,
-        "disk_min_free_percent": 0.0,
-        "sshd_config": tmp_path / "sshd_config",
-        "verify_audit": verify,
-        "certificate": lambda: None,
-        "now": lambda: NOW,
-        "certificate_min_remaining": 0.2,
-    }
-    values.update(changes)
-    return CheckContext(**values)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     ("config", "result"),
     [
@@ -273,12 +256,19 @@ async def test_l1_failures_are_outcomes(tmp_path: Path) -> None:
         "reload-firewall"
     )
     assert (failed.result, failed.exit_status, failed.output) == ("failed", 3, "nope")
+    assert failed.reason == "exited with status 3: nope"
     missing = await L1Runner([str(tmp_path / "absent"), "{action}"]).run("reload-firewall")
     assert missing.result == "not-started"
+    assert missing.reason is not None
+    assert missing.reason.startswith("could not start: [Errno 2] No such file or directory")
     slow = await L1Runner(["/bin/sh", "-c", "sleep 5; echo done", "{action}"], timeout=0.2).run(
         "reload-firewall"
     )
     assert slow.result == "timed-out"
+    assert slow.reason is not None
+    assert slow.reason.startswith("timed out after 0.2")
+    done = await L1Runner(["/bin/true", "{action}"]).run("reload-firewall")
+    assert (done.result, done.reason) == ("succeeded", None)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -129,6 +129,13 @@ MIGRATIONS = [
         rejected TEXT
     );
     """,
+    # Bundles the central server acknowledged are kept for the audit export,
+    # marked delivered, instead of deleted.
+    """
+    ALTER TABLE evidence ADD COLUMN delivered_at TEXT;
+    CREATE INDEX evidence_waiting ON evidence (log_index)
+        WHERE delivered_at IS NULL AND rejected IS NULL;
+    """,
 ]
 
 

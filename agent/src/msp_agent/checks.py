@@ -1,7 +1,9 @@
 """Compliance checks of the appliance itself.
 
 Each check looks at one real thing and says ``pass``, ``fail``, ``error``
-(it could not look) or ``not_applicable``, with what it observed. Checks are
+(it could not look) or ``not_applicable``, with what it observed. Every
+``fail`` and ``error`` says why in one line, ``observed["reason"]``, for the
+operator who reads the evidence or ``msp-agent status``. Checks are
 named as the central catalogue's runbooks name them (``check`` of a
 runbook); the scheduler maps each to the controls of the site's frameworks.
 
@@ -29,11 +31,46 @@ from typing import Any
 
 from msp_protocol.evidence import CheckResult
 
+# A reason is one line; what it summarises is in the other observed fields.
+MAX_REASON_CHARS = 300
+# Names a reason spells out before it says "and N more".
+MAX_REASON_NAMES = 10
+
 
 @dataclass(frozen=True, slots=True)
 class Observation:
     result: CheckResult
     observed: dict[str, Any] = field(default_factory=dict)
+
+
+def _observation(result: CheckResult, reason: str | None, **observed: Any) -> Observation:
+    """An observation with its reason first (a ``pass`` needs none)."""
+    if reason is not None:
+        observed = {"reason": _one_line(reason), **observed}
+    return Observation(result, observed)
+
+
+def _error(reason: str, **observed: Any) -> Observation:
+    return _observation("error", reason, **observed)
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 1] + "…"
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_REASON_NAMES])
+    more = len(names) - MAX_REASON_NAMES
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _cannot_read(path: Path | str, exc: OSError) -> str:
+    return f"cannot read {path}: {(exc.strerror or str(exc)).lower()}"
+
+
+def _mebibytes(size: int) -> str:
+    return f"{size / (1024 * 1024):.0f} MiB"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +93,8 @@ class CheckContext:
     max_os_age_days: int = 30
     # Where the file system is (tests point it at a tree of their own).
     root: Path = Path("/")
+    # The kernel's clock state (tests hand in one of their own).
+    kernel_clock: Callable[[], KernelClock] = field(default_factory=lambda: read_kernel_clock)
 
 
 Check = Callable[[CheckContext], Awaitable[Observation]]
@@ -99,25 +138,47 @@ STA_UNSYNC = 0x0040
 TIME_ERROR = 5
 
 
-async def time_sync(_context: CheckContext) -> Observation:
-    """The kernel's NTP state, read with adjtimex(2) in read-only mode, as
-    timedatectl's ``NTPSynchronized`` does: synchronised unless the clock
-    state is TIME_ERROR or STA_UNSYNC is set."""
+@dataclass(frozen=True, slots=True)
+class KernelClock:
+    """What adjtimex(2) says of the clock."""
+
+    state: int
+    status: int
+    max_error_us: int
+    estimated_error_us: int
+
+
+def read_kernel_clock() -> KernelClock:
+    """adjtimex(2) in read-only mode (``modes`` 0); raises :class:`OSError`."""
     timex = _Timex()
     libc = ctypes.CDLL(None, use_errno=True)
     state = libc.adjtimex(ctypes.byref(timex))
     if state < 0:
-        return Observation("error", {"error": os.strerror(ctypes.get_errno())})
-    synchronised = state != TIME_ERROR and not timex.status & STA_UNSYNC
-    return Observation(
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return KernelClock(state, timex.status, timex.maxerror, timex.esterror)
+
+
+async def time_sync(context: CheckContext) -> Observation:
+    """The kernel's NTP state, as timedatectl's ``NTPSynchronized`` reads it:
+    synchronised unless the clock state is TIME_ERROR or STA_UNSYNC is set."""
+    try:
+        clock = context.kernel_clock()
+    except OSError as exc:
+        return _error(f"cannot read the kernel clock: {(exc.strerror or str(exc)).lower()}")
+    synchronised = clock.state != TIME_ERROR and not clock.status & STA_UNSYNC
+    reason = None
+    if not synchronised:
+        why = "clock state TIME_ERROR" if clock.state == TIME_ERROR else "STA_UNSYNC set"
+        reason = f"clock not synchronised ({why}): maximum error {clock.max_error_us / 1e6:g} s"
+    return _observation(
         "pass" if synchronised else "fail",
-        {
-            "synchronised": synchronised,
-            "clock_state": state,
-            "status_flags": f"{timex.status:#06x}",
-            "max_error_us": timex.maxerror,
-            "estimated_error_us": timex.esterror,
-        },
+        reason,
+        synchronised=synchronised,
+        clock_state=clock.state,
+        status_flags=f"{clock.status:#06x}",
+        max_error_us=clock.max_error_us,
+        estimated_error_us=clock.estimated_error_us,
     )
 
 
@@ -128,19 +189,24 @@ async def state_disk_space(context: CheckContext) -> Observation:
     try:
         stats = os.statvfs(context.state_dir)
     except OSError as exc:
-        return Observation("error", {"error": exc.strerror or str(exc)})
+        return _error(_cannot_read(context.state_dir, exc))
     total = stats.f_blocks * stats.f_frsize
     available = stats.f_bavail * stats.f_frsize
     free_percent = 100.0 * available / total if total else 0.0
-    return Observation(
-        "pass" if free_percent >= context.disk_min_free_percent else "fail",
-        {
-            "path": str(context.state_dir),
-            "free_percent": round(free_percent, 2),
-            "available_bytes": available,
-            "total_bytes": total,
-            "min_free_percent": context.disk_min_free_percent,
-        },
+    ok = free_percent >= context.disk_min_free_percent
+    return _observation(
+        "pass" if ok else "fail",
+        None
+        if ok
+        else (
+            f"free space on {context.state_dir} is {free_percent:.0f} % "
+            f"(minimum {context.disk_min_free_percent:g} %)"
+        ),
+        path=str(context.state_dir),
+        free_percent=round(free_percent, 2),
+        available_bytes=available,
+        total_bytes=total,
+        min_free_percent=context.disk_min_free_percent,
     )
 
 
@@ -181,11 +247,25 @@ async def failed_units(context: CheckContext) -> Observation:
         context, "list-units", "--state=failed", "--plain", "--no-legend"
     )
     if status != 0 or _unreachable(text):
-        return Observation("error", {"error": text.splitlines()[0][:300] if text else str(status)})
+        return _error(_systemctl_problem(status, text))
     units = sorted(line.split()[0] for line in text.splitlines() if line.strip())
-    return Observation(
-        "pass" if not units else "fail", {"failed_units": units[:50], "count": len(units)}
+    return _observation(
+        "pass" if not units else "fail",
+        f"{len(units)} failed unit{'s' if len(units) != 1 else ''}: {_names(units)}"
+        if units
+        else None,
+        failed_units=units[:MAX_LISTED_UNITS],
+        count=len(units),
     )
+
+
+# Units listed in the evidence (the count says how many there were).
+MAX_LISTED_UNITS = 50
+
+
+def _systemctl_problem(status: int, text: str) -> str:
+    said = text.splitlines()[0] if text else f"exit status {status}"
+    return f"cannot ask systemd: {said}"
 
 
 # NixOS's firewall is firewall.service (iptables) or nftables.service.
@@ -195,12 +275,17 @@ FIREWALL_UNITS = ("firewall.service", "nftables.service")
 async def firewall_active(context: CheckContext) -> Observation:
     states: dict[str, str] = {}
     for unit in FIREWALL_UNITS:
-        _status, text = await _systemctl(context, "is-active", unit)
-        if _unreachable(text):
-            return Observation("error", {"error": text.splitlines()[0][:300]})
+        status, text = await _systemctl(context, "is-active", unit)
+        if status < 0 or _unreachable(text):
+            return _error(_systemctl_problem(status, text))
         states[unit] = text.splitlines()[0] if text else "unknown"
     active = any(state == "active" for state in states.values())
-    return Observation("pass" if active else "fail", {"units": states})
+    reason = None
+    if not active:
+        reason = "no firewall is active: " + ", ".join(
+            f"{unit} is {state}" for unit, state in states.items()
+        )
+    return _observation("pass" if active else "fail", reason, units=states)
 
 
 # --- sshd -------------------------------------------------------------------------------------
@@ -222,7 +307,7 @@ async def ssh_password_login_disabled(context: CheckContext) -> Observation:
             "not_applicable", {"sshd_config": str(context.sshd_config), "present": False}
         )
     except OSError as exc:
-        return Observation("error", {"error": exc.strerror or str(exc)})
+        return _error(_cannot_read(context.sshd_config, exc))
     values: dict[str, str] = {}
     match_blocks = 0
     for raw in text.splitlines():
@@ -237,19 +322,26 @@ async def ssh_password_login_disabled(context: CheckContext) -> Observation:
         if match_blocks == 0 and keyword in _SSH_KEYWORDS:
             values.setdefault(keyword, value.strip().lower())
     # OpenSSH's defaults are "yes" for both.
-    password = values.get("passwordauthentication", "yes")
+    by_password = values.get("passwordauthentication", "yes")
     keyboard = values.get(
         "kbdinteractiveauthentication", values.get("challengeresponseauthentication", "yes")
     )
-    ok = (password, keyboard) == ("no", "no")
-    return Observation(
+    ok = (by_password, keyboard) == ("no", "no")
+    allowed = [
+        keyword + ("" if set_here else " (the default)")
+        for keyword, setting, set_here in (
+            ("PasswordAuthentication", by_password, "passwordauthentication" in values),
+            ("KbdInteractiveAuthentication", keyboard, bool(set(_SSH_KEYWORDS[1:]) & set(values))),
+        )
+        if setting != "no"
+    ]
+    return _observation(
         "pass" if ok else "fail",
-        {
-            "sshd_config": str(context.sshd_config),
-            "password_authentication": password,
-            "keyboard_interactive_authentication": keyboard,
-            "match_blocks": match_blocks,
-        },
+        None if ok else f"sshd allows {' and '.join(allowed)}",
+        sshd_config=str(context.sshd_config),
+        password_authentication=by_password,
+        keyboard_interactive_authentication=keyboard,
+        match_blocks=match_blocks,
     )
 
 
@@ -258,32 +350,51 @@ async def ssh_password_login_disabled(context: CheckContext) -> Observation:
 
 async def audit_log_integrity(context: CheckContext) -> Observation:
     ok, size, first_bad, problem = await context.verify_audit()
-    observed: dict[str, Any] = {"size": size}
-    if not ok:
-        observed.update({"first_bad_index": first_bad, "problem": (problem or "")[:500]})
-    return Observation("pass" if ok else "fail", observed)
+    if ok:
+        return Observation("pass", {"size": size})
+    where = "" if first_bad is None else f" at entry {first_bad}"
+    return _observation(
+        "fail",
+        f"audit trail does not verify{where}: {problem or 'no reason given'}",
+        size=size,
+        first_bad_index=first_bad,
+        problem=(problem or "")[:500],
+    )
 
 
 async def delegation_valid(context: CheckContext) -> Observation:
     certificate = context.certificate()
     if certificate is None:
-        return Observation("fail", {"enrolled": False})
+        return _observation(
+            "fail", "not enrolled: this appliance has no certificate", enrolled=False
+        )
     serial, not_before, not_after, revoked = certificate
     now = context.now()
     lifetime = (not_after - not_before).total_seconds()
     remaining = (not_after - now).total_seconds()
     near_expiry = remaining < lifetime * context.certificate_min_remaining
     ok = not revoked and remaining > 0 and not near_expiry
-    return Observation(
+    until = not_after.isoformat().replace("+00:00", "Z")
+    if revoked:
+        reason: str | None = f"certificate {serial} is revoked"
+    elif remaining <= 0:
+        reason = f"certificate {serial} expired at {until}"
+    elif near_expiry:
+        reason = (
+            f"certificate {serial} expires at {until}, in {remaining / 86400:.1f} days "
+            f"(renewal due with {context.certificate_min_remaining:.0%} of its lifetime left)"
+        )
+    else:
+        reason = None
+    return _observation(
         "pass" if ok else "fail",
-        {
-            "serial": serial,
-            "not_after": not_after.isoformat().replace("+00:00", "Z"),
-            "remaining_seconds": int(remaining),
-            "revoked": revoked,
-            "expired": remaining <= 0,
-            "near_expiry": near_expiry,
-        },
+        reason,
+        serial=serial,
+        not_after=until,
+        remaining_seconds=int(remaining),
+        revoked=revoked,
+        expired=remaining <= 0,
+        near_expiry=near_expiry,
     )
 
 
@@ -304,12 +415,21 @@ async def journal_size(context: CheckContext) -> Observation:
                     total += path.stat().st_size
                     files += 1
         except OSError as exc:
-            return Observation("error", {"error": exc.strerror or str(exc)})
+            return _error(_cannot_read(base, exc))
     if files == 0:
         return Observation("not_applicable", {"journal_files": 0})
-    return Observation(
-        "pass" if total <= context.journal_max_bytes else "fail",
-        {"bytes": total, "files": files, "max_bytes": context.journal_max_bytes},
+    ok = total <= context.journal_max_bytes
+    return _observation(
+        "pass" if ok else "fail",
+        None
+        if ok
+        else (
+            f"the journal uses {_mebibytes(total)} in {files} files "
+            f"(maximum {_mebibytes(context.journal_max_bytes)})"
+        ),
+        bytes=total,
+        files=files,
+        max_bytes=context.journal_max_bytes,
     )
 
 
@@ -329,15 +449,20 @@ async def nix_generations(context: CheckContext) -> Observation:
             if (match := _GENERATION.match(entry.name))
         )
     except OSError as exc:
-        return Observation("error", {"error": exc.strerror or str(exc)})
-    return Observation(
-        "pass" if len(numbers) <= context.max_system_generations else "fail",
-        {
-            "generations": len(numbers),
-            "oldest": numbers[0] if numbers else None,
-            "newest": numbers[-1] if numbers else None,
-            "max_generations": context.max_system_generations,
-        },
+        return _error(_cannot_read(profiles, exc))
+    ok = len(numbers) <= context.max_system_generations
+    return _observation(
+        "pass" if ok else "fail",
+        None
+        if ok
+        else (
+            f"{len(numbers)} NixOS system generations kept "
+            f"(maximum {context.max_system_generations})"
+        ),
+        generations=len(numbers),
+        oldest=numbers[0] if numbers else None,
+        newest=numbers[-1] if numbers else None,
+        max_generations=context.max_system_generations,
     )
 
 
@@ -351,7 +476,13 @@ async def pending_reboot(context: CheckContext) -> Observation:
     if not booted.exists() or not current.exists():
         return Observation("not_applicable", {"nixos": False})
     differ = [part for part in _BOOT_PARTS if _resolved(booted / part) != _resolved(current / part)]
-    return Observation("pass" if not differ else "fail", {"differ": differ})
+    return _observation(
+        "pass" if not differ else "fail",
+        f"a reboot is pending: the booted system differs in {', '.join(differ)}"
+        if differ
+        else None,
+        differ=differ,
+    )
 
 
 def _resolved(path: Path) -> str | None:
@@ -373,22 +504,27 @@ async def os_update_age(context: CheckContext) -> Observation:
     except FileNotFoundError:
         return Observation("not_applicable", {"nixos": False})
     except OSError as exc:
-        return Observation("error", {"error": exc.strerror or str(exc)})
+        return _error(_cannot_read(version_file, exc))
     match = _VERSION_DATE.search(version)
     if match is None:
-        return Observation("error", {"error": f"no revision date in {version[:80]!r}"})
+        return _error(f"no revision date in the NixOS version {version[:80]!r}")
     try:
         built = datetime.strptime(match.group(1), "%Y%m%d").replace(tzinfo=UTC)
     except ValueError:
-        return Observation("error", {"error": f"bad revision date in {version[:80]!r}"})
+        return _error(f"bad revision date in the NixOS version {version[:80]!r}")
     age_days = (context.now() - built).days
-    return Observation(
-        "pass" if age_days <= context.max_os_age_days else "fail",
-        {
-            "nixos_version": version[:80],
-            "age_days": age_days,
-            "max_age_days": context.max_os_age_days,
-        },
+    ok = age_days <= context.max_os_age_days
+    return _observation(
+        "pass" if ok else "fail",
+        None
+        if ok
+        else (
+            f"NixOS {version[:40]} is built from nixpkgs of {built:%Y-%m-%d}, "
+            f"{age_days} days old (maximum {context.max_os_age_days})"
+        ),
+        nixos_version=version[:80],
+        age_days=age_days,
+        max_age_days=context.max_os_age_days,
     )
 
 
@@ -411,8 +547,8 @@ async def run_check(name: str, context: CheckContext) -> Observation:
     """Run one check; a check that raises is an ``error`` observation."""
     check = CHECKS.get(name)
     if check is None:
-        return Observation("error", {"error": f"this agent has no check {name!r}"})
+        return _error(f"this agent has no check {name!r}")
     try:
         return await check(context)
     except Exception as exc:  # a check's bug must not stop the others
-        return Observation("error", {"error": f"{type(exc).__name__}: {exc}"[:500]})
+        return _error(f"the check failed: {type(exc).__name__}: {exc}")

@@ -44,6 +44,7 @@ from msp_agent.keys import (
     KeyFileError,
     read_audit_row_key,
 )
+from msp_agent.results import RESULTS_FILE, failed_actions, failing_checks, read_results
 from msp_agent.runtime import ROTATE_REQUEST_FILE, STATUS_FILE, enroll, run_service
 from msp_agent.store import connect
 from msp_protocol.encoding import utc_now
@@ -259,14 +260,52 @@ def _status(args: argparse.Namespace, settings: AgentSettings) -> int:
         )
     if document.get("runbooks_without_check"):
         print(f"not checked by this agent version: {', '.join(document['runbooks_without_check'])}")
+    _print_results(document)
     for name, problem in (document.get("problems") or {}).items():
         print(f"problem: {name}: {problem}")
     return 0
 
 
+def _print_results(document: dict[str, Any]) -> None:
+    failing = document.get("failing_checks") or []
+    if failing:
+        print("failing checks:")
+        for check in failing:
+            print(
+                f"  {check['check_id']}: {check['result']} since {check.get('since') or '?'} "
+                f"(last run {check.get('at') or '?'}): {check.get('reason') or 'no reason given'}"
+            )
+    elif document.get("last_check_at"):
+        print("failing checks: none")
+    actions = document.get("failed_actions") or []
+    if actions:
+        print("failed L1 actions:")
+        for action in actions:
+            print(
+                f"  {action['action']} for {action['check_id']}: {action['outcome']} "
+                f"at {action.get('at') or '?'}: {action.get('reason') or 'no reason given'}"
+            )
+
+
 def read_status(settings: AgentSettings) -> dict[str, Any]:
     """The running agent's ``status.json`` when it is alive; otherwise what
-    the files say (the agent is not running)."""
+    the files say (the agent is not running). Either way, with the checks
+    failing and the L1 actions failed as the service last recorded them."""
+    document = _read_status_file(settings)
+    if document.get("enrolled", True):
+        path = settings.state_dir / RESULTS_FILE
+        try:
+            records = read_results(settings.state_dir)
+        except PermissionError:
+            raise CommandError(_denied(path)) from None
+        except OSError as exc:
+            raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+        document["failing_checks"] = failing_checks(records)
+        document["failed_actions"] = failed_actions(records)
+    return document
+
+
+def _read_status_file(settings: AgentSettings) -> dict[str, Any]:
     path = settings.state_dir / STATUS_FILE
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))

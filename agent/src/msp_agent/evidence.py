@@ -1,4 +1,4 @@
-"""EvidenceQueue: signed evidence bundles, kept until the server has them.
+"""EvidenceQueue: signed evidence bundles, delivered to the server and kept.
 
 Signing a bundle and recording it in the audit trail are one transaction:
 the bundle is signed (under the ``evidence`` scope) with ``log_index`` set to
@@ -7,10 +7,16 @@ that entry. So every queued bundle is provably in the log, and no log entry
 points at a bundle that was never kept.
 
 The queue is idempotent by bundle id (signing the same id again returns the
-bundle already signed), delivers in log order, and forgets a bundle only when
-the central server acknowledged that very bundle. Its disk quota never drops
-anything silently: to make room it evicts the oldest undelivered bundles, and
-the eviction is itself an audit entry (``evidence.evicted``) and a counter.
+bundle already signed) and delivers in log order. A bundle the central server
+acknowledged is marked delivered (``delivered_at``) and kept, so
+``msp-agent audit export`` hands it to an auditor with the log.
+
+Its disk quota (``quota_bytes``; without one, delivered bundles alone are
+held to :data:`UNQUOTED_DELIVERED_BYTES`) never drops anything silently. To
+make room it first prunes the oldest *delivered* bundles, which the central
+server holds (an ``evidence.pruned`` entry and a counter); only when those
+are gone does it evict the oldest undelivered ones, which are then lost (an
+``evidence.evicted`` entry and a counter).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,13 +33,23 @@ from msp_agent.audit import Built, OfflineAuditTrail
 from msp_agent.central import CentralClient, CentralRejected, CentralUnavailable, DeliveryOutcome
 from msp_agent.keys import DelegatedSigningKey
 from msp_protocol.dsse import Envelope, parse_envelope
-from msp_protocol.encoding import format_time
+from msp_protocol.encoding import format_time, utc_now
 from msp_protocol.evidence import EVIDENCE_ENTRY_KIND, CheckResult, EvidenceBundle, sign_evidence
 from msp_protocol.keys import SigningKey
 
 log = logging.getLogger(__name__)
 
 EVICTED_KIND = "evidence.evicted"
+PRUNED_KIND = "evidence.pruned"
+# Without a quota, undelivered bundles are bounded by delivery alone (as they
+# always were); delivered ones would pile up forever, so they get this bound.
+UNQUOTED_DELIVERED_BYTES = 64 * 1024 * 1024
+# When delivered bundles must go, this share of the quota is freed beyond
+# what the new bundle needs: one pruning entry per many bundles, not per bundle.
+PRUNE_HEADROOM = 0.10
+# Bundle ids per eviction or pruning entry: an entry stays far below the
+# protocol's 64 KiB entry limit however many bundles go at once.
+IDS_PER_ENTRY = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +64,18 @@ class EvidenceStats:
     queued: int
     queued_bytes: int
     rejected: int
-    evicted_total: int
+    evicted_total: int  # undelivered bundles dropped for the quota (lost)
+    delivered: int = 0  # delivered bundles still held (for the audit export)
+    delivered_bytes: int = 0
+    pruned_total: int = 0  # delivered bundles dropped for the quota
+
+
+@dataclass(frozen=True, slots=True)
+class _Victims:
+    """What must go for a new bundle to fit: ``(bundle_id, bytes)`` each."""
+
+    pruned: list[tuple[str, int]]
+    evicted: list[tuple[str, int]]
 
 
 class EvidenceQueue:
@@ -62,11 +89,13 @@ class EvidenceQueue:
         *,
         site_id: str,
         quota_bytes: int | None = None,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._trail = trail
         self._signer = signer
         self.site_id = site_id
         self.quota_bytes = quota_bytes
+        self._clock = clock
 
     async def sign(
         self,
@@ -110,25 +139,16 @@ class EvidenceQueue:
                     log_index,
                 )
 
-            entries: list[tuple[str, str, dict[str, Any]]] = []
-            index = first_index
-            # Sign once to learn the size, then decide on eviction: an
-            # eviction entry comes first and shifts the bundle's index by one.
-            envelope = sign_at(index)
-            evicted = self._victims(connection, len(envelope.to_json()))
-            if evicted:
-                entries.append(
-                    (
-                        EVICTED_KIND,
-                        "agent",
-                        {
-                            "bundle_ids": [bundle for bundle, _ in evicted],
-                            "bytes": sum(size for _, size in evicted),
-                            "reason": "evidence quota",
-                        },
-                    )
-                )
-                index += 1
+            # Sign once to learn the size, then decide what must go: those
+            # entries come first and shift the bundle's index.
+            envelope = sign_at(first_index)
+            victims = self._victims(connection, len(envelope.to_json()))
+            entries = [
+                *_gone_entries(PRUNED_KIND, victims.pruned, "evidence quota; delivered"),
+                *_gone_entries(EVICTED_KIND, victims.evicted, "evidence quota"),
+            ]
+            index = first_index + len(entries)
+            if entries:
                 envelope = sign_at(index)
             payload = envelope.payload_bytes()
             entries.append(
@@ -142,14 +162,19 @@ class EvidenceQueue:
             created = format_time(now)
 
             def side_write(c: sqlite3.Connection) -> None:
-                if evicted:
+                for counter, gone in (
+                    ("evidence_pruned", victims.pruned),
+                    ("evidence_evicted", victims.evicted),
+                ):
+                    if not gone:
+                        continue
                     c.executemany(
-                        "DELETE FROM evidence WHERE bundle_id = ?", [(b,) for b, _ in evicted]
+                        "DELETE FROM evidence WHERE bundle_id = ?", [(b,) for b, _ in gone]
                     )
                     c.execute(
-                        "INSERT INTO meta (key, value) VALUES ('evidence_evicted', ?) "
+                        "INSERT INTO meta (key, value) VALUES (?, ?) "
                         "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
-                        (str(len(evicted)), len(evicted)),
+                        (counter, str(len(gone)), len(gone)),
                     )
                 c.execute(
                     "INSERT INTO evidence (bundle_id, log_index, check_id, envelope, created_at) "
@@ -190,35 +215,38 @@ class EvidenceQueue:
         )
         return sign_evidence(key, bundle)
 
-    def _victims(self, connection: sqlite3.Connection, incoming: int) -> list[tuple[str, int]]:
-        """The oldest undelivered bundles to evict so ``incoming`` bytes fit."""
+    def _victims(self, connection: sqlite3.Connection, incoming: int) -> _Victims:
+        """What must go so ``incoming`` bytes fit: the oldest delivered
+        bundles first (with some headroom), then, only if that is not enough,
+        the oldest undelivered ones."""
+        delivered, waiting = connection.execute(
+            "SELECT COALESCE(SUM(CASE WHEN delivered_at IS NOT NULL THEN LENGTH(envelope) END), 0),"
+            " COALESCE(SUM(CASE WHEN delivered_at IS NULL THEN LENGTH(envelope) END), 0) "
+            "FROM evidence WHERE rejected IS NULL"
+        ).fetchone()
         if self.quota_bytes is None:
-            return []
-        used = connection.execute(
-            "SELECT COALESCE(SUM(LENGTH(envelope)), 0) FROM evidence WHERE rejected IS NULL"
-        ).fetchone()[0]
-        excess = used + incoming - self.quota_bytes
-        victims: list[tuple[str, int]] = []
+            limit, excess = UNQUOTED_DELIVERED_BYTES, delivered - UNQUOTED_DELIVERED_BYTES
+        else:
+            limit, excess = self.quota_bytes, delivered + waiting + incoming - self.quota_bytes
         if excess <= 0:
-            return victims
-        for bundle_id, size in connection.execute(
-            "SELECT bundle_id, LENGTH(envelope) FROM evidence WHERE rejected IS NULL "
-            "ORDER BY log_index"
-        ):
-            victims.append((bundle_id, size))
-            excess -= size
-            if excess <= 0:
-                break
-        log.warning("evidence quota reached: evicting %d undelivered bundle(s)", len(victims))
-        return victims
+            return _Victims([], [])
+        pruned = _oldest(connection, delivered=True, at_least=excess + int(limit * PRUNE_HEADROOM))
+        if pruned:
+            log.info("evidence quota: pruning %d delivered bundle(s)", len(pruned))
+        excess -= sum(size for _, size in pruned)
+        evicted = []
+        if excess > 0 and self.quota_bytes is not None:
+            evicted = _oldest(connection, delivered=False, at_least=excess)
+            log.warning("evidence quota reached: evicting %d undelivered bundle(s)", len(evicted))
+        return _Victims(pruned, evicted)
 
     async def pending(self, limit: int = 100) -> list[SignedEvidence]:
         """Undelivered bundles, oldest (lowest log index) first."""
 
         def read(connection: sqlite3.Connection) -> list[SignedEvidence]:
             rows = connection.execute(
-                "SELECT bundle_id, log_index, envelope FROM evidence WHERE rejected IS NULL "
-                "ORDER BY log_index LIMIT ?",
+                "SELECT bundle_id, log_index, envelope FROM evidence "
+                "WHERE delivered_at IS NULL AND rejected IS NULL ORDER BY log_index LIMIT ?",
                 (limit,),
             ).fetchall()
             return [SignedEvidence(b, i, parse_envelope(bytes(e))) for b, i, e in rows]
@@ -226,10 +254,13 @@ class EvidenceQueue:
         return await self._trail.store.run(read)
 
     async def acknowledge(self, bundle_ids: Sequence[str]) -> None:
-        """Forget bundles the central server holds (and only those)."""
+        """Mark bundles the central server holds (and only those) delivered:
+        out of delivery, kept for the audit export until the quota needs room."""
+        delivered_at = format_time(self._clock())
         await self._trail.store.write(
             lambda c: c.executemany(
-                "DELETE FROM evidence WHERE bundle_id = ?", [(b,) for b in bundle_ids]
+                "UPDATE evidence SET delivered_at = ? WHERE bundle_id = ? AND delivered_at IS NULL",
+                [(delivered_at, b) for b in bundle_ids],
             )
         )
 
@@ -269,16 +300,66 @@ class EvidenceQueue:
 
     async def stats(self) -> EvidenceStats:
         def read(connection: sqlite3.Connection) -> EvidenceStats:
-            queued, size = connection.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0) FROM evidence "
-                "WHERE rejected IS NULL"
-            ).fetchone()
-            rejected = connection.execute(
-                "SELECT COUNT(*) FROM evidence WHERE rejected IS NOT NULL"
-            ).fetchone()[0]
-            evicted = connection.execute(
-                "SELECT value FROM meta WHERE key = 'evidence_evicted'"
-            ).fetchone()
-            return EvidenceStats(queued, size, rejected, int(evicted[0]) if evicted else 0)
+            held: dict[tuple[int, int], tuple[int, int]] = {}
+            for refused, delivered_already, count, size in connection.execute(
+                "SELECT rejected IS NOT NULL, delivered_at IS NOT NULL, COUNT(*), "
+                "SUM(LENGTH(envelope)) FROM evidence GROUP BY 1, 2"
+            ):
+                held[refused, delivered_already] = (int(count), int(size))
+
+            def counter(key: str) -> int:
+                row = connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+                return int(row[0]) if row else 0
+
+            queued, size = held.get((0, 0), (0, 0))
+            delivered, delivered_size = held.get((0, 1), (0, 0))
+            rejected = sum(count for (refused, _), (count, _) in held.items() if refused)
+            return EvidenceStats(
+                queued,
+                size,
+                rejected,
+                counter("evidence_evicted"),
+                delivered,
+                delivered_size,
+                counter("evidence_pruned"),
+            )
 
         return await self._trail.store.run(read)
+
+
+def _oldest(
+    connection: sqlite3.Connection, *, delivered: bool, at_least: int
+) -> list[tuple[str, int]]:
+    """The oldest delivered (or undelivered) bundles whose sizes add up to
+    ``at_least`` bytes, or all of them."""
+    chosen: list[tuple[str, int]] = []
+    for bundle_id, size in connection.execute(
+        "SELECT bundle_id, LENGTH(envelope) FROM evidence "
+        "WHERE rejected IS NULL AND (delivered_at IS NOT NULL) = ? ORDER BY log_index",
+        (delivered,),
+    ):
+        if at_least <= 0:
+            break
+        chosen.append((bundle_id, size))
+        at_least -= size
+    return chosen
+
+
+def _gone_entries(
+    kind: str, gone: list[tuple[str, int]], reason: str
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """The audit entries recording that ``gone`` bundles were dropped."""
+    return [
+        (
+            kind,
+            "agent",
+            {
+                "bundle_ids": [bundle for bundle, _ in chunk],
+                "bytes": sum(size for _, size in chunk),
+                "reason": reason,
+            },
+        )
+        for chunk in (
+            gone[start : start + IDS_PER_ENTRY] for start in range(0, len(gone), IDS_PER_ENTRY)
+        )
+    ]

@@ -4,7 +4,8 @@
 needed to verify it offline with only the central server's public key
 (``msp-verify``): the entries' exact bytes, the signed checkpoints, the
 certificates of every key that signed, the server's receipts, the latest
-revocation list and the evidence bundles still held.
+revocation list and the evidence bundles the appliance holds: those the
+server acknowledged (kept within the evidence quota) and those still waiting.
 
 Both commands read the databases through read-only connections, so they run
 beside the service without stopping it.

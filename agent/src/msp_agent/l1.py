@@ -56,6 +56,18 @@ class ActionOutcome:
     def succeeded(self) -> bool:
         return self.result == "succeeded"
 
+    @property
+    def reason(self) -> str | None:
+        """Why it did not succeed, in one line (None when it did)."""
+        if self.result == "succeeded":
+            return None
+        if self.result == "timed-out":
+            return f"timed out after {self.seconds:.3g} s"
+        if self.result == "not-started":
+            return f"could not start: {self.output.splitlines()[-1] if self.output else '?'}"
+        said = self.output.strip().splitlines()[-1][:200] if self.output.strip() else "no output"
+        return f"exited with status {self.exit_status}: {said}"
+
     def detail(self) -> dict[str, object]:
         return {
             "exit_status": self.exit_status,

@@ -102,7 +102,7 @@ class LocalResilienceManager:
         manager = cls(
             trail=trail,
             evidence=EvidenceQueue(
-                trail, signer, site_id=site_id, quota_bytes=quotas.evidence_bytes
+                trail, signer, site_id=site_id, quota_bytes=quotas.evidence_bytes, clock=clock
             ),
             urgent=urgent,
             signer=signer,

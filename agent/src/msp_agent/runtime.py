@@ -59,6 +59,13 @@ from msp_agent.http_client import CLOCK_REFUSALS, HttpCentralClient
 from msp_agent.keys import KEY_FILE, DelegatedSigningKey, KeyFileError, KeyRevokedError
 from msp_agent.l1 import INTERNAL_ACTIONS, ActionNotAllowedError, L1Runner
 from msp_agent.manager import LocalResilienceManager, Quotas
+from msp_agent.results import (
+    ActionRecord,
+    CheckRecord,
+    next_record,
+    read_results,
+    write_results,
+)
 from msp_agent.retry import retry_delay
 from msp_agent.sms import SMSAlerter, TwilioSettings
 from msp_agent.store import StoreError
@@ -72,7 +79,6 @@ from msp_protocol.keys import VerifyKey
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
-CHECK_RESULTS_FILE = "check-results.json"
 REVOCATIONS_FILE = "revocations.json"
 ROTATE_REQUEST_FILE = "rotate-requested"
 BUNDLE_DIR = "bundles"
@@ -188,7 +194,7 @@ class Agent:
         self.last_check_at: datetime | None = None
         self.last_sync_at: datetime | None = None
         self.clock_skew: float | None = None
-        self._last_results: dict[str, str] = {}
+        self._last_results: dict[str, CheckRecord] = {}
         self.unsupported: list[str] = []
         self._revocations_etag: str | None = None
         # The stores' sizes and queue depths as last read (status, heartbeat).
@@ -335,9 +341,9 @@ class Agent:
         )
         self.runner = L1Runner(settings.l1_command)
         try:
-            stored = json.loads((settings.state_dir / CHECK_RESULTS_FILE).read_text())
-            self._last_results = {str(k): str(v) for k, v in dict(stored).items()}
-        except (OSError, ValueError, TypeError):
+            self._last_results = read_results(settings.state_dir)
+        except OSError as exc:
+            log.warning("cannot read the last check results: %s", exc)
             self._last_results = {}
 
     async def _close_state(self) -> None:
@@ -679,15 +685,22 @@ class Agent:
         for planned in plan:
             observation = await run_check(planned.check, context)
             await self._record_check(planned, observation, after_l1=None)
-            if (
-                observation.result == "fail"
-                and planned.l1_action
-                and await self._remediate(planned)
-            ):
-                observation = await run_check(planned.check, context)
-                await self._record_check(planned, observation, after_l1=planned.l1_action)
-            await self._escalate_on_change(planned, observation)
+            action = None
+            if observation.result == "fail" and planned.l1_action:
+                action = await self._remediate(planned)
+                if action.outcome == "succeeded":
+                    observation = await run_check(planned.check, context)
+                    await self._record_check(planned, observation, after_l1=planned.l1_action)
+            await self._escalate_on_change(planned, observation, action)
         self.last_check_at = self.clock()
+        # Runbooks the site no longer runs have no current result to show.
+        planned_ids = {planned.runbook_id for planned in plan}
+        self._last_results = {
+            check_id: record
+            for check_id, record in self._last_results.items()
+            if check_id in planned_ids
+        }
+        self._save_results()
         # New evidence and entries: deliver them now if the link allows
         # (offline, the loops' backoff decides and nothing is lost).
         if self.connectivity.state is LinkState.ONLINE:
@@ -745,7 +758,8 @@ class Agent:
                 },
             )
 
-    async def _remediate(self, planned: PlannedCheck) -> bool:
+    async def _remediate(self, planned: PlannedCheck) -> ActionRecord:
+        """Run the runbook's L1 action; its outcome, recorded in the audit trail."""
         action = planned.l1_action
         assert action is not None
         if action in INTERNAL_ACTIONS:
@@ -755,9 +769,9 @@ class Agent:
                 await self.manager.log_l1_action(
                     action, runbook=planned.runbook_id, result="failed", detail={"error": str(exc)}
                 )
-                return False
+                return self._action(action, "failed", f"certificate renewal failed: {exc}")
             await self.manager.log_l1_action(action, runbook=planned.runbook_id, result="succeeded")
-            return True
+            return self._action(action, "succeeded", None)
         try:
             self.runner.argv(action)
         except ActionNotAllowedError as exc:
@@ -765,7 +779,7 @@ class Agent:
                 action, runbook=planned.runbook_id, result="refused", detail={"error": str(exc)}
             )
             self.problems["l1"] = str(exc)[:200]
-            return False
+            return self._action(action, "refused", str(exc))
         # The intent is recorded before the action runs: one that is cut
         # short (SIGTERM, kill -9, a crash) still left a trace.
         await self.manager.log_l1_action(action, runbook=planned.runbook_id, result="started")
@@ -773,21 +787,30 @@ class Agent:
         await self.manager.log_l1_action(
             action, runbook=planned.runbook_id, result=outcome.result, detail=outcome.detail()
         )
-        return outcome.succeeded
+        return self._action(action, outcome.result, outcome.reason)
 
-    async def _escalate_on_change(self, planned: PlannedCheck, observation: Observation) -> None:
+    def _action(self, action: str, outcome: str, reason: str | None) -> ActionRecord:
+        return ActionRecord(action, outcome, reason and reason[:300], format_time(self.clock()))
+
+    async def _escalate_on_change(
+        self, planned: PlannedCheck, observation: Observation, action: ActionRecord | None
+    ) -> None:
         """A check that starts failing (and stays failing after L1) is an
         incident, once per change, not once per round."""
-        previous = self._last_results.get(planned.runbook_id)
+        record = self._last_results.get(planned.runbook_id)
+        previous = None if record is None else record.result
+        reason = observation.observed.get("reason")
+        self._last_results[planned.runbook_id] = next_record(
+            record,
+            observation.result,
+            reason if isinstance(reason, str) else None,
+            self.clock(),
+            action,
+        )
         if previous != observation.result:
-            self._last_results[planned.runbook_id] = observation.result
-            # Kept on disk: a restart (an upgrade, the watchdog) must not
-            # raise, and text, the same failing check again.
-            write_atomic(
-                self.settings.state_dir / CHECK_RESULTS_FILE,
-                json.dumps(self._last_results, sort_keys=True).encode(),
-                mode=0o640,
-            )
+            # On disk before the incident: a restart (an upgrade, the
+            # watchdog) must not raise, and text, the same failing check again.
+            self._save_results()
         if observation.result != "fail" or previous == "fail":
             return
         await self.manager.escalate_to_cloud(
@@ -795,6 +818,15 @@ class Agent:
             severity="critical" if planned.check in CRITICAL_CHECKS else "high",
             detail={"check_id": planned.runbook_id, "observed": observation.observed},
         )
+
+    def _save_results(self) -> None:
+        try:
+            write_results(self.settings.state_dir, self._last_results)
+        except OSError as exc:
+            log.error("cannot write the last check results: %s", exc)
+            self.problems["check-results"] = f"not saved: {exc}"[:200]
+        else:
+            self.problems.pop("check-results", None)
 
     # --- status -----------------------------------------------------------------------------
 
