@@ -145,6 +145,7 @@ ROWS = [
     row("GET",  "/api/v1/sites/{site_id}/posture/trend",               MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}",        MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export",     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/auditor-package",             MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/posture",                                     MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("POST", "/api/v1/certificates/{serial}/revoke",                MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/escalations",                                 MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
@@ -451,11 +452,18 @@ def _check_site_posture(w: World, body: Any) -> None:
 
 
 def _check_evidence_export(w: World, body: Any) -> None:
-    assert json.loads(Envelope.from_wire(body["evidence"]).payload_bytes())["bundle_id"] == w.bundle_id
+    assert (
+        json.loads(Envelope.from_wire(body["evidence"]).payload_bytes())["bundle_id"] == w.bundle_id
+    )
 
 
 def _check_audit_export(w: World, body: Any) -> None:
     assert body["appliance_id"] == w.app.appliance_id
+
+
+def _check_package(w: World, body: Any) -> None:
+    assert body["site_id"] == w.site
+    assert w.foreign_bundle_id not in json.dumps(body)
 
 
 def _check_trend(w: World, body: Any) -> None:
@@ -540,6 +548,7 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "GET /api/v1/sites/{site_id}/posture": _check_site_posture,
     "GET /api/v1/sites/{site_id}/posture/trend": _check_trend,
     "GET /api/v1/posture": _check_partner_posture,
+    "GET /api/v1/sites/{site_id}/auditor-package": _check_package,
     "GET /api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}": _check_evidence_export,
     "GET /api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export": _check_audit_export,
     "POST /api/v1/certificates/{serial}/revoke": _check_revoke,

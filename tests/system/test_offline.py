@@ -129,6 +129,9 @@ async def test_offline_mode(
     )
     assert evidence_rows[0][0] == evidence_rows[0][1] > 0
     assert central.alerts(appliance) == []
+    # The heartbeat tells the server the check interval posture judges staleness by.
+    (heartbeat,) = central.query("SELECT heartbeat FROM appliances WHERE id = ?", appliance)
+    assert json.loads(heartbeat[0])["check_interval_seconds"] == 2
 
 
 def evidence_ids(entries: list[bytes]) -> set[str]:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -551,6 +552,8 @@ class Agent:
             "log_size": counts["log_size"],
             "queues": {"evidence": counts["evidence_queued"], "urgent": counts["urgent_waiting"]},
             "clock": format_time(self.clock()),
+            # The server calls evidence stale after a few missed rounds of this.
+            "check_interval_seconds": max(1, math.ceil(self.settings.check_interval_seconds)),
         }
 
     async def _bundles_loop(self, sleeper: Sleeper) -> None:

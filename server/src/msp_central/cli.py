@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from msp_central.context import load_root_key, write_root_key
 from msp_central.db.engine import create_engine
 from msp_central.db.migrate import DatabaseVersionError, check_current, upgrade
 from msp_central.demo import DemoError, run_demo
+from msp_central.exports import audit_export
+from msp_central.packages import auditor_package, package_request
 from msp_central.problems import Problem
 from msp_central.queries import (
     create_api_key,
@@ -38,7 +42,8 @@ from msp_central.queries import (
     get_site,
     revoke_certificate,
 )
-from msp_protocol.encoding import utc_now
+from msp_protocol.encoding import parse_time, utc_now
+from msp_protocol.errors import MalformedError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,6 +102,32 @@ def _parser() -> argparse.ArgumentParser:
     token_create = token.add_parser("create", help="a one-time enrollment token for a site")
     token_create.add_argument("--site", required=True)
     token_create.add_argument("--hours", type=int)
+
+    export = commands.add_parser(
+        "export", help="signed exports for auditors, checked with msp-verify"
+    ).add_subparsers(dest="action", required=True)
+    package = export.add_parser(
+        "package", help="an auditor package: a site's evidence for frameworks and a period"
+    )
+    package.add_argument("--site", required=True)
+    package.add_argument(
+        "--framework",
+        action="append",
+        default=[],
+        help="a framework to include (repeatable; default: every one the site uses)",
+    )
+    package.add_argument(
+        "--from",
+        dest="start",
+        help="the period's start, RFC 3339 (default: 90 days before its end)",
+    )
+    package.add_argument(
+        "--to", dest="end", help="the period's end, exclusive, RFC 3339 (default: now)"
+    )
+    package.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
+    audit = export.add_parser("audit", help="an appliance's audit log as the server witnessed it")
+    audit.add_argument("--appliance", required=True)
+    audit.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
 
     demo = commands.add_parser(
         "demo", help="a local server with a demo partner, site and enrolled agents"
@@ -282,11 +313,58 @@ def run(argv: list[str] | None = None) -> int:
                 return {"token": secret, "site_id": args.site, "expires_at": expires.isoformat()}
 
             _print(asyncio.run(_with_db(settings, token)))
+        case "export", "package":
+
+            async def export_package(connection: AsyncConnection) -> dict[str, Any]:
+                site = await get_site(connection, args.site)
+                request = package_request(
+                    site,
+                    await get_partner(connection, site.partner_id),
+                    frameworks=args.framework,
+                    start=_time(args.start, "--from"),
+                    end=_time(args.end, "--to"),
+                    now=now,
+                )
+                return _write_export(args.output, await auditor_package(connection, request, now))
+
+            _print(asyncio.run(_with_db(settings, export_package)))
+        case "export", "audit":
+
+            async def export_audit(connection: AsyncConnection) -> dict[str, Any]:
+                return _write_export(
+                    args.output, await audit_export(connection, args.appliance, now)
+                )
+
+            _print(asyncio.run(_with_db(settings, export_audit)))
         case "demo", _:
             if not 1 <= args.agents <= 8:
                 raise ValueError(f"--agents {args.agents}: use 1 to 8")
             run_demo(args.dir, agents=args.agents, host="127.0.0.1", port=args.port)
     return 0
+
+
+def _time(text: str | None, option: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return parse_time(text, what=option)
+    except MalformedError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _write_export(path: Path, body: bytes) -> dict[str, Any]:
+    """Write an export whole or not at all (a temporary file renamed)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("wb") as file:
+            file.write(body)
+            file.flush()
+            os.fsync(file.fileno())
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return {"file": str(path), "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from msp_protocol.bundle import Escalation
 from msp_protocol.canonical import canonicalize
 from msp_protocol.dsse import Envelope
 from msp_protocol.export import AuditExport, EvidenceExport
+from msp_protocol.package import AuditorPackage
 from msp_protocol.sync import SyncRequest, SyncResponse
 
 Security = list[dict[str, list[str]]]
@@ -58,6 +59,7 @@ OPERATIONS: list[
     ("get", "/api/v1/posture", "Posture across the partner's sites: scores, per-framework roll-ups, the most widely failing controls", PARTNER, None, {200: m.PartnerPostureOut}),
     ("get", "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}", "One evidence bundle as an evidence export: its signed envelope, certificate, audit entry, inclusion proof and receipt (msp-verify checks it)", PARTNER, None, {200: EvidenceExport}),
     ("get", "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export", "An appliance's audit log as the server witnessed it (msp-verify checks it)", PARTNER, None, {200: AuditExport}),
+    ("get", "/api/v1/sites/{site_id}/auditor-package", "An auditor package: a site's signed evidence for frameworks and a period, with its proofs and a summary (msp-verify checks it)", PARTNER, None, {200: AuditorPackage}),
     ("get", "/.well-known/msp-central-key", "The central public key, hex, as msp-verify --central-key-file reads it", NONE, None, {200: str}),
     ("post", "/api/v1/certificates/{serial}/revoke", "Revoke an appliance certificate", PARTNER, m.RevokeIn, {200: m.RevokeOut}),
     ("get", "/api/v1/escalations", "The partner's escalations", PARTNER, None, {200: list[m.EscalationOut]}),
@@ -95,6 +97,26 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
         }
     ],
     ("get", "/api/v1/sites/{site_id}/posture"): [_FRAMEWORK_FILTER],
+    ("get", "/api/v1/sites/{site_id}/auditor-package"): [
+        {
+            **_FRAMEWORK_FILTER,
+            "description": "a framework to include (repeatable; default: all the site uses)",
+        },
+        {
+            "name": "from",
+            "in": "query",
+            "required": False,
+            "description": "the period's start, RFC 3339 (default: 90 days before its end)",
+            "schema": {"type": "string", "format": "date-time"},
+        },
+        {
+            "name": "to",
+            "in": "query",
+            "required": False,
+            "description": "the period's end, exclusive, RFC 3339 (default: now)",
+            "schema": {"type": "string", "format": "date-time"},
+        },
+    ],
     ("get", "/api/v1/sites/{site_id}/posture/trend"): [
         _FRAMEWORK_FILTER,
         {

@@ -3,6 +3,8 @@ public key an auditor verifies them with."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import sqlalchemy as sa
 from aiohttp import web
 
@@ -11,8 +13,11 @@ from msp_central.context import central
 from msp_central.db.engine import read_only
 from msp_central.db.tables import appliances
 from msp_central.exports import audit_export, evidence_export
+from msp_central.packages import auditor_package, package_request
 from msp_central.problems import Problem
-from msp_central.queries import get_site
+from msp_central.queries import get_partner, get_site
+from msp_protocol.encoding import parse_time
+from msp_protocol.errors import MalformedError
 
 routes = web.RouteTableDef()
 
@@ -49,6 +54,44 @@ async def get_evidence(request: web.Request) -> web.Response:
             bundle_id=info["bundle_id"],
         )
     return download(body, f"evidence-{info['bundle_id']}.json")
+
+
+def _when(request: web.Request, name: str) -> datetime | None:
+    values = request.query.getall(name, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Problem("malformed-query", f"give {name} at most once")
+    try:
+        return parse_time(values[0], what=name)
+    except MalformedError as exc:
+        raise Problem("malformed-query", str(exc)) from None
+
+
+@routes.get("/api/v1/sites/{site_id}/auditor-package")
+async def get_auditor_package(request: web.Request) -> web.Response:
+    """A site's signed evidence for some frameworks and a period, with the
+    proofs and a summary, in one file msp-verify checks offline."""
+    holder = await require_partner(request)
+    service = central(request)
+    now = service.clock()
+    async with read_only(service.engine) as connection:
+        site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
+        partner = await get_partner(connection, site.partner_id)
+        unknown = sorted(set(request.query) - {"framework", "from", "to"})
+        if unknown:
+            raise Problem("malformed-query", f"unknown query parameter {unknown[0][:32]!r}")
+        asked = package_request(
+            site,
+            partner,
+            frameworks=request.query.getall("framework", []),
+            start=_when(request, "from"),
+            end=_when(request, "to"),
+            now=now,
+        )
+        body = await auditor_package(connection, asked, now)
+    day = asked.period_end.date().isoformat()
+    return download(body, f"auditor-package-{site.id}-{day}.json")
 
 
 @routes.get("/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export")

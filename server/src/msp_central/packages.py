@@ -1,0 +1,235 @@
+"""The auditor package: a site's signed evidence for some frameworks and a
+period, with what proves each bundle existed at its log position, in one
+file ``msp-verify`` checks offline with only the central public key (the
+format and its checker: :mod:`msp_protocol.package`).
+
+What goes in, per appliance with a bundle in scope: the witnessed log from
+the first such bundle's entry up to the first checkpoint the server
+cosigned after the last one (the compact range of the tree before that
+entry stands for everything earlier), that checkpoint and its receipt, and
+the appliance's certificates; then every bundle whose entry is witnessed,
+the latest revocation list, and a summary computed by the protocol's one
+rule, which the checker recomputes. Bundles of the period whose entries are
+not witnessed yet cannot be proven: they are left out and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from msp_central.db.tables import audit_checkpoints, controls, evidence, frameworks
+from msp_central.exports import (
+    certificate_rows,
+    entry_bytes,
+    envelope_of,
+    latest_revocations,
+    leaf_hashes,
+)
+from msp_central.posture import DEFAULT_CHECK_INTERVAL, STALE_AFTER_ROUNDS, site_freshness
+from msp_central.problems import Problem
+from msp_central.queries import Row
+from msp_protocol.dsse import Envelope
+from msp_protocol.evidence import EvidenceBundle
+from msp_protocol.merkle import TreeState
+from msp_protocol.package import LogSegmentParts, build_auditor_package
+from msp_protocol.summary import summarise_evidence
+
+# A year and a day: an annual audit with its margin; longer asks are
+# almost always a mistake and would build files of gigabytes.
+MAX_PERIOD: Final = timedelta(days=366)
+DEFAULT_PERIOD: Final = timedelta(days=90)
+
+
+@dataclass(frozen=True, slots=True)
+class PackageRequest:
+    site_id: str
+    frameworks: tuple[str, ...]  # sorted, unique, each one the site uses
+    period_start: datetime
+    period_end: datetime
+
+
+def package_request(
+    site: Row,
+    partner: Row,
+    *,
+    frameworks: Sequence[str],
+    start: datetime | None,
+    end: datetime | None,
+    now: datetime,
+) -> PackageRequest:
+    """The package asked for, checked: ``frameworks`` (default: every one
+    the site uses) must be the site's; the period defaults to the 90 days
+    up to ``now``. Raises ``malformed-query`` problems."""
+    used = list(site.frameworks if site.frameworks is not None else partner.frameworks)
+    wanted = list(frameworks) or used
+    for framework_id in wanted:
+        if framework_id not in used:
+            raise Problem(
+                "malformed-query", f"framework {framework_id[:32]!r} is not one this site uses"
+            )
+    if not wanted:
+        raise Problem("malformed-query", "the site uses no framework: name one with framework=")
+    end = end or now
+    start = start or end - DEFAULT_PERIOD
+    if end <= start:
+        raise Problem("malformed-query", "the period must end after it starts")
+    if end - start > MAX_PERIOD:
+        raise Problem("malformed-query", f"the period is longer than {MAX_PERIOD.days} days")
+    return PackageRequest(site.id, tuple(sorted(set(wanted))), start, end)
+
+
+@dataclass(slots=True)
+class _Held:
+    appliance_id: str
+    log_index: int
+    envelope: Envelope
+    bundle: EvidenceBundle
+
+
+def _parse_bundles(rows: Sequence[Any], scope: frozenset[str]) -> list[_Held]:
+    """The stored bundles that list a framework in scope (CPU-bound)."""
+    held = []
+    for row in rows:
+        if not scope.intersection(row.controls):
+            continue
+        envelope = envelope_of(row.envelope)
+        bundle = EvidenceBundle.from_json(envelope.payload_bytes())
+        held.append(_Held(row.appliance_id, int(row.log_index), envelope, bundle))
+    # The format's order, by Python's string order (a database's collation
+    # may sort identifiers otherwise).
+    held.sort(key=lambda h: (h.appliance_id, h.log_index))
+    return held
+
+
+async def _scope_controls(
+    connection: AsyncConnection, scope: Sequence[str], bundles: Sequence[_Held]
+) -> list[tuple[str, str, str]]:
+    """(framework, control, title) grouped by framework id ascending, each
+    framework's controls in catalogue order; a control a bundle lists that
+    the catalogue does not know (an older catalogue's id) follows its
+    framework's own, since the checker requires every listed one."""
+    rows = (
+        await connection.execute(
+            sa.select(controls.c.framework_id, controls.c.control_id, controls.c.title)
+            .join(frameworks, frameworks.c.id == controls.c.framework_id)
+            .where(controls.c.framework_id.in_(list(scope)))
+            .order_by(controls.c.framework_id, controls.c.position)
+        )
+    ).all()
+    listed: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    known: set[tuple[str, str]] = set()
+    for row in rows:
+        listed[row.framework_id].append((row.framework_id, row.control_id, row.title))
+        known.add((row.framework_id, row.control_id))
+    for held in bundles:
+        for framework_id, ids in held.bundle.controls.items():
+            if framework_id not in scope:
+                continue
+            for control_id in ids:
+                if (framework_id, control_id) not in known:
+                    known.add((framework_id, control_id))
+                    listed[framework_id].append(
+                        (framework_id, control_id, "(not in the current catalogue)")
+                    )
+    return [control for framework_id in sorted(listed) for control in listed[framework_id]]
+
+
+async def _segment(
+    connection: AsyncConnection, appliance_id: str, start: int, last: int
+) -> LogSegmentParts:
+    """The witnessed log of ``appliance_id`` from ``start`` to the first
+    cosigned checkpoint covering entry ``last``."""
+    checkpoint = (
+        await connection.execute(
+            sa.select(audit_checkpoints)
+            .where(
+                audit_checkpoints.c.appliance_id == appliance_id, audit_checkpoints.c.size > last
+            )
+            .order_by(audit_checkpoints.c.size)
+            .limit(1)
+        )
+    ).one()
+    end = int(checkpoint.size)
+    prefix = TreeState()
+    prefix.extend(await leaf_hashes(connection, appliance_id, start))
+    held = await certificate_rows(connection, appliance_id)
+    return LogSegmentParts(
+        appliance_id=appliance_id,
+        start=start,
+        prefix=list(prefix.nodes),
+        entries=await entry_bytes(connection, appliance_id, start, end),
+        checkpoint=envelope_of(checkpoint.checkpoint),
+        receipt=envelope_of(checkpoint.receipt),
+        certificates=[envelope_of(row.envelope) for row in held.values()],
+    )
+
+
+async def auditor_package(
+    connection: AsyncConnection, request: PackageRequest, now: datetime
+) -> bytes:
+    """The package's canonical bytes, for a request :func:`package_request`
+    made (the caller checked the site is the partner's)."""
+    scope = frozenset(request.frameworks)
+    rows = (
+        await connection.execute(
+            sa.select(
+                evidence.c.appliance_id,
+                evidence.c.log_index,
+                evidence.c.controls,
+                evidence.c.envelope,
+                evidence.c.in_log,
+            )
+            .where(
+                evidence.c.site_id == request.site_id,
+                evidence.c.collected_at >= request.period_start,
+                evidence.c.collected_at < request.period_end,
+            )
+            .order_by(evidence.c.appliance_id, evidence.c.log_index)
+        )
+    ).all()
+    witnessed = [row for row in rows if row.in_log]
+    unwitnessed = sum(1 for row in rows if not row.in_log and scope.intersection(row.controls))
+    # Parsing and canonical encoding are CPU work: off the event loop.
+    bundles = await asyncio.to_thread(_parse_bundles, witnessed, scope)
+
+    by_appliance: dict[str, list[_Held]] = defaultdict(list)
+    for held in bundles:
+        by_appliance[held.appliance_id].append(held)
+    segments = [
+        await _segment(connection, appliance_id, found[0].log_index, found[-1].log_index)
+        for appliance_id, found in sorted(by_appliance.items())
+    ]
+    freshness = await site_freshness(connection, [request.site_id])
+    window = max(freshness.windows.values(), default=DEFAULT_CHECK_INTERVAL * STALE_AFTER_ROUNDS)
+    listed = await _scope_controls(connection, request.frameworks, bundles)
+    revocations = await latest_revocations(connection)
+
+    def build() -> bytes:
+        summary = summarise_evidence(
+            (held.bundle for held in bundles),
+            listed,
+            period_end=request.period_end,
+            freshness_seconds=int(window.total_seconds()),
+            unwitnessed=unwitnessed,
+        )
+        return build_auditor_package(
+            site_id=request.site_id,
+            frameworks=request.frameworks,
+            period_start=request.period_start,
+            period_end=request.period_end,
+            generated_at=now,
+            logs=segments,
+            evidence=[held.envelope for held in bundles],
+            revocations=revocations,
+            summary=summary,
+        )
+
+    return await asyncio.to_thread(build)
