@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, StrictInt, StringConstraints
 
@@ -59,6 +59,8 @@ from msp_protocol.result import Failure, Result, raising
 
 GENESIS_KIND = "chain.genesis"
 ORIGIN_PREFIX = "msp/"
+# The central server's own log (msp_protocol.central_log): "msp-central/<key id>".
+CENTRAL_ORIGIN_PREFIX = "msp-central/"
 
 _KIND_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*){1,3}$"
 _ACTOR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$"
@@ -68,8 +70,15 @@ MAX_SIZE = 2**53 - 1
 
 EntryKind = Annotated[str, StringConstraints(strict=True, max_length=64, pattern=_KIND_PATTERN)]
 Actor = Annotated[str, StringConstraints(strict=True, pattern=_ACTOR_PATTERN)]
+_APPLIANCE_ORIGIN = r"msp/[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_CENTRAL_ORIGIN = r"msp-central/[0-9a-f]{16}"
+# Receipts cosign appliance checkpoints only.
+ApplianceOrigin = Annotated[str, StringConstraints(strict=True, pattern=f"^{_APPLIANCE_ORIGIN}$")]
+# A checkpoint is of an appliance's log or of the central server's own; the
+# prefixes differ, so no origin names both.
 Origin = Annotated[
-    str, StringConstraints(strict=True, pattern=r"^msp/[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    str,
+    StringConstraints(strict=True, pattern=f"^(?:{_APPLIANCE_ORIGIN}|{_CENTRAL_ORIGIN})$"),
 ]
 Size = Annotated[StrictInt, Field(ge=0, le=MAX_SIZE)]
 
@@ -282,6 +291,9 @@ class LogReplay:
     compared with a signed checkpoint shows the range was genuine.
     """
 
+    # The kind of entry 0, which no later entry may have.
+    genesis_kind: ClassVar[str] = GENESIS_KIND
+
     def __init__(
         self,
         *,
@@ -309,11 +321,17 @@ class LogReplay:
             limits=self.limits,
         )
         if index == 0:
-            self.genesis = _check_genesis(record.entry, self.appliance_id)
-        elif record.kind == GENESIS_KIND:
-            raise LogEntryError(f"entry {index}: a second chain.genesis")
+            self.check_genesis(record.entry)
+        elif record.kind == self.genesis_kind:
+            raise LogEntryError(f"entry {index}: a second {self.genesis_kind}")
         self.state.append(record.leaf_hash)
         return record
+
+    def check_genesis(self, entry: LogEntry) -> None:
+        """Entry 0 begins this log: raise :class:`LogEntryError` if it does
+        not. The central server's log, whose genesis names a key and no
+        appliance, overrides this."""
+        self.genesis = _check_genesis(entry, self.appliance_id)
 
     def extend(self, raws: Iterable[bytes]) -> None:
         for raw in raws:
@@ -346,10 +364,14 @@ class Checkpoint(WireModel):
     origin: Origin
     size: Size
     root: Hash
-    ts: Timestamp  # the appliance's clock: metadata
+    ts: Timestamp  # the signer's clock: metadata
 
     @property
     def appliance_id(self) -> str:
+        """The appliance whose log this is; :class:`UsageError` for a
+        checkpoint of the central server's own log."""
+        if not self.origin.startswith(ORIGIN_PREFIX):
+            raise UsageError(f"checkpoint {self.origin} is not of an appliance's log")
         return self.origin.removeprefix(ORIGIN_PREFIX)
 
     @property
@@ -460,7 +482,7 @@ class Receipt(WireModel):
 
     document_name = "receipt"
 
-    origin: Origin
+    origin: ApplianceOrigin
     size: Size
     root: Hash
     checkpoint_sha256: Hash

@@ -7,8 +7,9 @@
 
 FILE is an audit export (``msp-agent audit export``), an evidence export, an
 auditor package (a site's evidence for some frameworks over a period, from
-the central server), or a bare evidence bundle envelope (then
-``--certificate`` names its delegation certificate). The central server's
+the central server), the central server's own log (a central log export), or
+a bare evidence bundle envelope (then ``--certificate`` names its delegation
+certificate). The central server's
 public key is the only thing trusted.
 
 Exit status: 0 verified; 1 verification failed (one line per problem, naming
@@ -31,6 +32,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from msp_protocol.canonical import parse_json
+from msp_protocol.central_log import (
+    CENTRAL_LOG_EXPORT_FORMAT,
+    CentralLogReport,
+    check_central_log_export,
+)
 from msp_protocol.dsse import PayloadType, parse_envelope
 from msp_protocol.encoding import format_time, parse_time, utc_now
 from msp_protocol.errors import EncodingError, JSONError, MalformedError
@@ -73,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description=(
-            "Verify an audit export, an evidence export, an auditor package or an evidence "
-            "bundle offline, with only the central server's public key."
+            "Verify an audit export, an evidence export, an auditor package, a central log "
+            "export or an evidence bundle offline, with only the central server's public key."
         ),
         epilog="Exit status: 0 verified, 1 verification failed, 2 usage error.",
     )
@@ -111,8 +117,12 @@ def _parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    kind: str  # "audit-export", "evidence-export", "auditor-package" or "evidence-bundle"
-    report: AuditExportReport | EvidenceExportReport | AuditorPackageReport | None
+    # "audit-export", "evidence-export", "auditor-package", "central-log-export"
+    # or "evidence-bundle"
+    kind: str
+    report: (
+        AuditExportReport | EvidenceExportReport | AuditorPackageReport | CentralLogReport | None
+    )
     failures: tuple[Failure, ...]
 
     @property
@@ -216,6 +226,9 @@ def _verify(
     if tag == AUDITOR_PACKAGE_FORMAT:
         package = check_auditor_package(value, keys, at=at, limits=limits)
         return Outcome("auditor-package", package.value, package.failures)
+    if tag == CENTRAL_LOG_EXPORT_FORMAT:
+        central = check_central_log_export(value, keys, at=at, limits=limits)
+        return Outcome("central-log-export", central.value, central.failures)
     if payload_type == PayloadType.EVIDENCE.value:
         if args.certificate is None:
             raise CommandLineError(
@@ -238,8 +251,8 @@ def _verify(
             f"{args.file} is a signed {payload_type[:80]} document, not an evidence bundle"
         )
     raise CommandLineError(
-        f"{args.file} is not an audit export, an evidence export, an auditor package "
-        "or an evidence bundle"
+        f"{args.file} is not an audit export, an evidence export, an auditor package, "
+        "a central log export or an evidence bundle"
     )
 
 
@@ -251,6 +264,8 @@ def _human_report(path: Path, outcome: Outcome) -> list[str]:
         lines = _evidence_lines(report)
     elif isinstance(report, AuditorPackageReport):
         lines = _package_lines(report, outcome.verified)
+    elif isinstance(report, CentralLogReport):
+        lines = _central_log_lines(report, outcome.verified)
     else:
         lines = [f"{path}: NOT VERIFIED"]
     lines.extend(f"  {failure.code}: {failure}" for failure in outcome.failures)
@@ -370,6 +385,25 @@ def _package_lines(report: AuditorPackageReport, verified: bool) -> list[str]:
             "bundles of the period it cannot prove yet (not yet witnessed)"
         )
     return lines
+
+
+def _central_log_lines(report: CentralLogReport, verified: bool) -> list[str]:
+    title = "central log export" + (f" of key {report.key_id}" if report.key_id else "")
+    if not verified:
+        where = (
+            f" (first bad entry: {report.first_bad_index})"
+            if report.first_bad_index is not None
+            else ""
+        )
+        return [f"{title}: NOT VERIFIED{where}"]
+    checkpoint_ts = format_time(report.checkpoint_ts) if report.checkpoint_ts else "?"
+    kinds = ", ".join(f"{kind} {count}" for kind, count in report.kinds.items())
+    return [
+        f"{title}: verified",
+        f"  {_count(report.size, 'entry', 'entries')}, all covered by the checkpoint the "
+        f"central key signed at {checkpoint_ts}",
+        f"  by kind: {kinds}",
+    ]
 
 
 def _machine_report(path: Path, outcome: Outcome) -> dict[str, Any]:
