@@ -14,6 +14,7 @@ Pure: no network, no disk (the auditor's command aside). Modules, bottom up:
 - :mod:`~msp_protocol.export` — audit and evidence exports, verified offline
 - :mod:`~msp_protocol.summary` — an auditor package's per-control summary, one rule
 - :mod:`~msp_protocol.package` — the auditor package (a site's evidence for a period)
+- :mod:`~msp_protocol.central_log` — the central server's own log, its export, record proofs
 - :mod:`~msp_protocol.bundle` — signed config bundles, escalations
 - :mod:`~msp_protocol.httpsig` — RFC 9421 request signatures, RFC 9530 digests
 - :mod:`~msp_protocol.errors`, :mod:`~msp_protocol.limits`, :mod:`~msp_protocol.result`
