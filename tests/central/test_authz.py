@@ -13,6 +13,7 @@ Enrollment is public (its token is the credential) and is tested on its own.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import sqlalchemy as sa
 from msp_central.db.tables import api_keys
 from msp_central.openapi import ADMIN, ANY_KEY, APPLIANCE, NONE, OPERATIONS, PARTNER
 from msp_protocol.bundle import Escalation
+from msp_protocol.central_log import check_central_log_export, check_central_record
 from msp_protocol.delegation import (
     DelegationCertificate,
     RevocationList,
@@ -34,7 +36,7 @@ from msp_protocol.delegation import (
     make_delegation_request,
 )
 from msp_protocol.dsse import Envelope
-from msp_protocol.encoding import format_time
+from msp_protocol.encoding import format_time, utc_now
 from msp_protocol.evidence import EvidenceBundle, sign_evidence
 from msp_protocol.keys import SigningKey
 from tests.central.support import ROOT, ApplianceClient, Harness, KeyClient, Reply, call, dumps
@@ -128,6 +130,7 @@ ROWS = [
     row("GET",  "/api/v1/presets",                                     MISSING,   BAD_KEY,     OK,         OK,              MISSING,         MISSING,  OK),
     row("POST", "/api/v1/partners",                                    MISSING,   BAD_KEY,     FORBIDDEN,  FORBIDDEN,       MISSING,         MISSING,  CREATED),
     row("GET",  "/api/v1/partners",                                    MISSING,   BAD_KEY,     FORBIDDEN,  FORBIDDEN,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/central-log/export",                          MISSING,   BAD_KEY,     FORBIDDEN,  FORBIDDEN,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/partner",                                     MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("PUT",  "/api/v1/partner/defaults",                            MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("POST", "/api/v1/partner/apply-preset",                        MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
@@ -146,6 +149,11 @@ ROWS = [
     row("GET",  "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}",        MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export",     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/auditor-package",             MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/sites/{site_id}/manual-evidence",             MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  CREATED),
+    row("GET",  "/api/v1/sites/{site_id}/manual-evidence",             MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/manual-evidence/{attachment_id}",            MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/manual-evidence/{attachment_id}/document",   MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/manual-evidence/{attachment_id}/proof",      MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/posture",                                     MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("POST", "/api/v1/certificates/{serial}/revoke",                MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/escalations",                                 MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
@@ -190,6 +198,7 @@ class World:
     foreign_escalation_id: str  # raised by foreign
     bundle_id: str  # evidence from app
     foreign_bundle_id: str  # evidence from foreign
+    attachment_id: str  # a document partner A attached to a control of site
 
     def ids_of_a(self) -> set[str]:
         assert self.partner.partner_id
@@ -254,6 +263,8 @@ async def build_world(harness: Harness) -> World:
     admin = await harness.admin()
     partner = await harness.partner("Acme MSP")
     other_partner = await harness.partner("Rival MSP")
+    defaults = {"tier": "basic", "frameworks": ["hipaa"]}
+    expect_status(await partner.request("PUT", "/api/v1/partner/defaults", defaults), 200)
     site = await harness.site(partner, "Clinic")
     other_site = await harness.site(partner, "Branch clinic")
     foreign_site = await harness.site(other_partner, "Rival clinic")
@@ -281,6 +292,9 @@ async def build_world(harness: Harness) -> World:
         bundles.append(json.loads(envelope.payload_bytes())["bundle_id"])
     revoke = f"/api/v1/certificates/{revoked.serial}/revoke"
     expect_status(await partner.request("POST", revoke, {"reason": "stolen"}), 200)
+    attached = expect_status(
+        await partner.request("POST", f"/api/v1/sites/{site}/manual-evidence", DOCUMENT), 201
+    )
     return World(
         harness=harness,
         admin=admin,
@@ -299,6 +313,7 @@ async def build_world(harness: Harness) -> World:
         foreign_escalation_id=escalations[1],
         bundle_id=bundles[0],
         foreign_bundle_id=bundles[1],
+        attachment_id=attached.body["id"],
     )
 
 
@@ -336,7 +351,16 @@ def sync_batch(world: World, owner: ApplianceClient) -> Any:
 
 Body = Callable[[World, ApplianceClient], Any]
 
+DOCUMENT = {
+    "framework_id": "hipaa",
+    "control_id": "164.308(a)(1)(ii)(A)",
+    "filename": "risk-analysis.pdf",
+    "media_type": "application/pdf",
+    "content": "JVBERi0xLjcK",
+}
+
 BODIES: dict[str, Body] = {
+    "POST /api/v1/sites/{site_id}/manual-evidence": lambda w, o: DOCUMENT,
     "POST /api/v1/partners": lambda w, o: {"name": "Newco MSP"},
     "PUT /api/v1/partner/defaults": lambda w, o: {
         "industry": "healthcare",
@@ -466,6 +490,31 @@ def _check_package(w: World, body: Any) -> None:
     assert w.foreign_bundle_id not in json.dumps(body)
 
 
+def _check_attached(w: World, body: Any) -> None:
+    assert (body["site_id"], body["control_id"]) == (w.site, DOCUMENT["control_id"])
+
+
+def _check_attachments(w: World, body: Any) -> None:
+    assert w.attachment_id in _ids(body)
+
+
+def _check_attachment(w: World, body: Any) -> None:
+    assert body["id"] == w.attachment_id
+
+
+def _check_document(w: World, body: Any) -> None:
+    assert body == base64.b64decode(DOCUMENT["content"])
+
+
+def _check_record_proof(w: World, body: Any) -> None:
+    entry = check_central_record(body, [ROOT.verify_key]).unwrap()
+    assert entry.data["attachment_id"] == w.attachment_id
+
+
+def _check_central_log(w: World, body: Any) -> None:
+    assert check_central_log_export(body, [ROOT.verify_key], at=utc_now()).ok
+
+
 def _check_trend(w: World, body: Any) -> None:
     assert (body["site_id"], len(body["days"])) == (w.site, 90)
 
@@ -548,6 +597,12 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "GET /api/v1/sites/{site_id}/posture": _check_site_posture,
     "GET /api/v1/sites/{site_id}/posture/trend": _check_trend,
     "GET /api/v1/posture": _check_partner_posture,
+    "POST /api/v1/sites/{site_id}/manual-evidence": _check_attached,
+    "GET /api/v1/sites/{site_id}/manual-evidence": _check_attachments,
+    "GET /api/v1/sites/{site_id}/manual-evidence/{attachment_id}": _check_attachment,
+    "GET /api/v1/sites/{site_id}/manual-evidence/{attachment_id}/document": _check_document,
+    "GET /api/v1/sites/{site_id}/manual-evidence/{attachment_id}/proof": _check_record_proof,
+    "GET /api/v1/central-log/export": _check_central_log,
     "GET /api/v1/sites/{site_id}/auditor-package": _check_package,
     "GET /api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}": _check_evidence_export,
     "GET /api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export": _check_audit_export,
@@ -616,6 +671,7 @@ async def send(world: World, caller: str, row: Row) -> Reply:
         appliance_id=owner.appliance_id,
         kind="site-config",
         bundle_id=world.bundle_id,
+        attachment_id=world.attachment_id,
     )
     make_body = BODIES.get(row.label)
     body = dumps(make_body(world, owner)) if make_body else None

@@ -8,6 +8,7 @@ key, migrated SQLite database, partner, site, token) serves several tests.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -516,6 +517,8 @@ def pg_url() -> Iterator[str]:
 
 def test_postgresql_happy_path(pg_url: str, tmp_path: Path) -> None:
     common = ("--state-dir", tmp_path / "state", "--database-url", pg_url)
+    # The central log records the partner's creation, signed by the root key.
+    assert cli(tmp_path, *common, "keys", "init").returncode == 0
     upgrade = cli(tmp_path, *common, "db", "upgrade")
     assert upgrade.returncode == 0, upgrade
     assert upgrade.stdout == f"database at revision {head_revision()}\n"
@@ -534,6 +537,11 @@ def test_postgresql_happy_path(pg_url: str, tmp_path: Path) -> None:
             await engine.dispose()
 
     assert asyncio.run(stored()) == [(partner["partner_id"], "Acme MSP")]
+    exported = cli(tmp_path, *common, "export", "central-log", "-o", tmp_path / "central.json")
+    assert exported.json()["bytes"] > 0
+    log = json.loads((tmp_path / "central.json").read_bytes())
+    kinds = [json.loads(base64.b64decode(entry))["kind"] for entry in log["entries"]]
+    assert kinds == ["central.genesis", "partner.created"]
 
 
 def test_serve_with_worker_processes(state: State, tmp_path: Path) -> None:

@@ -270,6 +270,18 @@ class StateCounts(Body):
     not_applicable: int
 
 
+class AttachmentRefOut(Body):
+    """Manual evidence in force for a control."""
+
+    id: str
+    filename: str
+    sha256: str
+    attached_by: str
+    attached_at: datetime
+    expires_at: datetime | None
+    log_index: int  # its entry in the central log
+
+
 class ControlPostureOut(Body):
     control_id: str
     title: str
@@ -279,6 +291,9 @@ class ControlPostureOut(Body):
     evidence: PostureEvidenceOut | None
     # How many (appliance, check) pairs gave evidence for it.
     checks: int
+    # The newest document attached to it and in force: it makes a manual
+    # control passing; beside an automated one it is shown, not counted.
+    manual_evidence: AttachmentRefOut | None
 
 
 class FrameworkScoreOut(Body):
@@ -342,6 +357,49 @@ class TrendPointOut(Body):
 class PostureTrendOut(Body):
     site_id: str
     days: list[TrendPointOut]
+
+
+# --- manual evidence --------------------------------------------------------------------
+
+MediaType = Annotated[
+    str,
+    StringConstraints(
+        strict=True,
+        max_length=100,
+        pattern=r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,49}/[a-z0-9][a-z0-9!#$&^_.+-]{0,49}$",
+    ),
+]
+
+
+class ManualEvidenceIn(Body):
+    """A document attached to a control of a site: a policy, a training record."""
+
+    framework_id: FrameworkId
+    control_id: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)]
+    filename: Name
+    media_type: MediaType
+    # The document, base64 (standard alphabet, padded).
+    content: Annotated[str, StringConstraints(strict=True, min_length=1)]
+    note: Annotated[Printable, StringConstraints(max_length=2000)] = ""
+    # When it stops counting (a yearly training record); none: until replaced.
+    expires_at: Timestamp | None = None
+
+
+class ManualEvidenceOut(Body):
+    id: str
+    site_id: str
+    framework_id: str
+    control_id: str
+    filename: str
+    media_type: str
+    size: int
+    sha256: str
+    note: str
+    attached_by: str
+    attached_at: datetime
+    expires_at: datetime | None
+    in_force: bool
+    log_index: int  # its entry in the central log: the hash is there for good
 
 
 # --- the appliance API ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from msp_central.problems import Problem, problem_response
 from msp_central.routes.appliances import routes as appliance_routes
 from msp_central.routes.catalogue import routes as catalogue_routes
 from msp_central.routes.exports import routes as export_routes
+from msp_central.routes.manual import routes as manual_routes
 from msp_central.routes.partners import routes as partner_routes
 from msp_central.routes.posture import routes as posture_routes
 from msp_protocol.encoding import utc_now
@@ -111,6 +112,7 @@ def create_app(
         partner_routes,
         posture_routes,
         export_routes,
+        manual_routes,
         appliance_routes,
         openapi_routes,
     ):

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from msp_central.api_models import SiteOverrides
 from msp_central.app import create_app
+from msp_central.central_log import CLI_ACTOR, central_log_export, record, record_revocation
 from msp_central.config import ConfigError, Settings, load_settings
 from msp_central.context import load_root_key, write_root_key
 from msp_central.db.engine import create_engine
@@ -42,7 +43,7 @@ from msp_central.queries import (
     get_site,
     revoke_certificate,
 )
-from msp_protocol.encoding import parse_time, utc_now
+from msp_protocol.encoding import format_time, parse_time, utc_now
 from msp_protocol.errors import MalformedError
 
 
@@ -125,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
         "--to", dest="end", help="the period's end, exclusive, RFC 3339 (default: now)"
     )
     package.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
+    export.add_parser(
+        "central-log", help="the central server's own audit log (every partner's actions)"
+    ).add_argument("-o", "--output", type=Path, required=True, help="the file to write")
     audit = export.add_parser("audit", help="an appliance's audit log as the server witnessed it")
     audit.add_argument("--appliance", required=True)
     audit.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
@@ -274,6 +278,7 @@ def run(argv: list[str] | None = None) -> int:
 
             async def revoke(connection: AsyncConnection) -> dict[str, Any]:
                 result = await revoke_certificate(connection, root, args.serial, args.reason, now)
+                await record_revocation(connection, root, result, args.reason, CLI_ACTOR, now)
                 return result.model_dump(mode="json")
 
             _print(asyncio.run(_with_db(settings, revoke)))
@@ -281,6 +286,15 @@ def run(argv: list[str] | None = None) -> int:
 
             async def partner(connection: AsyncConnection) -> dict[str, Any]:
                 row, key = await create_partner(connection, args.name, now)
+                await record(
+                    connection,
+                    load_root_key(settings.key_file),
+                    kind="partner.created",
+                    actor=CLI_ACTOR,
+                    data={"partner_id": row.id, "name": row.name},
+                    now=now,
+                    partner_id=row.id,
+                )
                 return {"partner_id": row.id, "name": row.name, "api_key": key}
 
             _print(asyncio.run(_with_db(settings, partner)))
@@ -295,6 +309,16 @@ def run(argv: list[str] | None = None) -> int:
             async def site(connection: AsyncConnection) -> dict[str, Any]:
                 await get_partner(connection, args.partner)
                 row = await create_site(connection, args.partner, args.name, SiteOverrides(), now)
+                await record(
+                    connection,
+                    load_root_key(settings.key_file),
+                    kind="site.created",
+                    actor=CLI_ACTOR,
+                    data={"site_id": row.id, "name": row.name},
+                    now=now,
+                    partner_id=row.partner_id,
+                    site_id=row.id,
+                )
                 return {"site_id": row.id, "partner_id": row.partner_id, "name": row.name}
 
             _print(asyncio.run(_with_db(settings, site)))
@@ -309,6 +333,15 @@ def run(argv: list[str] | None = None) -> int:
                     lifetime = timedelta(hours=args.hours)
                 secret, expires = await create_enrollment_token(
                     connection, args.site, lifetime, now
+                )
+                await record(
+                    connection,
+                    load_root_key(settings.key_file),
+                    kind="token.created",
+                    actor=CLI_ACTOR,
+                    data={"site_id": args.site, "expires_at": format_time(expires)},
+                    now=now,
+                    site_id=args.site,
                 )
                 return {"token": secret, "site_id": args.site, "expires_at": expires.isoformat()}
 
@@ -336,6 +369,12 @@ def run(argv: list[str] | None = None) -> int:
                 )
 
             _print(asyncio.run(_with_db(settings, export_audit)))
+        case "export", "central-log":
+
+            async def export_central_log(connection: AsyncConnection) -> dict[str, Any]:
+                return _write_export(args.output, await central_log_export(connection, now))
+
+            _print(asyncio.run(_with_db(settings, export_central_log)))
         case "demo", _:
             if not 1 <= args.agents <= 8:
                 raise ValueError(f"--agents {args.agents}: use 1 to 8")

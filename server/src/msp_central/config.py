@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # other endpoint far less.
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     max_sync_body_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_LIMITS.max_json_bytes
+    # A document attached as manual evidence (sent base64 in JSON, stored in
+    # the database so replicas share it).
+    max_document_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 10 * 1024 * 1024
 
     @field_validator("public_url")
     @classmethod

@@ -19,6 +19,7 @@ from msp_central import __version__
 from msp_central import api_models as m
 from msp_protocol.bundle import Escalation
 from msp_protocol.canonical import canonicalize
+from msp_protocol.central_log import CentralLogExport, CentralRecordProof
 from msp_protocol.dsse import Envelope
 from msp_protocol.export import AuditExport, EvidenceExport
 from msp_protocol.package import AuditorPackage
@@ -60,6 +61,12 @@ OPERATIONS: list[
     ("get", "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}", "One evidence bundle as an evidence export: its signed envelope, certificate, audit entry, inclusion proof and receipt (msp-verify checks it)", PARTNER, None, {200: EvidenceExport}),
     ("get", "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export", "An appliance's audit log as the server witnessed it (msp-verify checks it)", PARTNER, None, {200: AuditExport}),
     ("get", "/api/v1/sites/{site_id}/auditor-package", "An auditor package: a site's signed evidence for frameworks and a period, with its proofs and a summary (msp-verify checks it)", PARTNER, None, {200: AuditorPackage}),
+    ("post", "/api/v1/sites/{site_id}/manual-evidence", "Attach a document to a control of the site (its hash goes into the central log)", PARTNER, m.ManualEvidenceIn, {201: m.ManualEvidenceOut}),
+    ("get", "/api/v1/sites/{site_id}/manual-evidence", "The documents attached to the site's controls", PARTNER, None, {200: list[m.ManualEvidenceOut]}),
+    ("get", "/api/v1/sites/{site_id}/manual-evidence/{attachment_id}", "One attached document's record", PARTNER, None, {200: m.ManualEvidenceOut}),
+    ("get", "/api/v1/sites/{site_id}/manual-evidence/{attachment_id}/document", "The attached document, exactly as attached", PARTNER, None, {200: bytes}),
+    ("get", "/api/v1/sites/{site_id}/manual-evidence/{attachment_id}/proof", "The document's central log entry, inclusion proof and root-signed checkpoint", PARTNER, None, {200: CentralRecordProof}),
+    ("get", "/api/v1/central-log/export", "The central server's own audit log, for msp-verify (administrators)", ADMIN, None, {200: CentralLogExport}),
     ("get", "/.well-known/msp-central-key", "The central public key, hex, as msp-verify --central-key-file reads it", NONE, None, {200: str}),
     ("post", "/api/v1/certificates/{serial}/revoke", "Revoke an appliance certificate", PARTNER, m.RevokeIn, {200: m.RevokeOut}),
     ("get", "/api/v1/escalations", "The partner's escalations", PARTNER, None, {200: list[m.EscalationOut]}),
@@ -77,6 +84,9 @@ OPERATIONS: list[
 ]  # fmt: skip
 
 REF = "#/components/schemas/{model}"
+# Responses that are not JSON: the central key as text, documents as whatever
+# type they were attached as.
+_MEDIA: dict[Any, str] = {str: "text/plain", bytes: "*/*"}
 
 _FRAMEWORK_FILTER: dict[str, Any] = {
     "name": "framework",
@@ -133,6 +143,8 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
 def _schema_of(annotation: Any) -> dict[str, Any]:
     if annotation is str:
         return {"type": "string"}
+    if annotation is bytes:
+        return {"type": "string", "format": "binary"}
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {"$ref": REF.format(model=annotation.__name__)}
     (item,) = annotation.__args__  # list[Model]
@@ -146,7 +158,7 @@ def _models() -> list[type[BaseModel]]:
             model = annotation
             while model is not None and not isinstance(model, type):
                 (model,) = model.__args__
-            if model is not None and model is not str:
+            if model is not None and model not in (str, bytes):
                 found[model.__name__] = model
     return list(found.values())
 
@@ -176,7 +188,7 @@ def document() -> dict[str, Any]:
                     else {
                         "description": "Success",
                         "content": {
-                            ("text/plain" if model is str else "application/json"): {
+                            _MEDIA.get(model, "application/json"): {
                                 "schema": _schema_of(model) if model else {}
                             }
                         },

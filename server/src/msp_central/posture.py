@@ -15,7 +15,11 @@ The rule, for one control of one framework at a site, at a time ``at``:
 - the control takes the worst of them (failing, error, stale, passing,
   not_applicable) and names the bundle behind it, the newest of that state;
 - with no bundle at all, a control that a runbook of the site's tier covers
-  is ``stale`` (no recent evidence), one that none covers is ``manual``.
+  is ``stale`` (no recent evidence), one that none covers is ``manual``;
+- a document a partner attached to the control (manual evidence) counts from
+  when it was attached until it expires: it makes a ``manual`` control
+  ``passing``, and is shown beside the state of an automated one, which
+  the signed evidence alone decides.
 
 A framework's score is the share of passing controls among those that
 automated evidence decides (passing, failing, error, stale), in percent;
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
@@ -42,6 +46,7 @@ from msp_central.db.tables import (
     controls,
     evidence,
     frameworks,
+    manual_evidence,
     runbooks,
 )
 from msp_protocol.canonical import parse_json
@@ -118,6 +123,24 @@ class Observation:
 
 
 @dataclass(frozen=True, slots=True)
+class Attachment:
+    """Manual evidence: a document attached to a control of a site."""
+
+    id: str
+    framework_id: str
+    control_id: str
+    filename: str
+    sha256: str
+    attached_by: str
+    attached_at: datetime
+    expires_at: datetime | None
+    log_index: int  # its entry in the central log
+
+    def in_force(self, at: datetime) -> bool:
+        return self.attached_at <= at and (self.expires_at is None or at < self.expires_at)
+
+
+@dataclass(frozen=True, slots=True)
 class ControlPosture:
     framework_id: str
     control_id: str
@@ -126,6 +149,7 @@ class ControlPosture:
     state: ControlState
     evidence: Observation | None  # the bundle behind the state
     checks: int  # how many (appliance, check) pairs gave evidence
+    attachment: Attachment | None = None  # the newest manual evidence in force
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +182,19 @@ def evaluate(
     *,
     at: datetime,
     freshness: Freshness,
+    attachments: Iterable[Attachment] = (),
 ) -> list[FrameworkPosture]:
     """The posture of one site at ``at`` from the newest bundle of each
-    (appliance, check) pair (see the module docstring for the rule)."""
+    (appliance, check) pair and the manual evidence in force (see the module
+    docstring for the rule)."""
+    attached: dict[tuple[str, str], Attachment] = {}
+    for attachment in attachments:
+        if not attachment.in_force(at):
+            continue
+        key = (attachment.framework_id, attachment.control_id)
+        held = attached.get(key)
+        if held is None or (attachment.attached_at, attachment.id) > (held.attached_at, held.id):
+            attached[key] = attachment
     by_control: dict[tuple[str, str], list[Observation]] = defaultdict(list)
     for observation in latest:
         if not freshness.counts_at(observation.appliance_id, at):
@@ -170,8 +204,13 @@ def evaluate(
                 by_control[framework_id, control_id].append(observation)
     grouped: dict[str, list[ControlPosture]] = {fid: [] for fid in catalogue.frameworks}
     for control in catalogue.controls:
-        found = by_control.get((control.framework_id, control.control_id), [])
-        grouped[control.framework_id].append(_control_posture(control, found, at, freshness))
+        key = (control.framework_id, control.control_id)
+        posture = _control_posture(control, by_control.get(key, []), at, freshness)
+        document = attached.get(key)
+        if document is not None:
+            state: ControlState = "passing" if posture.state == "manual" else posture.state
+            posture = replace(posture, state=state, attachment=document)
+        grouped[control.framework_id].append(posture)
     return [
         framework_posture(fid, name, grouped[fid]) for fid, name in catalogue.frameworks.items()
     ]
@@ -261,6 +300,7 @@ def trend(
     *,
     ends: Sequence[datetime],
     freshness: Freshness,
+    attachments: Sequence[Attachment] = (),
 ) -> list[tuple[datetime, list[FrameworkPosture]]]:
     """The posture at each of ``ends`` (ascending). ``seed`` is the newest
     bundle of each (appliance, check) pair before the first day, ``rows``
@@ -276,7 +316,18 @@ def trend(
             if held is None or upcoming.collected_at >= held.collected_at:
                 latest[key] = upcoming
             upcoming = next(pending, None)
-        points.append((end, evaluate(catalogue, latest.values(), at=end, freshness=freshness)))
+        points.append(
+            (
+                end,
+                evaluate(
+                    catalogue,
+                    latest.values(),
+                    at=end,
+                    freshness=freshness,
+                    attachments=attachments,
+                ),
+            )
+        )
     return points
 
 
@@ -423,3 +474,42 @@ async def evidence_since(
         )
     ).all()
     return [_observation(row) for row in rows]
+
+
+async def site_attachments(
+    connection: AsyncConnection, site_ids: Sequence[str]
+) -> dict[str, list[Attachment]]:
+    """Per site, every document attached to its controls (in force or not:
+    the caller judges at its own time)."""
+    rows = (
+        await connection.execute(
+            sa.select(
+                manual_evidence.c.id,
+                manual_evidence.c.site_id,
+                manual_evidence.c.framework_id,
+                manual_evidence.c.control_id,
+                manual_evidence.c.filename,
+                manual_evidence.c.sha256,
+                manual_evidence.c.attached_by,
+                manual_evidence.c.attached_at,
+                manual_evidence.c.expires_at,
+                manual_evidence.c.log_index,
+            ).where(manual_evidence.c.site_id.in_(list(site_ids)))
+        )
+    ).all()
+    found: dict[str, list[Attachment]] = defaultdict(list)
+    for row in rows:
+        found[row.site_id].append(
+            Attachment(
+                id=row.id,
+                framework_id=row.framework_id,
+                control_id=row.control_id,
+                filename=row.filename,
+                sha256=row.sha256,
+                attached_by=row.attached_by,
+                attached_at=row.attached_at,
+                expires_at=row.expires_at,
+                log_index=int(row.log_index),
+            )
+        )
+    return found

@@ -317,4 +317,65 @@ config_bundles = Table(
     Column("expires_at", UTCDateTime, nullable=False),
 )
 
+# --- the central server's own audit log, and manual evidence
+
+# The central log: the server's own actions (settings, tokens, revocations,
+# acknowledgements, manual evidence) as an RFC 6962 Merkle log of the same
+# entries as an appliance's, each commit checkpointed by the root key.
+# partner_id and site_id say whose action an entry is, so a partner can be
+# given proofs of its own entries and never see another's.
+central_log_entries = Table(
+    "central_log_entries",
+    metadata,
+    Column("idx", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", String(64), nullable=False),
+    Column("partner_id", String(ID), nullable=True, index=True),
+    Column("site_id", String(ID), nullable=True, index=True),
+    Column("leaf_hash", LargeBinary(32), nullable=False),
+    Column("raw", LargeBinary, nullable=False),  # the exact canonical bytes
+)
+
+# One row (id 1): the log's size, compact range and latest signed checkpoint.
+# Writers lock it, so the log grows one commit at a time on every backend.
+central_log_head = Table(
+    "central_log_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("size", BigInteger, nullable=False),
+    Column("nodes", JSON, nullable=False),
+    Column("checkpoint", Text, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# A document a partner attached to a control of a site (a policy, a training
+# record): its hash is in the central log, so it cannot be swapped later.
+manual_evidence = Table(
+    "manual_evidence",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("site_id", String(ID), ForeignKey("sites.id"), nullable=False, index=True),
+    Column("framework_id", String(32), nullable=False),
+    Column("control_id", String(64), nullable=False),
+    Column("filename", String(200), nullable=False),
+    Column("media_type", String(100), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("note", Text, nullable=False),
+    Column("attached_by", String(128), nullable=False),
+    Column("attached_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("log_index", BigInteger, nullable=False),
+    Column("content", LargeBinary, nullable=False),
+)
+
 Index("ix_escalations_open", escalations.c.site_id, escalations.c.acknowledged_at)
+# Posture reads the newest bundle of each (appliance, check) of a site; the
+# trend and auditor packages read a site's bundles by time.
+Index(
+    "ix_evidence_newest",
+    evidence.c.site_id,
+    evidence.c.appliance_id,
+    evidence.c.check_id,
+    evidence.c.collected_at,
+)
+Index("ix_evidence_by_time", evidence.c.site_id, evidence.c.collected_at)

@@ -33,6 +33,7 @@ from msp_central.api_models import (
 )
 from msp_central.auth import KeyHolder, require_admin, require_partner
 from msp_central.catalogue import Tier
+from msp_central.central_log import actor_of, record, record_revocation
 from msp_central.context import central, json_response, parse_body, read_body
 from msp_central.db.engine import read_only, write
 from msp_central.db.tables import (
@@ -61,6 +62,7 @@ from msp_central.queries import (
     revoke_certificate,
     site_out,
 )
+from msp_protocol.encoding import format_time
 
 routes = web.RouteTableDef()
 
@@ -78,11 +80,20 @@ def _partner_id(holder: KeyHolder) -> str:
 
 @routes.post("/api/v1/partners")
 async def create_partner_handler(request: web.Request) -> web.Response:
-    await require_admin(request)
+    holder = await require_admin(request)
     body = parse_body(await read_body(request), PartnerCreate, request)
     service = central(request)
     async with write(service.engine) as connection:
         row, key = await create_partner(connection, body.name, service.clock())
+        await record(
+            connection,
+            service.root,
+            kind="partner.created",
+            actor=actor_of(holder),
+            data={"partner_id": row.id, "name": row.name},
+            now=service.clock(),
+            partner_id=row.id,
+        )
     return json_response(PartnerCreated(partner=partner_out(row), api_key=key), status=201)
 
 
@@ -107,7 +118,8 @@ async def get_partner_handler(request: web.Request) -> web.Response:
 async def _set_defaults(
     request: web.Request, holder: KeyHolder, defaults: PartnerDefaults
 ) -> web.Response:
-    async with write(central(request).engine) as connection:
+    service = central(request)
+    async with write(service.engine) as connection:
         await check_frameworks(connection, defaults.frameworks)
         await connection.execute(
             sa.update(partners)
@@ -117,6 +129,15 @@ async def _set_defaults(
                 tier=defaults.tier.value,
                 frameworks=list(defaults.frameworks),
             )
+        )
+        await record(
+            connection,
+            service.root,
+            kind="partner.defaults",
+            actor=actor_of(holder),
+            data=defaults.model_dump(mode="json"),
+            now=service.clock(),
+            partner_id=holder.partner_id,
         )
         return json_response(partner_out(await get_partner(connection, _partner_id(holder))))
 
@@ -172,6 +193,16 @@ async def create_site_handler(request: web.Request) -> web.Response:
         row = await create_site(
             connection, _partner_id(holder), body.name, body.overrides, service.clock()
         )
+        await record(
+            connection,
+            service.root,
+            kind="site.created",
+            actor=actor_of(holder),
+            data={"site_id": row.id, "name": row.name, **body.overrides.model_dump(mode="json")},
+            now=service.clock(),
+            partner_id=holder.partner_id,
+            site_id=row.id,
+        )
         return json_response(await site_out(connection, row), status=201)
 
 
@@ -187,7 +218,8 @@ async def _set_overrides(
     request: web.Request, holder: KeyHolder, overrides: SiteOverrides
 ) -> web.Response:
     site_id = request.match_info["site_id"]
-    async with write(central(request).engine) as connection:
+    service = central(request)
+    async with write(service.engine) as connection:
         await get_site(connection, site_id, holder.partner_id)
         await check_frameworks(connection, overrides.frameworks)
         await connection.execute(
@@ -198,6 +230,16 @@ async def _set_overrides(
                 tier=overrides.tier.value if overrides.tier else None,
                 frameworks=overrides.frameworks,
             )
+        )
+        await record(
+            connection,
+            service.root,
+            kind="site.overrides",
+            actor=actor_of(holder),
+            data={"site_id": site_id, **overrides.model_dump(mode="json")},
+            now=service.clock(),
+            partner_id=holder.partner_id,
+            site_id=site_id,
         )
         return json_response(await site_out(connection, await get_site(connection, site_id)))
 
@@ -276,6 +318,16 @@ async def create_token(request: web.Request) -> web.Response:
         await get_site(connection, site_id, holder.partner_id)
         token, expires = await create_enrollment_token(
             connection, site_id, lifetime, service.clock()
+        )
+        await record(
+            connection,
+            service.root,
+            kind="token.created",
+            actor=actor_of(holder),
+            data={"site_id": site_id, "expires_at": format_time(expires)},
+            now=service.clock(),
+            partner_id=holder.partner_id,
+            site_id=site_id,
         )
     return json_response(TokenOut(token=token, site_id=site_id, expires_at=expires), status=201)
 
@@ -359,6 +411,9 @@ async def revoke(request: web.Request) -> web.Response:
             service.clock(),
             partner_id=holder.partner_id,
         )
+        await record_revocation(
+            connection, service.root, result, body.reason, actor_of(holder), service.clock()
+        )
     return json_response(result)
 
 
@@ -417,14 +472,25 @@ async def acknowledge(request: web.Request) -> web.Response:
         escalations.c.site_id.in_(_partner_sites(holder)),
     )
     async with write(service.engine) as connection:
-        await connection.execute(
+        changed = await connection.execute(
             sa.update(escalations)
             .where(*where, escalations.c.acknowledged_at.is_(None))
             .values(acknowledged_at=service.clock(), acknowledged_by=holder.key_prefix)
         )
         row = (await connection.execute(sa.select(escalations).where(*where))).first()
-    if row is None:
-        raise Problem("not-found", f"no escalation {escalation_id[:64]}")
+        if row is None:
+            raise Problem("not-found", f"no escalation {escalation_id[:64]}")
+        if changed.rowcount:
+            await record(
+                connection,
+                service.root,
+                kind="escalation.acknowledged",
+                actor=actor_of(holder),
+                data={"appliance_id": row.appliance_id, "escalation_id": row.escalation_id},
+                now=service.clock(),
+                partner_id=holder.partner_id,
+                site_id=row.site_id,
+            )
     return json_response(_escalation_out(row))
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from msp_central.api_models import (
+    AttachmentRefOut,
     ControlPostureOut,
     FailingControlOut,
     FrameworkPostureOut,
@@ -32,6 +33,7 @@ from msp_central.context import central, json_response
 from msp_central.db.engine import read_only
 from msp_central.db.tables import sites
 from msp_central.posture import (
+    Attachment,
     ControlState,
     FrameworkPosture,
     Observation,
@@ -42,6 +44,7 @@ from msp_central.posture import (
     framework_posture,
     latest_evidence,
     reason_of,
+    site_attachments,
     site_catalogue,
     site_freshness,
     trend,
@@ -67,6 +70,20 @@ def evidence_out(observation: Observation | None) -> PostureEvidenceOut | None:
         signed_after_expiry=observation.signed_after_expiry,
         in_log=observation.in_log,
         reason=reason_of(observation),
+    )
+
+
+def attachment_out(attachment: Attachment | None) -> AttachmentRefOut | None:
+    if attachment is None:
+        return None
+    return AttachmentRefOut(
+        id=attachment.id,
+        filename=attachment.filename,
+        sha256=attachment.sha256,
+        attached_by=attachment.attached_by,
+        attached_at=attachment.attached_at,
+        expires_at=attachment.expires_at,
+        log_index=attachment.log_index,
     )
 
 
@@ -97,6 +114,7 @@ def framework_out(posture: FrameworkPosture) -> FrameworkPostureOut:
                 state=control.state,
                 evidence=evidence_out(control.evidence),
                 checks=control.checks,
+                manual_evidence=attachment_out(control.attachment),
             )
             for control in posture.controls
         ],
@@ -155,7 +173,14 @@ async def site_posture(request: web.Request) -> web.Response:
         catalogue = _one_framework(request, await _catalogue_of(connection, site, partner, {}))
         latest = await latest_evidence(connection, [site.id], with_envelopes=True)
         freshness = await site_freshness(connection, [site.id])
-    posture = evaluate(catalogue, latest.get(site.id, []), at=now, freshness=freshness)
+        attached = await site_attachments(connection, [site.id])
+    posture = evaluate(
+        catalogue,
+        latest.get(site.id, []),
+        at=now,
+        freshness=freshness,
+        attachments=attached.get(site.id, []),
+    )
     return json_response(
         SitePostureOut(
             site_id=site.id,
@@ -190,6 +215,7 @@ async def partner_posture(request: web.Request) -> web.Response:
         }
         latest = await latest_evidence(connection, site_ids, with_envelopes=True)
         freshness = await site_freshness(connection, site_ids)
+        attached = await site_attachments(connection, site_ids)
 
     site_scores = []
     per_framework: dict[str, list[FrameworkPosture]] = defaultdict(list)
@@ -198,7 +224,11 @@ async def partner_posture(request: web.Request) -> web.Response:
     names: dict[str, str] = {}
     for site in site_rows:
         posture = evaluate(
-            catalogues[site.id], latest.get(site.id, []), at=now, freshness=freshness
+            catalogues[site.id],
+            latest.get(site.id, []),
+            at=now,
+            freshness=freshness,
+            attachments=attached.get(site.id, []),
         )
         site_scores.append(
             SiteScoresOut(
@@ -276,7 +306,15 @@ async def site_trend(request: web.Request) -> web.Response:
         # The newest bundle of each pair at the first day's end, then every later one.
         seed = (await latest_evidence(connection, [site.id], before=ends[0])).get(site.id, [])
         rows = await evidence_since(connection, site.id, ends[0], now)
-    points = trend(catalogue, seed, rows, ends=ends, freshness=freshness)
+        attached = await site_attachments(connection, [site.id])
+    points = trend(
+        catalogue,
+        seed,
+        rows,
+        ends=ends,
+        freshness=freshness,
+        attachments=attached.get(site.id, []),
+    )
     return json_response(
         PostureTrendOut(
             site_id=site.id,
