@@ -186,7 +186,10 @@ async def test_every_evidenced_finding_links_the_signed_export_of_its_bundle(
         href = evidence["href"]
         assert href.startswith(f"{origin}/api/v1/sites/{site_id}/evidence/"), href
         bundle_id = props(observation)["bundle-id"]
-        assert parse_time(observation["collected"]) == parse_time(collected[bundle_id])
+        # The listing's times are pydantic's (trailing zeros kept): compare instants.
+        assert datetime.fromisoformat(observation["collected"]) == datetime.fromisoformat(
+            collected[bundle_id]
+        )
         reply = await partner.request("GET", urlsplit(href).path)
         assert reply.status == 200, reply.body
         payload = json.loads(Envelope.from_wire(reply.body["evidence"]).payload_bytes())
