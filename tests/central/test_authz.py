@@ -145,6 +145,7 @@ ROWS = [
     row("GET",  "/api/v1/sites/{site_id}/appliances",                  MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/evidence",                    MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/posture",                     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/posture/oscal",               MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/posture/trend",               MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}",        MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export",     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
@@ -475,6 +476,17 @@ def _check_site_posture(w: World, body: Any) -> None:
     assert w.foreign_bundle_id not in json.dumps(body)
 
 
+def _check_oscal(w: World, body: Any) -> None:
+    (result,) = body["assessment-results"]["results"]
+    assert {p["value"] for p in result["props"] if p["name"] == "site-id"} == {w.site}
+    assert result["findings"]
+    linked = {
+        e["href"].rsplit("/", 1)[1] for o in result["observations"] for e in o["relevant-evidence"]
+    }
+    assert linked == {w.bundle_id}
+    assert w.foreign_bundle_id not in json.dumps(body)
+
+
 def _check_evidence_export(w: World, body: Any) -> None:
     assert (
         json.loads(Envelope.from_wire(body["evidence"]).payload_bytes())["bundle_id"] == w.bundle_id
@@ -595,6 +607,7 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "GET /api/v1/sites/{site_id}/appliances": _check_appliances,
     "GET /api/v1/sites/{site_id}/evidence": _check_evidence,
     "GET /api/v1/sites/{site_id}/posture": _check_site_posture,
+    "GET /api/v1/sites/{site_id}/posture/oscal": _check_oscal,
     "GET /api/v1/sites/{site_id}/posture/trend": _check_trend,
     "GET /api/v1/posture": _check_partner_posture,
     "POST /api/v1/sites/{site_id}/manual-evidence": _check_attached,

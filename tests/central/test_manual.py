@@ -211,3 +211,24 @@ async def test_the_central_log_records_who_did_what_and_verifies(harness: Harnes
     edited = dict(reply.body)
     edited["entries"] = [*reply.body["entries"][:2], *reply.body["entries"][3:]]
     assert not check_central_log_export(edited, KEYS, at=utc_now()).ok
+
+
+async def test_oscal_names_the_document_behind_a_passing_manual_control(
+    harness: Harness,
+) -> None:
+    partner = await harness.partner()
+    site_id = await _site(partner)
+    attached = await partner.request(
+        "POST", f"/api/v1/sites/{site_id}/manual-evidence", _document()
+    )
+    reply = await partner.request("GET", f"/api/v1/sites/{site_id}/posture/oscal")
+    assert reply.status == 200, reply.body
+    (result,) = reply.body["assessment-results"]["results"]
+    (finding,) = [
+        f
+        for f in result["findings"]
+        if {"name": "control-id", "value": RISK_ANALYSIS}
+        in [{"name": p["name"], "value": p["value"]} for p in f["props"]]
+    ]
+    assert finding["target"]["status"]["state"] == "satisfied"
+    assert attached.body["sha256"] in finding["target"]["status"]["remarks"]

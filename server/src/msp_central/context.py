@@ -90,6 +90,15 @@ def json_response(value: BaseModel | list[Any] | dict[str, Any], status: int = 2
     return web.Response(status=status, body=canonicalize(data), content_type="application/json")
 
 
+def download(body: bytes, filename: str) -> web.Response:
+    """A JSON document a browser saves under ``filename``."""
+    return web.Response(
+        body=body,
+        content_type="application/json",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
 def new_secret(prefix: str) -> str:
     """A random credential: ``<prefix>_<64 hex>`` (256 bits)."""
     return f"{prefix}_{os.urandom(32).hex()}"

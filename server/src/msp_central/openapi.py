@@ -32,7 +32,17 @@ ANY_KEY: Security = [{"partnerKey": []}, {"adminKey": []}]
 APPLIANCE: Security = [{"httpSignature": []}]
 NONE: Security = []
 
-# (method, path, summary, security, request model, {status: response model or None})
+# A document whose schema is not ours: OSCAL's own models describe it (the
+# tests validate the documents against them).
+OSCAL_DOCUMENT: dict[str, Any] = {
+    "type": "object",
+    "description": "An OSCAL Assessment Results document",
+    "required": ["assessment-results"],
+    "properties": {"assessment-results": {"type": "object"}},
+}
+
+# (method, path, summary, security, request model, {status: response model,
+# a JSON schema of a document not ours, or None})
 OPERATIONS: list[
     tuple[str, str, str, list[dict[str, list[str]]], type[BaseModel] | None, dict[int, Any]]
 ] = [
@@ -56,6 +66,7 @@ OPERATIONS: list[
     ("get", "/api/v1/sites/{site_id}/appliances", "A site's appliances and their state", PARTNER, None, {200: list[m.ApplianceOut]}),
     ("get", "/api/v1/sites/{site_id}/evidence", "A site's evidence bundles", PARTNER, None, {200: list[m.EvidenceOut]}),
     ("get", "/api/v1/sites/{site_id}/posture", "A site's compliance posture, control by control, with the evidence behind each state", PARTNER, None, {200: m.SitePostureOut}),
+    ("get", "/api/v1/sites/{site_id}/posture/oscal", "A site's posture as an OSCAL 1.2.1 Assessment Results document: a finding per control, an observation per signed bundle linking its evidence export", PARTNER, None, {200: OSCAL_DOCUMENT}),
     ("get", "/api/v1/sites/{site_id}/posture/trend", "A site's posture at the end of each day", PARTNER, None, {200: m.PostureTrendOut}),
     ("get", "/api/v1/posture", "Posture across the partner's sites: scores, per-framework roll-ups, the most widely failing controls", PARTNER, None, {200: m.PartnerPostureOut}),
     ("get", "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}", "One evidence bundle as an evidence export: its signed envelope, certificate, audit entry, inclusion proof and receipt (msp-verify checks it)", PARTNER, None, {200: EvidenceExport}),
@@ -88,6 +99,11 @@ REF = "#/components/schemas/{model}"
 # type they were attached as.
 _MEDIA: dict[Any, str] = {str: "text/plain", bytes: "*/*"}
 
+
+def _media(model: Any) -> str:
+    return _MEDIA.get(model, "application/json") if isinstance(model, type) else "application/json"
+
+
 _FRAMEWORK_FILTER: dict[str, Any] = {
     "name": "framework",
     "in": "query",
@@ -107,6 +123,7 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
         }
     ],
     ("get", "/api/v1/sites/{site_id}/posture"): [_FRAMEWORK_FILTER],
+    ("get", "/api/v1/sites/{site_id}/posture/oscal"): [_FRAMEWORK_FILTER],
     ("get", "/api/v1/sites/{site_id}/auditor-package"): [
         {
             **_FRAMEWORK_FILTER,
@@ -145,6 +162,8 @@ def _schema_of(annotation: Any) -> dict[str, Any]:
         return {"type": "string"}
     if annotation is bytes:
         return {"type": "string", "format": "binary"}
+    if isinstance(annotation, dict):
+        return annotation
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {"$ref": REF.format(model=annotation.__name__)}
     (item,) = annotation.__args__  # list[Model]
@@ -155,6 +174,8 @@ def _models() -> list[type[BaseModel]]:
     found: dict[str, type[BaseModel]] = {"Problem": m.Problem}
     for _method, _path, _summary, _security, request, responses in OPERATIONS:
         for annotation in [request, *responses.values()]:
+            if isinstance(annotation, dict):
+                continue
             model = annotation
             while model is not None and not isinstance(model, type):
                 (model,) = model.__args__
@@ -187,11 +208,7 @@ def document() -> dict[str, Any]:
                     if model is None and status == 304
                     else {
                         "description": "Success",
-                        "content": {
-                            _MEDIA.get(model, "application/json"): {
-                                "schema": _schema_of(model) if model else {}
-                            }
-                        },
+                        "content": {_media(model): {"schema": _schema_of(model) if model else {}}},
                     }
                 )
                 for status, model in responses.items()

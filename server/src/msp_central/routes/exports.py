@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from msp_central.auth import require_partner
-from msp_central.context import central
+from msp_central.context import central, download
 from msp_central.db.engine import read_only
 from msp_central.db.tables import appliances
 from msp_central.exports import audit_export, evidence_export
@@ -24,15 +24,6 @@ routes = web.RouteTableDef()
 # Where the central public key is published, in the form msp-verify's
 # --central-key-file reads: 64 lowercase hex characters and a newline.
 CENTRAL_KEY_PATH = "/.well-known/msp-central-key"
-
-
-def download(body: bytes, filename: str) -> web.Response:
-    """A JSON document a browser saves under ``filename``."""
-    return web.Response(
-        body=body,
-        content_type="application/json",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
 
 
 @routes.get(CENTRAL_KEY_PATH)

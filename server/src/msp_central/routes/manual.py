@@ -13,12 +13,11 @@ from aiohttp import web
 from msp_central.api_models import ManualEvidenceIn, ManualEvidenceOut
 from msp_central.auth import require_admin, require_partner
 from msp_central.central_log import actor_of, central_log_export, record, record_proof
-from msp_central.context import central, json_response, parse_body, read_body
+from msp_central.context import central, download, json_response, parse_body, read_body
 from msp_central.db.engine import read_only, write
 from msp_central.db.tables import controls, manual_evidence
 from msp_central.problems import Problem
 from msp_central.queries import get_partner, get_site, new_id
-from msp_central.routes.exports import download
 from msp_protocol.encoding import b64decode, format_time
 from msp_protocol.errors import MalformedError
 

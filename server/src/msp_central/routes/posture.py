@@ -1,11 +1,12 @@
-"""Compliance posture for partners: one site, control by control; the roll-up
-across the partner's sites; a site's daily trend. Everything is derived from
-the stored evidence at the time of asking (:mod:`msp_central.posture`)."""
+"""Compliance posture for partners: one site, control by control (also as an
+OSCAL Assessment Results document); the roll-up across the partner's sites;
+a site's daily trend. Everything is derived from the stored evidence at the
+time of asking (:mod:`msp_central.posture`)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from aiohttp import web
@@ -29,9 +30,10 @@ from msp_central.api_models import (
 )
 from msp_central.auth import require_partner
 from msp_central.catalogue import Tier
-from msp_central.context import central, json_response
+from msp_central.context import central, download, json_response
 from msp_central.db.engine import read_only
 from msp_central.db.tables import sites
+from msp_central.oscal import assessment_results
 from msp_central.posture import (
     Attachment,
     ControlState,
@@ -51,6 +53,7 @@ from msp_central.posture import (
 )
 from msp_central.problems import Problem
 from msp_central.queries import Row, get_partner, get_site
+from msp_protocol.canonical import canonicalize
 
 routes = web.RouteTableDef()
 
@@ -159,10 +162,9 @@ def _only(request: web.Request, allowed: set[str]) -> None:
         raise Problem("malformed-query", f"unknown query parameter {unknown[0][:32]!r}")
 
 
-@routes.get("/api/v1/sites/{site_id}/posture")
-async def site_posture(request: web.Request) -> web.Response:
-    """Every control of each of the site's frameworks, with its state and the
-    signed evidence behind it."""
+async def _site_posture(request: web.Request) -> tuple[Row, datetime, list[FrameworkPosture]]:
+    """The site of the path (the partner's own), the time of asking and the
+    site's posture then, narrowed by ``?framework=``."""
     holder = await require_partner(request)
     _only(request, {"framework"})
     service = central(request)
@@ -174,13 +176,24 @@ async def site_posture(request: web.Request) -> web.Response:
         latest = await latest_evidence(connection, [site.id], with_envelopes=True)
         freshness = await site_freshness(connection, [site.id])
         attached = await site_attachments(connection, [site.id])
-    posture = evaluate(
-        catalogue,
-        latest.get(site.id, []),
-        at=now,
-        freshness=freshness,
-        attachments=attached.get(site.id, []),
+    return (
+        site,
+        now,
+        evaluate(
+            catalogue,
+            latest.get(site.id, []),
+            at=now,
+            freshness=freshness,
+            attachments=attached.get(site.id, []),
+        ),
     )
+
+
+@routes.get("/api/v1/sites/{site_id}/posture")
+async def site_posture(request: web.Request) -> web.Response:
+    """Every control of each of the site's frameworks, with its state and the
+    signed evidence behind it."""
+    site, now, posture = await _site_posture(request)
     return json_response(
         SitePostureOut(
             site_id=site.id,
@@ -189,6 +202,25 @@ async def site_posture(request: web.Request) -> web.Response:
             frameworks=[framework_out(p) for p in posture],
         )
     )
+
+
+@routes.get("/api/v1/sites/{site_id}/posture/oscal")
+async def site_posture_oscal(request: web.Request) -> web.Response:
+    """The site's posture as an OSCAL Assessment Results document, each
+    finding linking the signed evidence export behind it."""
+    site, now, posture = await _site_posture(request)
+    if not any(framework.controls for framework in posture):
+        raise Problem("conflict", "the site uses no framework: there is no control to assess")
+    # Behind a reverse proxy the links must be the URL partners reach.
+    base_url = central(request).settings.public_url or str(request.url.origin())
+    document = assessment_results(
+        site_id=site.id,
+        site_name=site.name,
+        evaluated_at=now,
+        posture=posture,
+        base_url=base_url,
+    )
+    return download(canonicalize(document), f"assessment-results-{site.id}.json")
 
 
 @routes.get("/api/v1/posture")
