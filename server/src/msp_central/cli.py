@@ -286,13 +286,12 @@ def run(argv: list[str] | None = None) -> int:
 
             async def partner(connection: AsyncConnection) -> dict[str, Any]:
                 row, key = await create_partner(connection, args.name, now)
-                await record(
+                await _record(
                     connection,
-                    load_root_key(settings.key_file),
-                    kind="partner.created",
-                    actor=CLI_ACTOR,
-                    data={"partner_id": row.id, "name": row.name},
-                    now=now,
+                    settings,
+                    now,
+                    "partner.created",
+                    {"partner_id": row.id, "name": row.name},
                     partner_id=row.id,
                 )
                 return {"partner_id": row.id, "name": row.name, "api_key": key}
@@ -309,13 +308,12 @@ def run(argv: list[str] | None = None) -> int:
             async def site(connection: AsyncConnection) -> dict[str, Any]:
                 await get_partner(connection, args.partner)
                 row = await create_site(connection, args.partner, args.name, SiteOverrides(), now)
-                await record(
+                await _record(
                     connection,
-                    load_root_key(settings.key_file),
-                    kind="site.created",
-                    actor=CLI_ACTOR,
-                    data={"site_id": row.id, "name": row.name},
-                    now=now,
+                    settings,
+                    now,
+                    "site.created",
+                    {"site_id": row.id, "name": row.name},
                     partner_id=row.partner_id,
                     site_id=row.id,
                 )
@@ -325,7 +323,7 @@ def run(argv: list[str] | None = None) -> int:
         case "token", "create":
 
             async def token(connection: AsyncConnection) -> dict[str, Any]:
-                await get_site(connection, args.site)
+                owner = await get_site(connection, args.site)
                 lifetime = settings.enrollment_token_lifetime
                 if args.hours is not None and not 1 <= args.hours <= 24 * 30:
                     raise ValueError(f"--hours {args.hours}: a token lives 1 to 720 hours")
@@ -334,13 +332,13 @@ def run(argv: list[str] | None = None) -> int:
                 secret, expires = await create_enrollment_token(
                     connection, args.site, lifetime, now
                 )
-                await record(
+                await _record(
                     connection,
-                    load_root_key(settings.key_file),
-                    kind="token.created",
-                    actor=CLI_ACTOR,
-                    data={"site_id": args.site, "expires_at": format_time(expires)},
-                    now=now,
+                    settings,
+                    now,
+                    "token.created",
+                    {"site_id": args.site, "expires_at": format_time(expires)},
+                    partner_id=owner.partner_id,
                     site_id=args.site,
                 )
                 return {"token": secret, "site_id": args.site, "expires_at": expires.isoformat()}
@@ -380,6 +378,29 @@ def run(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--agents {args.agents}: use 1 to 8")
             run_demo(args.dir, agents=args.agents, host="127.0.0.1", port=args.port)
     return 0
+
+
+async def _record(
+    connection: AsyncConnection,
+    settings: Settings,
+    now: datetime,
+    kind: str,
+    data: dict[str, Any],
+    *,
+    partner_id: str | None = None,
+    site_id: str | None = None,
+) -> None:
+    """Record what the operator did in the central log, signed by the root key."""
+    await record(
+        connection,
+        load_root_key(settings.key_file),
+        kind=kind,
+        actor=CLI_ACTOR,
+        data=data,
+        now=now,
+        partner_id=partner_id,
+        site_id=site_id,
+    )
 
 
 def _time(text: str | None, option: str) -> datetime | None:
