@@ -28,9 +28,9 @@ and:
 
 Figures (``figure=value unit``); each timing is the best of ``--repeat``.
 ``populate_seconds`` is the setup, for the record: on SQLite it is bound by
-the evidence endpoint (one request, two write transactions a bundle), some
-15 ms a bundle on a 2-vCPU machine, so the default 100,000 bundles take
-about half an hour to set up and ``--quick`` uses 500.
+the evidence endpoint (one request, two write transactions a bundle),
+15-25 ms a bundle on a shared 2-vCPU machine, so the default 100,000 bundles
+take half an hour or more to set up; ``--quick`` uses 500.
 """
 
 from __future__ import annotations
