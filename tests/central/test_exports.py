@@ -145,3 +145,34 @@ async def test_evidence_export_after_a_key_rotation_names_both_certificates(
     report = check_evidence_export(reply.body, KEYS, at=utc_now()).unwrap()
     assert report.proven_in_log
     assert (reply.body["log"].get("checkpoint_certificate") is not None) == rotate
+
+
+async def test_another_partners_revocations_stay_out_of_exports(harness: Harness) -> None:
+    partner, appliance, _envelope = await _appliance_with_evidence(harness)
+    assert (await appliance.sync(appliance.batch(0))).status == 200
+    defaults = {"tier": "basic", "frameworks": ["hipaa"]}
+    assert (await partner.request("PUT", "/api/v1/partner/defaults", defaults)).status == 200
+    other = await harness.partner("Other MSP")
+    victim = await harness.enroll(other)
+    revoked = await other.request(
+        "POST", f"/api/v1/certificates/{victim.serial}/revoke", {"reason": "lost"}
+    )
+    assert revoked.status == 200
+    site = f"/api/v1/sites/{appliance.site_id}"
+    for path in (
+        f"{site}/appliances/{appliance.appliance_id}/audit-export",
+        f"{site}/auditor-package",
+    ):
+        status, raw = await _bytes(partner, path)
+        assert status == 200
+        assert victim.appliance_id.encode() not in raw, path
+        assert victim.serial.encode() not in raw, path
+        assert b'"revocations"' not in raw, path
+    # Once the site's own appliance is revoked, the list must go with it.
+    mine = await partner.request(
+        "POST", f"/api/v1/certificates/{appliance.serial}/revoke", {"reason": "stolen"}
+    )
+    assert mine.status == 200
+    status, raw = await _bytes(partner, f"{site}/appliances/{appliance.appliance_id}/audit-export")
+    assert b'"revocations"' in raw
+    assert check_audit_export(raw, KEYS, at=utc_now()).ok

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from msp_central.context import CENTRAL
 from msp_protocol.central_log import check_central_log_export, check_central_record
 from msp_protocol.encoding import format_time, utc_now
 from tests.central.support import ROOT, Harness, KeyClient
@@ -232,3 +233,20 @@ async def test_oscal_names_the_document_behind_a_passing_manual_control(
     ]
     assert finding["target"]["status"]["state"] == "satisfied"
     assert attached.body["sha256"] in finding["target"]["status"]["remarks"]
+
+
+async def test_documents_up_to_the_limit_are_taken_and_larger_ones_refused(
+    harness: Harness,
+) -> None:
+    partner = await harness.partner()
+    site_id = await _site(partner)
+    limit = harness.client.server.app[CENTRAL].settings.max_document_bytes
+    path = f"/api/v1/sites/{site_id}/manual-evidence"
+    whole = bytes(range(256)) * (limit // 256)
+    taken = await partner.request("POST", path, _document(content=base64.b64encode(whole).decode()))
+    assert taken.status == 201, taken.body
+    assert taken.body["size"] == len(whole)
+    over = await partner.request(
+        "POST", path, _document(content=base64.b64encode(whole + b"x" * 4096).decode())
+    )
+    assert (over.status, over.code) == (413, "body-too-large")

@@ -3,6 +3,7 @@ across a partner's sites, and the daily trend, on both backends."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -311,3 +312,75 @@ async def test_bad_queries_are_400s(harness: Harness, path: str, detail: str) ->
     assert detail in reply.body["detail"]
     unknown = await partner.request("GET", "/api/v1/posture?site=x")
     assert (unknown.status, unknown.code) == (400, "malformed-query")
+
+
+async def test_a_clock_that_jumped_ahead_once_does_not_freeze_a_check(harness: Harness) -> None:
+    partner = await harness.partner()
+    site_id = await _hipaa_site(harness, partner)
+    appliance = await harness.enroll(partner, site_id)
+    appliance.grow(1)
+    ahead = appliance.clock
+    appliance.clock = lambda: ahead() + timedelta(days=365)
+    early = appliance.sign_bundle(controls={"hipaa": (HIPAA_AUDIT,)})
+    appliance.clock = ahead
+    assert (await appliance.push(early)).status == 201
+    failed = await _deliver(appliance, controls={"hipaa": (HIPAA_AUDIT,)}, result="fail")
+    audit = _controls(await _posture(partner, site_id))[HIPAA_AUDIT]
+    # The appliance's own order (its log) decides which bundle is newest.
+    assert (audit["state"], audit["evidence"]["bundle_id"]) == ("failing", failed)
+
+
+async def test_a_bundle_its_log_contradicts_counts_for_nothing(harness: Harness) -> None:
+    partner = await harness.partner()
+    site_id = await _hipaa_site(harness, partner)
+    appliance = await harness.enroll(partner, site_id)
+    appliance.grow(1)
+    genuine = appliance.sign_bundle(controls={"hipaa": (HIPAA_AUDIT,)})
+    # The bundle pushed is not the one its log entry records.
+    appliance.records.pop()
+    other = appliance.sign_bundle(controls={"hipaa": (HIPAA_AUDIT,)}, result="fail")
+    assert (await appliance.push(genuine)).status == 201
+    assert (await appliance.sync(appliance.batch(0))).status == 200
+    listed = await partner.request("GET", f"/api/v1/sites/{site_id}/evidence")
+    assert [(e["bundle_id"], e["in_log"]) for e in listed.body] == [(_id_of(genuine), False)]
+    audit = _controls(await _posture(partner, site_id))[HIPAA_AUDIT]
+    assert (audit["state"], audit["evidence"], audit["checks"]) == ("stale", None, 0)
+    assert _id_of(other) != _id_of(genuine)
+
+
+def _id_of(envelope: Any) -> str:
+    return str(json.loads(envelope.payload_bytes())["bundle_id"])
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/sites/%00/posture",
+        "/api/v1/sites/%00/posture/trend",
+        "/api/v1/sites/%00/auditor-package",
+        "/api/v1/sites/%00/manual-evidence",
+        "/api/v1/sites/x/manual-evidence/%00",
+        "/api/v1/sites/x/evidence/%00/y",
+        "/api/v1/sites/x/appliances/%01/audit-export",
+        "/api/v1/sites/%00",
+    ],
+)
+async def test_control_characters_in_path_ids_are_404s_on_every_backend(
+    harness: Harness, path: str
+) -> None:
+    partner = await harness.partner()
+    reply = await partner.request("GET", path)
+    assert (reply.status, reply.code) == (404, "not-found")
+
+
+async def test_absurd_query_values_are_400s(harness: Harness) -> None:
+    partner = await harness.partner()
+    site_id = await _hipaa_site(harness, partner)
+    for path in (
+        f"/api/v1/sites/{site_id}/posture/trend?days={'9' * 5000}",
+        f"/api/v1/sites/{site_id}/posture/trend?days=3&days=4",
+        f"/api/v1/sites/{site_id}/auditor-package?to=0001-01-01T00:00:00Z",
+        f"/api/v1/sites/{site_id}/auditor-package?from=0001-01-01T00:00:00Z",
+    ):
+        reply = await partner.request("GET", path)
+        assert (reply.status, reply.code) == (400, "malformed-query"), path

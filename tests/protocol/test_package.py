@@ -179,6 +179,13 @@ def certificate(
     )
 
 
+def check_for(controls: dict[str, list[str]]) -> str:
+    named = "-".join(f"{f}.{c}" for f, ids in sorted(controls.items()) for c in sorted(set(ids)))
+    return (
+        "check-" + "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in named.lower())[:57]
+    )
+
+
 def bundle(
     appliance_id: str,
     index: int,
@@ -192,7 +199,9 @@ def bundle(
             "bundle_id": f"{appliance_id}.ev-{index}",
             "site_id": site_id,
             "appliance_id": appliance_id,
-            "check_id": "time-sync",
+            # One check per set of controls, as the agent's runbooks map them:
+            # each (appliance, check) pair speaks through its newest bundle.
+            "check_id": check_for(controls),
             "controls": controls,
             "result": result,
             "observed": observed,
@@ -347,7 +356,7 @@ def test_one_appliance_from_genesis_verifies() -> None:
     assert report.bundles == 4
     assert report.summary_verified
     assert report.signed_after_expiry == ()
-    assert report.states == {"stale": 1, "passing": 1, "no-evidence": 1, "error": 1}
+    assert report.states == {"stale": 2, "no-evidence": 1, "error": 1}
     assert report.problem is None
 
 
@@ -358,9 +367,10 @@ def test_summary_follows_the_rule() -> None:
     }
     audit = controls["hipaa", "164.312(b)"]
     assert audit["counts"] == {"pass": 2, "fail": 1, "error": 0, "not_applicable": 0}
-    assert audit["state"] == "passing"  # the newest, at hour 13, is fresh
-    assert audit["latest"]["bundle_id"] == f"{APPLIANCE}.ev-13"
-    assert "reason" not in audit["latest"]  # observed["reason"] is not a string
+    # Three checks list it; the one that last ran at hour 7 has gone stale,
+    # and the worst of the three decides, however fresh the pass at hour 13.
+    assert audit["state"] == "stale"
+    assert audit["latest"]["bundle_id"] == f"{APPLIANCE}.ev-7"
     management = controls["hipaa", "164.308(a)(1)"]
     assert management["state"] == "stale"  # one failing bundle at hour 7: 41 h old
     assert management["latest"]["reason"] == "2 units failed"
@@ -431,7 +441,7 @@ def test_segment_from_the_middle_of_the_log_verifies() -> None:
     (segment,) = report.segments
     assert (segment.start, segment.size, segment.bundles) == (BASE_START, 20, 3)
     assert segment.omitted_bundles == 1  # bundle 3 lies before the segment: unseen
-    assert report.states == {"stale": 1, "passing": 1, "no-evidence": 1, "error": 1}
+    assert report.states == {"stale": 2, "no-evidence": 1, "error": 1}
 
 
 def test_key_rotation_between_bundles_verifies() -> None:
@@ -977,8 +987,7 @@ def test_cli_verifies_an_auditor_package(
         f"  appliance {APPLIANCE}: entries 6..19 signed by {DEVICE.key_id}, "
         "witnessed 2026-11-26T08:05:00Z",
         "  3 evidence bundles, each recorded in its appliance's witnessed log",
-        "  summary of 4 controls recomputed and matching: 1 error, 1 no-evidence, "
-        "1 passing, 1 stale",
+        "  summary of 4 controls recomputed and matching: 1 error, 1 no-evidence, 2 stale",
         "  review: bundles recorded in the logs shown during the period but not in the "
         "package: 1 (of other frameworks, or left out)",
     ]

@@ -9,7 +9,8 @@ state at the end of the period, by the rule the central server's posture
 uses:
 
 - each (appliance, check) pair speaks through its newest bundle (max by
-  collected_at, then bundle_id);
+  log_index, the appliance's own order, then bundle_id), for the controls
+  that bundle lists;
 - that bundle reads ``stale`` when it is older than ``freshness_seconds`` at
   the end of the period, else by its result: ``passing``, ``failing``,
   ``error`` or ``not_applicable``;
@@ -152,32 +153,37 @@ def summarise_evidence(
     """
     position = {(framework, control_id): i for i, (framework, control_id, _) in enumerate(controls)}
     counts = [dict.fromkeys(STATE_OF_RESULT, 0) for _ in controls]
-    # (control position, appliance, check) -> that pair's newest bundle
-    newest: dict[tuple[int, str, str], EvidenceBundle] = {}
+    # (appliance, check) -> that pair's newest bundle, by log position (the
+    # appliance's own order: a clock that jumped ahead cannot freeze it)
+    newest: dict[tuple[str, str], EvidenceBundle] = {}
     for bundle in bundles:
+        for framework, control_ids in bundle.controls.items():
+            for control_id in dict.fromkeys(control_ids):
+                i = position.get((framework, control_id))
+                if i is not None:
+                    counts[i][bundle.result] += 1
+        pair = (bundle.appliance_id, bundle.check_id)
+        current = newest.get(pair)
+        if current is None or (bundle.log_index, bundle.bundle_id) > (
+            current.log_index,
+            current.bundle_id,
+        ):
+            newest[pair] = bundle
+    fresh = timedelta(seconds=freshness_seconds)
+    deciding: list[tuple[tuple[int, datetime, str, str], ControlState, EvidenceBundle] | None]
+    deciding = [None] * len(controls)
+    for bundle in newest.values():
+        stale = period_end - bundle.collected_at > fresh
+        state: ControlState = "stale" if stale else STATE_OF_RESULT[bundle.result]
+        rank = (-SEVERITY[state], *_newest_key(bundle))
         for framework, control_ids in bundle.controls.items():
             for control_id in dict.fromkeys(control_ids):
                 i = position.get((framework, control_id))
                 if i is None:
                     continue
-                counts[i][bundle.result] += 1
-                pair = (i, bundle.appliance_id, bundle.check_id)
-                current = newest.get(pair)
-                if current is None or (bundle.collected_at, bundle.bundle_id) > (
-                    current.collected_at,
-                    current.bundle_id,
-                ):
-                    newest[pair] = bundle
-    fresh = timedelta(seconds=freshness_seconds)
-    deciding: list[tuple[tuple[int, datetime, str, str], ControlState, EvidenceBundle] | None]
-    deciding = [None] * len(controls)
-    for (i, _appliance, _check), bundle in newest.items():
-        stale = period_end - bundle.collected_at > fresh
-        state = "stale" if stale else STATE_OF_RESULT[bundle.result]
-        rank = (-SEVERITY[state], *_newest_key(bundle))
-        held = deciding[i]
-        if held is None or rank > held[0]:
-            deciding[i] = (rank, state, bundle)
+                held = deciding[i]
+                if held is None or rank > held[0]:
+                    deciding[i] = (rank, state, bundle)
     summaries: list[dict[str, Any]] = []
     for (framework, control_id, title), count, decided in zip(
         controls, counts, deciding, strict=True

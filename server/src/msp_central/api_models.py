@@ -375,7 +375,7 @@ class ManualEvidenceIn(Body):
     """A document attached to a control of a site: a policy, a training record."""
 
     framework_id: FrameworkId
-    control_id: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)]
+    control_id: Annotated[Printable, StringConstraints(min_length=1, max_length=64)]
     filename: Name
     media_type: MediaType
     # The document, base64 (standard alphabet, padded).

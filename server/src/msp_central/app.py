@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
@@ -23,6 +24,7 @@ from msp_central.problems import Problem, problem_response
 from msp_central.routes.appliances import routes as appliance_routes
 from msp_central.routes.catalogue import routes as catalogue_routes
 from msp_central.routes.exports import routes as export_routes
+from msp_central.routes.manual import document_body_limit
 from msp_central.routes.manual import routes as manual_routes
 from msp_central.routes.partners import routes as partner_routes
 from msp_central.routes.posture import routes as posture_routes
@@ -31,6 +33,7 @@ from msp_protocol.errors import ProtocolError
 from msp_protocol.keys import SigningKey
 
 log = logging.getLogger("msp_central")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Nonces older than the signature freshness window can never be replayed
 # (the signature would be refused as stale first): purge them this often.
@@ -40,6 +43,10 @@ NONCE_PURGE_SECONDS = 60
 @web.middleware
 async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as problem+json; nothing internal leaks."""
+    if any(_CONTROL.search(value) for value in request.match_info.values()):
+        # No identifier holds a control character, and PostgreSQL cannot
+        # even compare a NUL: no such resource, on every backend alike.
+        return problem_response(Problem("not-found", "no such resource"), request.path)
     try:
         return await handler(request)
     except Problem as problem:
@@ -83,7 +90,12 @@ def create_app(
     ``clock`` is the server's trusted time (tests move it)."""
     app = web.Application(
         middlewares=[problems],
-        client_max_size=max(settings.max_sync_body_bytes, settings.max_body_bytes),
+        # The largest body any route takes; each route holds its own limit.
+        client_max_size=max(
+            settings.max_sync_body_bytes,
+            settings.max_body_bytes,
+            document_body_limit(settings.max_document_bytes),
+        ),
     )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -85,6 +85,8 @@ async def record(
     """Append one entry (the genesis first, on an empty log) and sign a new
     checkpoint, in the caller's transaction; returns the entry's index."""
     head = await _locked_head(connection, now)
+    # Times never run backwards along the log, whoever waited for the lock.
+    now = max(now, head.updated_at)
     state = TreeState(int(head.size), [bytes.fromhex(node) for node in head.nodes])
     rows: list[dict[str, Any]] = []
 

@@ -28,7 +28,7 @@ from msp_central.app import create_app
 from msp_central.central_log import CLI_ACTOR, central_log_export, record, record_revocation
 from msp_central.config import ConfigError, Settings, load_settings
 from msp_central.context import load_root_key, write_root_key
-from msp_central.db.engine import create_engine
+from msp_central.db.engine import create_engine, read_only
 from msp_central.db.migrate import DatabaseVersionError, check_current, upgrade
 from msp_central.demo import DemoError, run_demo
 from msp_central.exports import audit_export
@@ -147,11 +147,19 @@ def _print(value: dict[str, Any]) -> None:
 
 
 async def _with_db(
-    settings: Settings, work: Callable[[AsyncConnection], Awaitable[dict[str, Any]]]
+    settings: Settings,
+    work: Callable[[AsyncConnection], Awaitable[dict[str, Any]]],
+    *,
+    reading: bool = False,
 ) -> dict[str, Any]:
+    """Run ``work`` in one transaction; ``reading`` ones take a snapshot that
+    never holds up the server's writers (an export may take a while)."""
     engine = create_engine(settings.resolved_database_url())
     try:
         await check_current(engine)
+        if reading:
+            async with read_only(engine) as connection:
+                return await work(connection)
         async with engine.begin() as connection:
             return await work(connection)
     finally:
@@ -358,7 +366,7 @@ def run(argv: list[str] | None = None) -> int:
                 )
                 return _write_export(args.output, await auditor_package(connection, request, now))
 
-            _print(asyncio.run(_with_db(settings, export_package)))
+            _print(asyncio.run(_with_db(settings, export_package, reading=True)))
         case "export", "audit":
 
             async def export_audit(connection: AsyncConnection) -> dict[str, Any]:
@@ -366,13 +374,13 @@ def run(argv: list[str] | None = None) -> int:
                     args.output, await audit_export(connection, args.appliance, now)
                 )
 
-            _print(asyncio.run(_with_db(settings, export_audit)))
+            _print(asyncio.run(_with_db(settings, export_audit, reading=True)))
         case "export", "central-log":
 
             async def export_central_log(connection: AsyncConnection) -> dict[str, Any]:
                 return _write_export(args.output, await central_log_export(connection, now))
 
-            _print(asyncio.run(_with_db(settings, export_central_log)))
+            _print(asyncio.run(_with_db(settings, export_central_log, reading=True)))
         case "demo", _:
             if not 1 <= args.agents <= 8:
                 raise ValueError(f"--agents {args.agents}: use 1 to 8")

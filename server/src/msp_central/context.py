@@ -53,7 +53,9 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
     return body
 
 
-def parse_json_object(body: bytes, request: web.Request) -> dict[str, Any]:
+def parse_json_object(
+    body: bytes, request: web.Request, max_bytes: int | None = None
+) -> dict[str, Any]:
     """A JSON request body, parsed strictly (no duplicate keys, no NaN…),
     that must be an object."""
     if not body:
@@ -61,7 +63,7 @@ def parse_json_object(body: bytes, request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise Problem("unsupported-media-type", f"content type {request.content_type[:80]}")
     try:
-        value = parse_json(body, limits=request.app[CENTRAL].limits)
+        value = parse_json(body, limits=request.app[CENTRAL].limits, max_bytes=max_bytes)
     except MalformedError as exc:
         raise Problem("malformed-json", str(exc)) from None
     if not isinstance(value, dict):
@@ -69,9 +71,13 @@ def parse_json_object(body: bytes, request: web.Request) -> dict[str, Any]:
     return value
 
 
-def parse_body(body: bytes, model: type[Model], request: web.Request) -> Model:
-    """:func:`parse_json_object` into a strict model."""
-    value = parse_json_object(body, request)
+def parse_body(
+    body: bytes, model: type[Model], request: web.Request, max_bytes: int | None = None
+) -> Model:
+    """:func:`parse_json_object` into a strict model; ``max_bytes`` for a
+    route whose bodies may exceed the usual JSON bound (the caller read at
+    most that many)."""
+    value = parse_json_object(body, request, max_bytes)
     try:
         return model.model_validate(value)
     except ValidationError as exc:

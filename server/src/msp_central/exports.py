@@ -212,7 +212,13 @@ async def audit_export(connection: AsyncConnection, appliance_id: str, now: date
         checkpoints=[envelope_of(row.checkpoint) for row in checkpoints],
         certificates=[envelope_of(row.envelope) for row in held.values()],
         receipts=[envelope_of(row.receipt) for row in checkpoints],
-        revocations=await latest_revocations(connection),
+        # The list names every partner's revoked serials: only when it
+        # concerns this appliance does it go out (and then it must).
+        revocations=(
+            await latest_revocations(connection)
+            if any(row.revoked_at is not None for row in held.values())
+            else None
+        ),
         evidence=[envelope_of(row.envelope) for row in bundles],
     )
 

@@ -126,8 +126,13 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("get", "/api/v1/sites/{site_id}/posture/oscal"): [_FRAMEWORK_FILTER],
     ("get", "/api/v1/sites/{site_id}/auditor-package"): [
         {
-            **_FRAMEWORK_FILTER,
-            "description": "a framework to include (repeatable; default: all the site uses)",
+            "name": "framework",
+            "in": "query",
+            "required": False,
+            "description": "frameworks to include (repeat the parameter; default: all the site uses)",
+            "schema": {"type": "array", "items": {"type": "string"}},
+            "style": "form",
+            "explode": True,
         },
         {
             "name": "from",

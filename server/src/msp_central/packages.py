@@ -25,7 +25,14 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from msp_central.db.tables import audit_checkpoints, controls, evidence, frameworks
+from msp_central.db.tables import (
+    appliances,
+    audit_checkpoints,
+    certificates,
+    controls,
+    evidence,
+    frameworks,
+)
 from msp_central.exports import (
     certificate_rows,
     entry_bytes,
@@ -38,6 +45,7 @@ from msp_central.problems import Problem
 from msp_central.queries import Row
 from msp_protocol.dsse import Envelope
 from msp_protocol.evidence import EvidenceBundle
+from msp_protocol.limits import DEFAULT_LIMITS
 from msp_protocol.merkle import TreeState
 from msp_protocol.package import LogSegmentParts, build_auditor_package
 from msp_protocol.summary import summarise_evidence
@@ -46,6 +54,8 @@ from msp_protocol.summary import summarise_evidence
 # almost always a mistake and would build files of gigabytes.
 MAX_PERIOD: Final = timedelta(days=366)
 DEFAULT_PERIOD: Final = timedelta(days=90)
+# No evidence predates the product; earlier times are typing mistakes.
+EARLIEST_YEAR: Final = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +88,8 @@ def package_request(
     if not wanted:
         raise Problem("malformed-query", "the site uses no framework: name one with framework=")
     end = end or now
+    if end.year < EARLIEST_YEAR or (start is not None and start.year < EARLIEST_YEAR):
+        raise Problem("malformed-query", f"the period must lie after {EARLIEST_YEAR}")
     start = start or end - DEFAULT_PERIOD
     if end <= start:
         raise Problem("malformed-query", "the period must end after it starts")
@@ -142,6 +154,43 @@ async def _scope_controls(
     return [control for framework_id in sorted(listed) for control in listed[framework_id]]
 
 
+_NO_CUTOFF: Final = 2**63
+
+
+async def _revocation_cutoffs(connection: AsyncConnection, site_id: str) -> dict[str, int]:
+    """Serial -> revocation cutoff, for the revoked certificates of the site."""
+    rows = await connection.execute(
+        sa.select(certificates.c.serial, certificates.c.cutoff_size)
+        .join(appliances, appliances.c.id == certificates.c.appliance_id)
+        .where(appliances.c.site_id == site_id, certificates.c.revoked_at.is_not(None))
+    )
+    return {row.serial: int(row.cutoff_size or 0) for row in rows}
+
+
+async def _check_entries_fit(
+    connection: AsyncConnection, spans: dict[str, tuple[int, int]]
+) -> None:
+    """Refuse before building what no verifier would read: more entries than
+    one export may hold."""
+    total = 0
+    for appliance_id, (first, last) in spans.items():
+        end = (
+            await connection.execute(
+                sa.select(sa.func.min(audit_checkpoints.c.size)).where(
+                    audit_checkpoints.c.appliance_id == appliance_id,
+                    audit_checkpoints.c.size > last,
+                )
+            )
+        ).scalar_one()
+        total += int(end or last + 1) - first
+    if total > DEFAULT_LIMITS.max_export_entries:
+        raise Problem(
+            "export-too-large",
+            f"the package would hold {total} log entries, at most "
+            f"{DEFAULT_LIMITS.max_export_entries}: ask for a shorter period",
+        )
+
+
 async def _segment(
     connection: AsyncConnection, appliance_id: str, start: int, last: int
 ) -> LogSegmentParts:
@@ -186,6 +235,7 @@ async def auditor_package(
                 evidence.c.controls,
                 evidence.c.envelope,
                 evidence.c.in_log,
+                evidence.c.serial,
             )
             .where(
                 evidence.c.site_id == request.site_id,
@@ -195,7 +245,18 @@ async def auditor_package(
             .order_by(evidence.c.appliance_id, evidence.c.log_index)
         )
     ).all()
-    witnessed = [row for row in rows if row.in_log]
+    cutoffs = await _revocation_cutoffs(connection, request.site_id)
+    # A bundle signed at or past its key's revocation cutoff is evidence of
+    # nothing (the checker refuses it): left out like one not yet witnessed.
+    witnessed = [
+        row for row in rows if row.in_log and row.log_index < cutoffs.get(row.serial, _NO_CUTOFF)
+    ]
+    if len(witnessed) > DEFAULT_LIMITS.max_export_entries:
+        raise Problem(
+            "export-too-large",
+            f"{len(witnessed)} bundles in the period, at most "
+            f"{DEFAULT_LIMITS.max_export_entries} in one package: ask for a shorter period",
+        )
     unwitnessed = sum(1 for row in rows if not row.in_log and scope.intersection(row.controls))
     # Parsing and canonical encoding are CPU work: off the event loop.
     bundles = await asyncio.to_thread(_parse_bundles, witnessed, scope)
@@ -203,14 +264,21 @@ async def auditor_package(
     by_appliance: dict[str, list[_Held]] = defaultdict(list)
     for held in bundles:
         by_appliance[held.appliance_id].append(held)
-    segments = [
-        await _segment(connection, appliance_id, found[0].log_index, found[-1].log_index)
+    spans = {
+        appliance_id: (found[0].log_index, found[-1].log_index)
         for appliance_id, found in sorted(by_appliance.items())
+    }
+    await _check_entries_fit(connection, spans)
+    segments = [
+        await _segment(connection, appliance_id, first, last)
+        for appliance_id, (first, last) in spans.items()
     ]
     freshness = await site_freshness(connection, [request.site_id])
     window = max(freshness.windows.values(), default=DEFAULT_CHECK_INTERVAL * STALE_AFTER_ROUNDS)
     listed = await _scope_controls(connection, request.frameworks, bundles)
-    revocations = await latest_revocations(connection)
+    # The list names every partner's revoked serials: only when it concerns
+    # this site does it go out (and then it must, for the cutoffs).
+    revocations = await latest_revocations(connection) if cutoffs else None
 
     def build() -> bytes:
         summary = summarise_evidence(

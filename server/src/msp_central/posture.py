@@ -3,10 +3,11 @@ latest signed evidence shows, derived from the stored evidence only.
 
 The rule, for one control of one framework at a site, at a time ``at``:
 
-- every (appliance, check) pair keeps only its newest bundle collected at or
-  before ``at`` whose signed ``controls`` list this control (an appliance's
-  bundle says which controls it gives evidence for: what was signed is what
-  counts); revoked appliances count only up to their revocation;
+- every (appliance, check) pair speaks through its newest bundle (by log
+  position, the appliance's own order) collected at or before ``at``, for
+  the controls that bundle's signed ``controls`` list (what was signed is
+  what counts); revoked appliances count only up to their revocation, and a
+  bundle its witnessed log entry contradicts counts not at all;
 - each such bundle reads as ``stale`` when it is older than its appliance's
   freshness window (``STALE_AFTER_ROUNDS`` check intervals, the interval
   being what the appliance last reported in its heartbeat, else the
@@ -313,7 +314,7 @@ def trend(
         while upcoming is not None and upcoming.collected_at <= end:
             key = (upcoming.appliance_id, upcoming.check_id)
             held = latest.get(key)
-            if held is None or upcoming.collected_at >= held.collected_at:
+            if held is None or upcoming.log_index > held.log_index:
                 latest[key] = upcoming
             upcoming = next(pending, None)
         points.append(
@@ -402,6 +403,10 @@ async def site_freshness(connection: AsyncConnection, site_ids: Sequence[str]) -
     return freshness
 
 
+# A bundle its own witnessed log entry contradicts (an alert was raised)
+# is evidence of nothing; one whose entry has not arrived yet counts.
+_NOT_CONTRADICTED = sa.or_(evidence.c.in_log.is_(None), evidence.c.in_log.is_(True))
+
 _COLUMNS = (
     evidence.c.site_id,
     evidence.c.appliance_id,
@@ -440,14 +445,16 @@ async def latest_evidence(
 ) -> dict[str, list[Observation]]:
     """Per site, the newest bundle of each (appliance, check) pair (collected
     at or before ``before`` when given)."""
+    # Newest by log position, the appliance's own order: a clock that jumped
+    # ahead once must not freeze a check's state.
     newest = sa.func.row_number().over(
         partition_by=(evidence.c.appliance_id, evidence.c.check_id),
-        order_by=(evidence.c.collected_at.desc(), evidence.c.bundle_id.desc()),
+        order_by=(evidence.c.log_index.desc(), evidence.c.bundle_id.desc()),
     )
     columns: list[Any] = [*_COLUMNS, newest.label("newest")]
     if with_envelopes:
         columns.append(evidence.c.envelope)
-    inner = sa.select(*columns).where(evidence.c.site_id.in_(list(site_ids)))
+    inner = sa.select(*columns).where(evidence.c.site_id.in_(list(site_ids)), _NOT_CONTRADICTED)
     if before is not None:
         inner = inner.where(evidence.c.collected_at <= before)
     ranked = inner.subquery()
@@ -469,6 +476,7 @@ async def evidence_since(
                 evidence.c.site_id == site_id,
                 evidence.c.collected_at > since,
                 evidence.c.collected_at <= until,
+                _NOT_CONTRADICTED,
             )
             .order_by(evidence.c.collected_at, evidence.c.bundle_id)
         )

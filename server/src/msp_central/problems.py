@@ -33,6 +33,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "Method not allowed"),
     "conflict": (409, "The request conflicts with what is stored"),
+    "export-too-large": (422, "The export asked for is larger than one file may be"),
     "internal-error": (500, "Internal server error"),
     # partner and admin authentication
     "missing-credentials": (401, "Credentials are required"),

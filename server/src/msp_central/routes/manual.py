@@ -28,6 +28,12 @@ routes = web.RouteTableDef()
 DOCUMENT_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
 
 
+def document_body_limit(document_bytes: int) -> int:
+    """The body that carries a document of ``document_bytes``: base64 takes
+    4 bytes per 3, the rest of the body is small."""
+    return (document_bytes + 2) // 3 * 4 + 64 * 1024
+
+
 def manual_out(row: Any, now: Any) -> ManualEvidenceOut:
     return ManualEvidenceOut(
         id=row.id,
@@ -56,10 +62,8 @@ async def attach(request: web.Request) -> web.Response:
     holder = await require_partner(request)
     service = central(request)
     limit = service.settings.max_document_bytes
-    # Base64 takes 4 bytes per 3; the rest of the body is small.
-    body = parse_body(
-        await read_body(request, limit // 3 * 4 + 64 * 1024), ManualEvidenceIn, request
-    )
+    body_limit = document_body_limit(limit)
+    body = parse_body(await read_body(request, body_limit), ManualEvidenceIn, request, body_limit)
     try:
         content = b64decode(body.content, what="content")
     except MalformedError as exc:

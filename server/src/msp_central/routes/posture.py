@@ -314,8 +314,16 @@ async def partner_posture(request: web.Request) -> web.Response:
 
 
 def _days(request: web.Request) -> int:
-    text = request.query.get("days", str(MAX_TREND_DAYS))
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TREND_DAYS:
+    given = request.query.getall("days", [str(MAX_TREND_DAYS)])
+    if len(given) > 1:
+        raise Problem("malformed-query", "give days at most once")
+    text = given[0]
+    if (
+        len(text) > 2
+        or not text.isascii()
+        or not text.isdigit()
+        or not 1 <= int(text) <= MAX_TREND_DAYS
+    ):
         raise Problem("malformed-query", f"days must be a whole number from 1 to {MAX_TREND_DAYS}")
     return int(text)
 
