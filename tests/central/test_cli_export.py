@@ -16,17 +16,32 @@ from msp_central.context import CENTRAL, load_root_key
 from tests.central.support import Clock, Harness
 from tests.central.test_cli import assert_fails, cli, cli_all
 
+REPOSITORY = Path(__file__).resolve().parents[2]
 
-def _verify(key_file: Path, document: Path) -> subprocess.CompletedProcess[str]:
+
+def _fresh_msp_verify(where: Path) -> Path:
+    """msp-verify as an auditor gets it: ``pip install ./protocol`` into a
+    new virtual environment, nothing else of the project."""
+    subprocess.run(["uv", "venv", "--quiet", str(where)], check=True, timeout=120)
+    python = where / "bin" / "python"
+    subprocess.run(
+        ["uv", "pip", "install", "--quiet", "--python", str(python), str(REPOSITORY / "protocol")],
+        check=True,
+        timeout=300,
+    )
+    return where / "bin" / "msp-verify"
+
+
+def _verify(
+    key_file: Path, document: Path, msp_verify: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = (
+        [str(msp_verify)]
+        if msp_verify is not None
+        else [sys.executable, "-m", "msp_protocol.verify_cli"]
+    )
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "msp_protocol.verify_cli",
-            "--central-key-file",
-            str(key_file),
-            str(document),
-        ],
+        [*command, "--central-key-file", str(key_file), str(document)],
         capture_output=True,
         text=True,
         check=False,
@@ -116,14 +131,23 @@ async def test_export_package_and_audit_verify_with_msp_verify(
     assert not list(tmp_path.glob("*.partial"))
     assert not (tmp_path / "x.json").exists()
 
-    checked = _verify(tmp_path / "central.pub", tmp_path / "package.json")
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert _verify(tmp_path / "central.pub", tmp_path / "audit.json").returncode == 0
+    # The same package from the API; both checked by a freshly installed msp-verify.
+    served = await partner.client.get(
+        f"/api/v1/sites/{site_id}/auditor-package",
+        headers={"Authorization": f"Bearer {partner.key}"},
+    )
+    assert served.status == 200
+    (tmp_path / "served.json").write_bytes(await served.read())
+    msp_verify = _fresh_msp_verify(tmp_path / "auditor-venv")
+    for document in ("package.json", "served.json", "audit.json"):
+        checked = _verify(tmp_path / "central.pub", tmp_path / document, msp_verify)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "verified" in checked.stdout
 
     # One bundle swapped for nothing: named, exit 1.
     tampered = json.loads((tmp_path / "package.json").read_bytes())
     tampered["evidence"] = tampered["evidence"][:1]
     (tmp_path / "tampered.json").write_text(json.dumps(tampered))
-    refused = _verify(tmp_path / "central.pub", tmp_path / "tampered.json")
+    refused = _verify(tmp_path / "central.pub", tmp_path / "tampered.json", msp_verify)
     assert refused.returncode == 1
     assert "summary" in refused.stdout
