@@ -257,7 +257,9 @@ async def auditor_package(
             f"{len(witnessed)} bundles in the period, at most "
             f"{DEFAULT_LIMITS.max_export_entries} in one package: ask for a shorter period",
         )
-    unwitnessed = sum(1 for row in rows if not row.in_log and scope.intersection(row.controls))
+    # Waiting for their entries to be witnessed (a contradicted one is not
+    # waiting: its alert says why it is out).
+    unwitnessed = sum(1 for row in rows if row.in_log is None and scope.intersection(row.controls))
     # Parsing and canonical encoding are CPU work: off the event loop.
     bundles = await asyncio.to_thread(_parse_bundles, witnessed, scope)
 
