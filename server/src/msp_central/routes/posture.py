@@ -5,8 +5,10 @@ time of asking (:mod:`msp_central.posture`)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from datetime import datetime, timedelta
+from functools import partial
 
 import sqlalchemy as sa
 from aiohttp import web
@@ -347,13 +349,18 @@ async def site_trend(request: web.Request) -> web.Response:
         seed = (await latest_evidence(connection, [site.id], before=ends[0])).get(site.id, [])
         rows = await evidence_since(connection, site.id, ends[0], now)
         attached = await site_attachments(connection, [site.id])
-    points = trend(
-        catalogue,
-        seed,
-        rows,
-        ends=ends,
-        freshness=freshness,
-        attachments=attached.get(site.id, []),
+    # Up to 90 evaluations over a site's 90 days of bundles: CPU work, off
+    # the event loop so other requests are served meanwhile.
+    points = await asyncio.to_thread(
+        partial(
+            trend,
+            catalogue,
+            seed,
+            rows,
+            ends=ends,
+            freshness=freshness,
+            attachments=attached.get(site.id, []),
+        )
     )
     return json_response(
         PostureTrendOut(
