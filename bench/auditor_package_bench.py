@@ -79,6 +79,7 @@ from msp_protocol.log import EntryRecord, genesis_entry, make_checkpoint, make_e
 from msp_protocol.merkle import LeafHashTree, TreeState, consistency_proof
 from msp_protocol.package import check_auditor_package
 from msp_protocol.sync import MAX_BATCH_ENTRIES, SyncRequest
+from tests.central.support import create_pg_database, drop_pg_database
 
 DAYS = 90
 LEAD_DAYS = 3  # before the period: each segment starts mid-log, with a prefix
@@ -532,34 +533,12 @@ async def timed(repeat: int, work: Callable[[], Awaitable[Any]]) -> tuple[float,
     return min(seconds), value
 
 
-async def create_pg_database(name: str) -> str:
-    admin = create_engine(PG_ADMIN_URL)
-    try:
-        async with admin.connect() as plain:
-            connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
-            await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            await connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await admin.dispose()
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def drop_pg_database(name: str) -> None:
-    admin = create_engine(PG_ADMIN_URL)
-    try:
-        async with admin.connect() as plain:
-            connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
-            await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
-
-
 async def run(bundles: int, appliance_count: int, postgresql: bool, repeat: int) -> None:
     pg_name = f"msp_package_bench_{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="msp-package-bench-") as tmp:
         directory = Path(tmp)
         url = (
-            await create_pg_database(pg_name)
+            await create_pg_database(pg_name, PG_ADMIN_URL)
             if postgresql
             else f"sqlite+aiosqlite:///{directory / 'central.db'}"
         )
@@ -567,7 +546,7 @@ async def run(bundles: int, appliance_count: int, postgresql: bool, repeat: int)
             await measure(directory, url, bundles, appliance_count, repeat)
         finally:
             if postgresql:
-                await drop_pg_database(pg_name)
+                await drop_pg_database(pg_name, PG_ADMIN_URL)
 
 
 async def measure(

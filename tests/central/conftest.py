@@ -24,11 +24,8 @@ from msp_central.context import CENTRAL
 from msp_central.db.engine import create_engine
 from msp_central.db.migrate import upgrade
 from msp_central.db.tables import metadata
-from tests.central.support import ROOT, Clock, Harness
+from tests.central.support import ROOT, Clock, Harness, create_pg_database, drop_pg_database
 
-PG_ADMIN_URL = os.environ.get(
-    "MSP_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-)
 CATALOGUE = {
     "frameworks",
     "controls",
@@ -37,18 +34,6 @@ CATALOGUE = {
     "presets",
     "alembic_version",
 }
-
-
-async def _create_pg_database(name: str) -> str:
-    admin = create_engine(PG_ADMIN_URL)
-    try:
-        async with admin.connect() as plain:
-            connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
-            await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-            await connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await admin.dispose()
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
 
 
 async def _migrate(url: str) -> None:
@@ -69,20 +54,11 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     name = f"msp_central_test_{os.getpid()}"
-    url = asyncio.run(_create_pg_database(name))
+    url = asyncio.run(create_pg_database(name))
     asyncio.run(_migrate(url))
     yield url
 
-    async def drop() -> None:
-        admin = create_engine(PG_ADMIN_URL)
-        try:
-            async with admin.connect() as plain:
-                connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
-                await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            await admin.dispose()
-
-    asyncio.run(drop())
+    asyncio.run(drop_pg_database(name))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

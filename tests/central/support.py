@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,11 +14,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jsonschema
+import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from msp_central.api_models import SiteOverrides
+from msp_central.db.engine import create_engine
 from msp_central.openapi import document
 from msp_central.queries import create_api_key, create_partner, create_site
 from msp_protocol.delegation import DelegationCertificate, Scope, make_delegation_request
@@ -31,6 +34,33 @@ from msp_protocol.merkle import LeafHashTree, TreeState, consistency_proof
 from msp_protocol.sync import SyncRequest
 
 ROOT = SigningKey(b"\x07" * 32)
+PG_ADMIN_URL = os.environ.get(
+    "MSP_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+async def _as_admin(admin_url: str, *statements: str) -> None:
+    admin = create_engine(admin_url)
+    try:
+        async with admin.connect() as plain:
+            connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
+            for statement in statements:
+                await connection.execute(sa.text(statement))
+    finally:
+        await admin.dispose()
+
+
+async def create_pg_database(name: str, admin_url: str = PG_ADMIN_URL) -> str:
+    """A new, empty PostgreSQL database (any old one of that name dropped);
+    its URL."""
+    await _as_admin(
+        admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"'
+    )
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def drop_pg_database(name: str, admin_url: str = PG_ADMIN_URL) -> None:
+    await _as_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Clock:

@@ -36,8 +36,7 @@ from msp_central.db.tables import (
     presets,
     runbooks,
 )
-from tests.central.conftest import PG_ADMIN_URL, _create_pg_database
-from tests.central.support import ROOT
+from tests.central.support import ROOT, create_pg_database, drop_pg_database
 
 
 def _diff(connection: Connection) -> list[Any]:
@@ -122,18 +121,9 @@ def blank_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
         yield f"sqlite+aiosqlite:///{tmp_path / 'steps.db'}"
         return
     name = f"msp_central_steps_{os.getpid()}"
-    yield asyncio.run(_create_pg_database(name))
+    yield asyncio.run(create_pg_database(name))
 
-    async def drop() -> None:
-        admin = create_engine(PG_ADMIN_URL)
-        try:
-            async with admin.connect() as plain:
-                connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
-                await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            await admin.dispose()
-
-    asyncio.run(drop())
+    asyncio.run(drop_pg_database(name))
 
 
 async def _to_revision(url: str, revision: str, *, down: bool = False) -> None:

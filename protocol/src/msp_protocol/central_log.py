@@ -54,7 +54,7 @@ from msp_protocol.errors import (
     UsageError,
     VerificationError,
 )
-from msp_protocol.export import EntryBase64
+from msp_protocol.export import EntryBase64, export_value
 from msp_protocol.keys import SigningKey, VerifyKey
 from msp_protocol.limits import DEFAULT_LIMITS, Limits
 from msp_protocol.log import (
@@ -311,11 +311,7 @@ def parse_central_log_export(
     """A central log export from its JSON bytes (parsed strictly, within
     ``limits.max_export_bytes``) or an already-parsed object (whose size the
     caller bounded). Raises :class:`MalformedError`."""
-    value = (
-        parse_json(data, limits=limits, max_bytes=limits.max_export_bytes)
-        if isinstance(data, bytes)
-        else data
-    )
+    value = export_value(data, limits)
     export = CentralLogExport.from_wire(value)
     if len(export.entries) > limits.max_export_entries:
         raise ModelError(

@@ -197,17 +197,21 @@ def build_audit_export(
     return export.canonical_bytes()
 
 
+def export_value(data: bytes | dict[str, Any], limits: Limits) -> Any:
+    """An export's JSON value: parsed strictly from bytes, within
+    ``limits.max_export_bytes``, or an already-parsed object as it is."""
+    if isinstance(data, bytes):
+        return parse_json(data, limits=limits, max_bytes=limits.max_export_bytes)
+    return data
+
+
 def parse_audit_export(
     data: bytes | dict[str, Any], *, limits: Limits = DEFAULT_LIMITS
 ) -> AuditExport:
     """An audit export from its JSON bytes (parsed strictly, within
     ``limits.max_export_bytes``) or from an already-parsed object (whose size
     the caller bounded). Raises :class:`MalformedError`."""
-    value = (
-        parse_json(data, limits=limits, max_bytes=limits.max_export_bytes)
-        if isinstance(data, bytes)
-        else data
-    )
+    value = export_value(data, limits)
     export = AuditExport.from_wire(value)
     for name in ("entries", "checkpoints", "certificates", "receipts", "evidence"):
         count = len(getattr(export, name))
@@ -872,6 +876,7 @@ __all__ = [
     "build_evidence_export",
     "check_audit_export",
     "check_evidence_export",
+    "export_value",
     "parse_audit_export",
     "parse_evidence_export",
     "revocation_cutoffs",

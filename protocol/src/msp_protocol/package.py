@@ -33,7 +33,6 @@ from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import Field, model_validator
 
-from msp_protocol.canonical import parse_json
 from msp_protocol.delegation import VerifiedDelegation, check_delegation, check_revocations
 from msp_protocol.dsse import Envelope, unverified_payload
 from msp_protocol.encoding import (
@@ -67,7 +66,7 @@ from msp_protocol.evidence import (
     check_evidence,
     recorded_evidence,
 )
-from msp_protocol.export import EntryBase64, revocation_cutoffs
+from msp_protocol.export import EntryBase64, export_value, revocation_cutoffs
 from msp_protocol.keys import VerifyKey
 from msp_protocol.limits import DEFAULT_LIMITS, Limits
 from msp_protocol.log import LogReplay, Size, check_checkpoint, check_receipt
@@ -221,11 +220,7 @@ def parse_auditor_package(
     """A package from its JSON bytes (parsed strictly, within
     ``limits.max_export_bytes``) or an already-parsed object (whose size the
     caller bounded). Raises :class:`MalformedError`."""
-    value = (
-        parse_json(data, limits=limits, max_bytes=limits.max_export_bytes)
-        if isinstance(data, bytes)
-        else data
-    )
+    value = export_value(data, limits)
     package = AuditorPackage.from_wire(value)
     if len(package.logs) > limits.max_package_appliances:
         raise ModelError(

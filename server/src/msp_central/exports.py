@@ -17,7 +17,6 @@ Nothing is re-encoded: entries, envelopes and receipts leave as stored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -223,7 +222,7 @@ async def audit_export(connection: AsyncConnection, appliance_id: str, now: date
     )
 
 
-__all__: Sequence[str] = [
+__all__ = [
     "audit_export",
     "certificate_rows",
     "entry_bytes",
