@@ -79,6 +79,10 @@ from msp_protocol.log import EntryRecord, genesis_entry, make_checkpoint, make_e
 from msp_protocol.merkle import LeafHashTree, TreeState, consistency_proof
 from msp_protocol.package import check_auditor_package
 from msp_protocol.sync import MAX_BATCH_ENTRIES, SyncRequest
+
+# The central tests' helpers for a throwaway PostgreSQL database.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from tests.central.support import create_pg_database, drop_pg_database
 
 DAYS = 90
