@@ -201,3 +201,58 @@ async def test_catalogue_v1_upgrades_in_place_and_downgrades_back(
     # And up again: a downgraded database is an ordinary version 1 database.
     await _to_revision(url, "head")
     assert await _stored(url) == _expected(load_catalogue(CURRENT_VERSION))
+
+
+async def test_0005_names_existing_keys_and_tokens_and_keeps_audit_rows(
+    blank_database_url: str,
+) -> None:
+    """Keys and tokens made before 0005 get ids from their hashes; audit
+    entries and checkpoints become generation 1; and back down again."""
+    url = blank_database_url
+    await _to_revision(url, "0004")
+    engine = create_engine(url)
+    now = "2026-01-01 00:00:00"
+    statements = [
+        "INSERT INTO partners (id, name, created_at, tier, frameworks)"
+        f" VALUES ('p-1', 'P', '{now}', 'basic', '[]')",
+        "INSERT INTO api_keys (key_sha256, prefix, role, partner_id, created_at)"
+        f" VALUES ('{'ab' * 32}', 'mspk_1234567', 'partner', 'p-1', '{now}')",
+        f"INSERT INTO sites (id, partner_id, name, created_at) VALUES ('s-1', 'p-1', 'S', '{now}')",
+        "INSERT INTO enrollment_tokens (token_sha256, site_id, created_at, expires_at)"
+        f" VALUES ('{'cd' * 32}', 's-1', '{now}', '{now}')",
+        f"INSERT INTO appliances (id, site_id, created_at) VALUES ('a-1', 's-1', '{now}')",
+        "INSERT INTO audit_entries (appliance_id, idx, leaf_hash, raw)"
+        " VALUES ('a-1', 0, :leaf, :raw)",
+        "INSERT INTO escalations (appliance_id, escalation_id, site_id, severity, title, "
+        "document, created_at, received_at, acknowledged_at, acknowledged_by) VALUES "
+        f"('a-1', 'e-1', 's-1', 'critical', 'T', '{{}}', '{now}', '{now}', '{now}', "
+        "'mspk_1234567')",
+    ]
+    try:
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.execute(sa.text(statement), {"leaf": b"\x01" * 32, "raw": b"{}"})
+    finally:
+        await engine.dispose()
+
+    await _to_revision(url, "0005")
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            key = (await connection.execute(sa.text("SELECT id, name FROM api_keys"))).one()
+            token = (await connection.execute(sa.text("SELECT id FROM enrollment_tokens"))).one()
+            entry = (
+                await connection.execute(sa.text("SELECT generation, idx FROM audit_entries"))
+            ).one()
+            acknowledged_by = (
+                await connection.execute(sa.text("SELECT acknowledged_by FROM escalations"))
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    assert tuple(key) == ("key-" + "ab" * 8, "")
+    assert token[0] == "tok-" + "cd" * 8
+    assert tuple(entry) == (1, 0)
+    assert acknowledged_by == "mspk_1234567"
+
+    await _to_revision(url, "0004", down=True)
+    await _to_revision(url, "head")

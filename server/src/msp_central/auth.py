@@ -2,7 +2,9 @@
 
 Every handler calls one of :func:`require_partner`, :func:`require_admin` or
 :func:`require_appliance` first, and scopes every query by what it returns
-(a partner sees only its own sites; an appliance acts only as itself).
+(a partner sees only its own sites; an appliance acts only as itself). Once
+the caller is known, each also checks the query string against the
+operation's declared parameters (:mod:`msp_central.params`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy.engine import Connection
 from msp_central.context import central
 from msp_central.db.engine import insert_ignore_sync, read_only, run_write, write
 from msp_central.db.tables import api_keys, appliances, certificates, request_nonces, sites
+from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_protocol.delegation import token_digest
 from msp_protocol.errors import ProtocolError
@@ -30,6 +33,7 @@ class KeyHolder:
     role: Literal["partner", "admin"]
     partner_id: str | None
     key_prefix: str
+    key_id: str
 
 
 async def _bearer(request: web.Request) -> KeyHolder:
@@ -48,15 +52,19 @@ async def _bearer(request: web.Request) -> KeyHolder:
         ).first()
     # The lookup is by hash, so timing reveals nothing about a stored key;
     # compare_digest keeps the last comparison constant-time all the same.
-    if row is None or not hmac.compare_digest(row.key_sha256, digest) or row.revoked_at:
+    if row is None or not hmac.compare_digest(row.key_sha256, digest):
         raise Problem("bad-credentials", "the API key is unknown or revoked")
-    return KeyHolder(row.role, row.partner_id, row.prefix)
+    # A rotated key is revoked at a time that may still lie ahead.
+    if row.revoked_at is not None and row.revoked_at <= central(request).clock():
+        raise Problem("bad-credentials", "the API key is unknown or revoked")
+    return KeyHolder(row.role, row.partner_id, row.prefix, row.id)
 
 
 async def require_partner(request: web.Request) -> KeyHolder:
     holder = await _bearer(request)
     if holder.role != "partner" or holder.partner_id is None:
         raise Problem("forbidden", "this endpoint is for partner keys")
+    checked_query(request)
     return holder
 
 
@@ -64,11 +72,14 @@ async def require_admin(request: web.Request) -> KeyHolder:
     holder = await _bearer(request)
     if holder.role != "admin":
         raise Problem("forbidden", "this endpoint is for admin keys")
+    checked_query(request)
     return holder
 
 
 async def require_partner_or_admin(request: web.Request) -> KeyHolder:
-    return await _bearer(request)
+    holder = await _bearer(request)
+    checked_query(request)
+    return holder
 
 
 # --- appliances ---------------------------------------------------------------------
@@ -185,6 +196,7 @@ async def require_appliance(
         raise Problem("wrong-appliance", "the request is signed by another appliance's key")
     if caller.revoked and not allow_revoked:
         raise Problem("appliance-revoked", f"certificate {caller.serial} is revoked")
+    checked_query(request)
     if "promote" in found and not caller.revoked:
         # The rotated key's first request: from now on it is the current one.
         async with write(service.engine) as connection:

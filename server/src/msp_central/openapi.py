@@ -104,6 +104,28 @@ def _media(model: Any) -> str:
     return _MEDIA.get(model, "application/json") if isinstance(model, type) else "application/json"
 
 
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 500
+
+# The query parameters of every paginated list (msp_central.pagination).
+PAGE_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": f"items per page (default {DEFAULT_LIMIT}, at most {MAX_LIMIT})",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "next_cursor of the previous page, to read the next one",
+        "schema": {"type": "string", "maxLength": 512, "pattern": "^[A-Za-z0-9_-]+$"},
+    },
+]
+
+
 _FRAMEWORK_FILTER: dict[str, Any] = {
     "name": "framework",
     "in": "query",
@@ -119,7 +141,7 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "in": "query",
             "required": False,
             "description": "true: only escalations not acknowledged yet",
-            "schema": {"type": "string", "enum": ["true", "false"]},
+            "schema": {"type": "boolean"},
         }
     ],
     ("get", "/api/v1/sites/{site_id}/posture"): [_FRAMEWORK_FILTER],
@@ -160,6 +182,17 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
         },
     ],
 }
+
+
+def query_parameters(method: str, path: str) -> list[dict[str, Any]] | None:
+    """The query parameters an operation declares; None for an operation
+    the document does not describe."""
+    if (method, path) not in _OPERATION_KEYS:
+        return None
+    return QUERY_PARAMETERS.get((method, path), [])
+
+
+_OPERATION_KEYS = {(method, path) for method, path, *_ in OPERATIONS}
 
 
 def _schema_of(annotation: Any) -> dict[str, Any]:

@@ -85,6 +85,7 @@ async def create_api_key(
     await connection.execute(
         sa.insert(api_keys).values(
             key_sha256=token_digest(key),
+            id=new_id("key"),
             prefix=key[:12],
             role=role,
             partner_id=partner_id,
@@ -214,7 +215,11 @@ async def create_enrollment_token(
     expires = now + lifetime
     await connection.execute(
         sa.insert(enrollment_tokens).values(
-            token_sha256=token_digest(token), site_id=site_id, created_at=now, expires_at=expires
+            token_sha256=token_digest(token),
+            id=new_id("tok"),
+            site_id=site_id,
+            created_at=now,
+            expires_at=expires,
         )
     )
     return token, expires

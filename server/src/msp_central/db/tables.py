@@ -133,10 +133,15 @@ api_keys = Table(
     # SHA-256 of the key: keys are 256-bit random, so a fast hash is enough
     # (nothing to brute-force), and lookups stay one indexed read.
     Column("key_sha256", String(64), primary_key=True),
+    # How listings, rotation and revocation name the key.
+    Column("id", String(ID), nullable=False, unique=True),
+    Column("name", String(200), nullable=False, server_default=""),
     Column("prefix", String(16), nullable=False),  # shown in listings, never enough to use
     Column("role", String(16), nullable=False),  # partner | admin
     Column("partner_id", String(ID), ForeignKey("partners.id"), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    Column("created_by", String(128), nullable=True),  # an actor, as the central log names it
+    # May lie in the future: a rotated key keeps working until then.
     Column("revoked_at", UTCDateTime, nullable=True),
 )
 
@@ -151,17 +156,23 @@ sites = Table(
     Column("industry", String(32), nullable=True),
     Column("tier", String(16), nullable=True),
     Column("frameworks", JSON, nullable=True),
+    # A decommissioned site keeps its history for auditors; it enrolls
+    # nothing more and its appliances' certificates are revoked.
+    Column("decommissioned_at", UTCDateTime, nullable=True),
 )
 
 enrollment_tokens = Table(
     "enrollment_tokens",
     metadata,
     Column("token_sha256", String(64), primary_key=True),
-    Column("site_id", String(ID), ForeignKey("sites.id"), nullable=False),
+    Column("id", String(ID), nullable=False, unique=True),  # names the token in listings
+    Column("site_id", String(ID), ForeignKey("sites.id"), nullable=False, index=True),
     Column("created_at", UTCDateTime, nullable=False),
+    Column("created_by", String(128), nullable=True),
     Column("expires_at", UTCDateTime, nullable=False),
     Column("used_at", UTCDateTime, nullable=True),
     Column("appliance_id", String(ID), nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
 )
 
 # --- appliances and their certificates
@@ -178,6 +189,8 @@ appliances = Table(
     Column("last_seen_at", UTCDateTime, nullable=True),
     # The last heartbeat as the appliance sent it (version, log size, queues, clock).
     Column("heartbeat", JSON, nullable=True),
+    # Taken out of service by its partner: certificates revoked, history kept.
+    Column("decommissioned_at", UTCDateTime, nullable=True),
 )
 
 certificates = Table(
@@ -220,10 +233,16 @@ request_nonces = Table(
 
 # --- witnessed audit logs
 
+# An appliance's log has generations: when its local log was lost (a corrupt
+# file quarantined, a cut tail) the partner may approve a new log, which
+# starts again at index 0 as the next generation. Entries, checkpoints and
+# evidence of earlier generations are kept, marked by their generation.
 audit_logs = Table(
     "audit_logs",
     metadata,
     Column("appliance_id", String(ID), ForeignKey("appliances.id"), primary_key=True),
+    # The generation being witnessed now (1 for an appliance's first log).
+    Column("generation", Integer, nullable=False, server_default="1"),
     Column("size", BigInteger, nullable=False),
     Column("root", String(64), nullable=False),
     Column("nodes", JSON, nullable=False),  # the compact range at size
@@ -235,6 +254,7 @@ audit_entries = Table(
     "audit_entries",
     metadata,
     Column("appliance_id", String(ID), primary_key=True),
+    Column("generation", Integer, primary_key=True, autoincrement=False, server_default="1"),
     Column("idx", BigInteger, primary_key=True, autoincrement=False),
     Column("leaf_hash", LargeBinary(32), nullable=False),
     Column("raw", LargeBinary, nullable=False),  # the exact canonical bytes
@@ -244,6 +264,7 @@ audit_checkpoints = Table(
     "audit_checkpoints",
     metadata,
     Column("appliance_id", String(ID), primary_key=True),
+    Column("generation", Integer, primary_key=True, autoincrement=False, server_default="1"),
     Column("size", BigInteger, primary_key=True, autoincrement=False),
     Column("root", String(64), nullable=False),
     Column("checkpoint", Text, nullable=False),
@@ -268,6 +289,9 @@ evidence = Table(
     Column("result", String(16), nullable=False),
     Column("controls", JSON, nullable=False),
     Column("collected_at", UTCDateTime, nullable=False),
+    # The entry recording the bundle: log_index in the appliance's log of
+    # generation log_generation.
+    Column("log_generation", Integer, nullable=False, server_default="1"),
     Column("log_index", BigInteger, nullable=False),
     Column("payload_sha256", String(64), nullable=False),
     Column("envelope", Text, nullable=False),
@@ -291,7 +315,8 @@ escalations = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("received_at", UTCDateTime, nullable=False),
     Column("acknowledged_at", UTCDateTime, nullable=True),
-    Column("acknowledged_by", String(16), nullable=True),  # api key prefix
+    Column("acknowledged_by", String(128), nullable=True),  # an actor, as the central log names it
+    Column("acknowledged_note", Text, nullable=True),
 )
 
 security_alerts = Table(
@@ -303,6 +328,22 @@ security_alerts = Table(
     Column("code", String(64), nullable=False),
     Column("detail", Text, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+# One row per generation of an appliance's log after the first: who approved
+# the new log, why, and where the old one ended.
+audit_log_generations = Table(
+    "audit_log_generations",
+    metadata,
+    Column("appliance_id", String(ID), ForeignKey("appliances.id"), primary_key=True),
+    Column("generation", Integer, primary_key=True, autoincrement=False),
+    Column("approved_at", UTCDateTime, nullable=False),
+    Column("approved_by", String(128), nullable=False),
+    Column("reason", Text, nullable=False),
+    # The generation it replaced, as witnessed when it was closed.
+    Column("previous_size", BigInteger, nullable=False),
+    Column("previous_root", String(64), nullable=False),
+    Column("central_log_index", BigInteger, nullable=False),
 )
 
 config_bundles = Table(
@@ -379,3 +420,6 @@ Index(
     evidence.c.collected_at,
 )
 Index("ix_evidence_by_time", evidence.c.site_id, evidence.c.collected_at)
+# Paginated lists, newest first.
+Index("ix_evidence_received", evidence.c.site_id, evidence.c.received_at)
+Index("ix_escalations_received", escalations.c.received_at)

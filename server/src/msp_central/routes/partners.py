@@ -47,6 +47,7 @@ from msp_central.db.tables import (
     security_alerts,
     sites,
 )
+from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import (
     check_frameworks,
@@ -435,7 +436,7 @@ async def list_escalations(request: web.Request) -> web.Response:
         .order_by(escalations.c.received_at.desc())
         .limit(500)
     )
-    if request.query.get("open") == "true":
+    if checked_query(request).get("open"):
         query = query.where(escalations.c.acknowledged_at.is_(None))
     async with read_only(central(request).engine) as connection:
         rows = (await connection.execute(query)).all()
