@@ -177,8 +177,11 @@ def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
         2,
         "invalid setting log_level: Input should be 'debug', 'info'",
     )
+    (tmp_path / "state").mkdir(exist_ok=True)
     accepted = cli("--config", str(config), "status", MSP_AGENT_LOG_LEVEL="DEBUG")
-    assert accepted.returncode == 0, accepted.stderr
+    # Accepted: the answer is about the agent (not enrolled), not the setting.
+    assert (accepted.returncode, accepted.stderr) == (1, ""), accepted.stderr
+    assert "not enrolled" in accepted.stdout
 
 
 # --- 4. a state directory this user cannot read -------------------------------------------------

@@ -327,13 +327,106 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_status_of_an_appliance_never_enrolled(tmp_path: Path) -> None:
+    """Not enrolled is not a healthy agent: said, with a non-zero status."""
     config = tmp_path / "agent.json"
     config.write_text(json.dumps({"central_public_key": CENTRAL, "state_dir": str(tmp_path / "s")}))
+    (tmp_path / "s").mkdir()
     human = cli("--config", str(config), "status")
-    assert human.returncode == 0
+    assert human.returncode == 1
     assert "not enrolled" in human.stdout
     machine = cli("--config", str(config), "status", "--json")
+    assert machine.returncode == 1
     assert json.loads(machine.stdout) == {"running": False, "enrolled": False}
+
+
+def test_status_where_no_agent_ever_ran(tmp_path: Path) -> None:
+    """Without a config, status reads the default state directory: when
+    there is none, it says so instead of reporting "not enrolled"."""
+    result = cli("--state-dir", str(tmp_path / "absent"), "status")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert f"no agent state in {tmp_path / 'absent'}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("server", "problem"),
+    [
+        ("not a url", "must be an http:// or https:// URL"),
+        ("ftp://central.example", "must be an http:// or https:// URL"),
+        ("http://", "has no host name"),
+        ("http://[::1", "is not a URL"),
+        ("https://central.example:99999", "is not a URL"),
+        ("https://user:pw@central.example", "must not carry"),
+    ],
+    ids=["words", "ftp", "no-host", "bad-ipv6", "bad-port", "credentials"],
+)
+def test_enroll_with_a_bad_server_url(tmp_path: Path, server: str, problem: str) -> None:
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"central_public_key": CENTRAL, "state_dir": str(tmp_path / "s")}))
+    result = cli("--config", str(config), "enroll", "--server", server, "--token", "t" * 20)
+    assert result.returncode == 2, result.stderr
+    assert problem in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_help_has_no_markup() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    assert "msp-agent: the appliance agent" in result.stdout
+    assert "``" not in result.stdout
+
+
+def test_a_second_agent_on_the_same_state_directory_refuses_to_start(tmp_path: Path) -> None:
+    """One live agent per state directory: a second one (a demo run twice,
+    a unit started beside a manual run) exits at once, naming the first."""
+    state = tmp_path / "s"
+    state.mkdir()
+    config = tmp_path / "agent.json"
+    config.write_text(
+        json.dumps(
+            {
+                "central_public_key": CENTRAL,
+                "central_url": "http://127.0.0.1:9",
+                "state_dir": str(state),
+            }
+        )
+    )
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pathlib\n"
+            "from msp_agent.runtime import lock_state_dir\n"
+            "with lock_state_dir(pathlib.Path(sys.argv[1])):\n"
+            "    print('locked', flush=True)\n"
+            "    sys.stdin.read()\n",
+            str(state),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        second = cli("--config", str(config), "run")
+        assert second.returncode == 1
+        assert f"another agent (pid {holder.pid}) is running on state directory {state}" in (
+            second.stderr
+        )
+    finally:
+        assert holder.stdin is not None
+        assert holder.stdout is not None
+        holder.stdin.close()
+        holder.wait(10)
+        holder.stdout.close()
+    # The holder is gone, and so is its lock (flock dies with the process):
+    # the agent now gets as far as the next problem.
+    after = cli("--config", str(config), "run")
+    assert "another agent" not in after.stderr
+    assert "this appliance is not enrolled" in after.stderr
 
 
 # --- NixOS checks, on a tree of our own ------------------------------------------------------

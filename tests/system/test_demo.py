@@ -134,3 +134,60 @@ async def test_the_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
         except ProcessLookupError:
             continue
         raise AssertionError(f"agent process {pid} still running after the demo stopped")
+
+
+async def test_ctrl_c_with_the_output_piped_stops_the_agents(tmp_path: Path) -> None:
+    """``msp-central demo | tee log``: Ctrl-C kills tee with the demo, so
+    the demo's output is a broken pipe while it stops. The agents stop all
+    the same, and a second demo on the same directory while the first still
+    runs cannot start a second agent on an agent's state directory."""
+    port = free_port()
+    directory = tmp_path / "demo"
+    demo = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "msp_central", "demo", "--dir", str(directory)),
+            *("--port", str(port), "--agents", "1"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert demo.stdout is not None
+    seen = b""
+    status_file = directory / "agent-1" / "state" / "status.json"
+    try:
+        deadline = time.monotonic() + 60
+        while b"Ctrl-C stops everything" not in seen and time.monotonic() < deadline:
+            seen += demo.stdout.read1(65536)
+        assert b"Ctrl-C stops everything" in seen, seen.decode(errors="replace")
+        await wait_for(status_file.exists, within=60, what="the agent's status")
+        await wait_for(
+            lambda: "pid" in json.loads(status_file.read_text() or "{}"),
+            within=30,
+            what="the agent's pid",
+        )
+        agent = int(json.loads(status_file.read_text())["pid"])
+
+        second = subprocess.run(
+            [
+                *(sys.executable, "-m", "msp_central", "demo", "--dir", str(directory)),
+                *("--port", str(free_port()), "--agents", "1"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode != 0
+        assert "another agent" in second.stderr, second.stderr
+    finally:
+        demo.stdout.close()  # the reader dies first, as tee does on Ctrl-C
+        demo.send_signal(signal.SIGINT)
+        demo.wait(30)
+    try:
+        os.kill(agent, 0)
+    except ProcessLookupError:
+        return
+    raise AssertionError(f"agent process {agent} still running after the demo stopped")

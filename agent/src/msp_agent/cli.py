@@ -34,7 +34,7 @@ import aiohttp
 
 from msp_agent.audit import verify_database
 from msp_agent.central import CentralRejected, CentralUnavailable
-from msp_agent.config import AgentSettings, ConfigError, load_settings
+from msp_agent.config import AgentSettings, ConfigError, check_central_url, load_settings
 from msp_agent.export import ExportError, export_audit, verify_evidence_file
 from msp_agent.http_client import HttpCentralClient
 from msp_agent.keys import (
@@ -63,7 +63,9 @@ class CommandError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msp-agent", description=__doc__.splitlines()[0])
+    # The docstring's first line, without its reStructuredText markup.
+    description = __doc__.splitlines()[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="msp-agent", description=description)
     parser.add_argument("--config", type=Path, help="settings file (.json or .toml)")
     parser.add_argument("--state-dir", type=Path, help="overrides state_dir")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -167,7 +169,13 @@ def _key_file_problem(exc: KeyFileError, command: str, settings: AgentSettings) 
 
 
 def _enroll(args: argparse.Namespace, settings: AgentSettings) -> int:
-    server = (args.server or settings.require_central_url()).rstrip("/")
+    if args.server is None:
+        server = settings.require_central_url()
+    else:
+        try:
+            server = check_central_url(args.server)
+        except ValueError as exc:
+            raise CommandError(f"--server {args.server[:80]!r}: {exc}", EXIT_USAGE) from None
     token = _token(args)
     central = settings.central_key()
     signer = DelegatedSigningKey.load_or_create(settings.key_dir, central_keys=[central])
@@ -226,13 +234,21 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _status(args: argparse.Namespace, settings: AgentSettings) -> int:
+    """0 when the agent is enrolled (running or not: the text says which);
+    1 when it is not enrolled or there is no agent state here at all."""
+    if _absent(settings.state_dir):
+        raise CommandError(
+            f"no agent state in {settings.state_dir}: the agent never ran here; "
+            "give --config FILE (or --state-dir DIR) if it keeps its state elsewhere"
+        )
     document = read_status(settings)
+    enrolled = bool(document.get("enrolled", True))
     if args.json:
         print(json.dumps(document, indent=2))
-        return 0
-    if not document.get("enrolled", True):
+        return 0 if enrolled else EXIT_FAILED
+    if not enrolled:
         print("not enrolled: run `msp-agent enroll --token-file FILE`")
-        return 0
+        return EXIT_FAILED
     state = "running" if document.get("running") else "not running"
     if document.get("appliance_id"):
         state += f" (appliance {document['appliance_id']}, site {document.get('site_id')})"
@@ -321,6 +337,18 @@ def _read_status_file(settings: AgentSettings) -> dict[str, Any]:
     if not _exists(settings.key_dir / CERTIFICATE_FILE):
         return {"running": False, "enrolled": False}
     return {"running": False, "enrolled": True, "link": "unknown"}
+
+
+def _absent(path: Path) -> bool:
+    """Whether ``path`` certainly does not exist (one this user may not look
+    at is left to the reads that follow, which say so)."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _denied(path: Path) -> str:

@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, StringConstraints, ValidationError, field_validator
 from pydantic_settings import (
@@ -99,11 +100,7 @@ class AgentSettings(BaseSettings):
     @field_validator("central_url")
     @classmethod
     def _central_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
+        return None if value is None else check_central_url(value)
 
     @field_validator("central_public_key")
     @classmethod
@@ -166,6 +163,23 @@ class AgentSettings(BaseSettings):
             and self.twilio_from
             and self.on_call_numbers
         )
+
+
+def check_central_url(value: str) -> str:
+    """The central server's URL without a trailing slash: http or https, a
+    host, nothing after the path. Raises ValueError saying what is wrong."""
+    try:
+        url = urlsplit(value.strip())
+        url.port  # noqa: B018 (parsing the port raises on a bad one)
+    except ValueError:
+        raise ValueError("is not a URL") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not url.hostname:
+        raise ValueError("has no host name")
+    if url.query or url.fragment or url.username or url.password:
+        raise ValueError("must not carry a query, a fragment or credentials")
+    return url.geturl().rstrip("/")
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> AgentSettings:

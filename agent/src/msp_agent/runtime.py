@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -207,9 +208,16 @@ class Agent:
     # --- life cycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run until :attr:`stop` is set; then stop every loop and close."""
+        """Run until :attr:`stop` is set; then stop every loop and close.
+        Raises :class:`StateDirBusyError` when another agent holds the state
+        directory."""
         settings = self.settings
         settings.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        with lock_state_dir(settings.state_dir):
+            await self._run_locked()
+
+    async def _run_locked(self) -> None:
+        settings = self.settings
         self.signer = DelegatedSigningKey.load_or_create(
             settings.key_dir, central_keys=[self.central_key], clock=self.clock
         )
@@ -958,6 +966,37 @@ def load_revocations_file(state_dir: Path) -> Envelope | None:
         return None
 
 
+LOCK_FILE = "agent.lock"
+
+
+class StateDirBusyError(Exception):
+    """Another live agent holds the state directory."""
+
+
+@contextlib.contextmanager
+def lock_state_dir(state_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``state_dir`` for the agent's lifetime. Two
+    agents on one state directory would sign, append and sync over each
+    other's shoulders; the second refuses to start instead. The lock is an
+    ``flock`` on ``agent.lock``, released by the kernel when the process
+    ends however it ends, so a crash never leaves a stale lock behind."""
+    path = state_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise StateDirBusyError(
+                f"another agent (pid {holder}) is running on state directory {state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_service(settings: AgentSettings) -> int:
     """The body of ``msp-agent run``: the event loop, SIGTERM/SIGINT, exit code."""
 
@@ -970,7 +1009,7 @@ def run_service(settings: AgentSettings) -> int:
 
     try:
         asyncio.run(main())
-    except (EnrollmentError, ConfigError, KeyFileError, StoreError) as exc:
+    except (EnrollmentError, ConfigError, KeyFileError, StoreError, StateDirBusyError) as exc:
         # What an operator must fix: one line in the journal, exit status 1.
         log.error("%s", exc)
         return 1

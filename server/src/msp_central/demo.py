@@ -114,7 +114,17 @@ def run_demo(root_dir: Path, *, agents: int, host: str, port: int) -> None:
     settings = Settings(state_dir=root_dir / "central", host=host, port=port)
     if not settings.key_file.exists():
         write_root_key(settings.key_file)
-    asyncio.run(_run(settings, root_dir, agents=agents, host=host, port=port))
+    try:
+        asyncio.run(_run(settings, root_dir, agents=agents, host=host, port=port))
+    finally:
+        try:
+            sys.stdout.flush()
+        except OSError:
+            # The reader is gone: let the interpreter's own flush at exit
+            # write nowhere instead of failing again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 async def _run(settings: Settings, root_dir: Path, *, agents: int, host: str, port: int) -> None:
@@ -134,7 +144,7 @@ async def _run(settings: Settings, root_dir: Path, *, agents: int, host: str, po
     processes: list[asyncio.subprocess.Process] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     try:
         for number in range(1, agents + 1):
@@ -157,13 +167,17 @@ async def _run(settings: Settings, root_dir: Path, *, agents: int, host: str, po
                 if process.returncode is not None and not stop.is_set():
                     log = root_dir / f"agent-{number}" / "agent.log"
                     raise DemoError(
-                        f"agent {number} exited with status {process.returncode}; see {log}"
+                        f"agent {number} exited with status {process.returncode}"
+                        f"{_last_line(log)}; see {log}"
                     )
     finally:
-        print("\nstopping the agents and the server...", file=sys.stderr)
+        # The agents first, before anything is written: with the output
+        # piped (``| tee``), Ctrl-C has killed the reader too, and a write
+        # failing here must not leave the agents running on their own.
         for process in processes:
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
+        _say("\nstopping the agents and the server...")
         for process in processes:
             try:
                 await asyncio.wait_for(process.wait(), 15)
@@ -171,7 +185,25 @@ async def _run(settings: Settings, root_dir: Path, *, agents: int, host: str, po
                 process.kill()
                 await process.wait()
         await runner.cleanup()
-        print("stopped.", file=sys.stderr)
+        _say("stopped.")
+
+
+def _last_line(log: Path) -> str:
+    """The agent's last words, to say why it stopped (another agent on its
+    state directory, say)."""
+    try:
+        with log.open("rb") as file:
+            file.seek(max(0, log.stat().st_size - 4096))
+            lines = file.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return f" ({lines[-1][:300]})" if lines else ""
+
+
+def _say(text: str) -> None:
+    """A line on stderr that nobody may be reading any more."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr, flush=True)
 
 
 def _print_guide(
