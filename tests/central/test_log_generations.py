@@ -31,6 +31,7 @@ from msp_central.db.tables import (
 from msp_protocol.encoding import utc_now
 from msp_protocol.export import check_audit_export, check_evidence_export
 from msp_protocol.package import check_auditor_package
+from msp_protocol.verify_cli import main as msp_verify
 from tests.central.support import ROOT, Harness, KeyClient
 
 KEYS = [ROOT.verify_key]
@@ -117,7 +118,9 @@ def count_of(table: Any, appliance_id: str, generation: int) -> Any:
     )
 
 
-async def test_a_lost_log_comes_back_as_a_new_generation(harness: Harness, tmp_path: Path) -> None:
+async def test_a_lost_log_comes_back_as_a_new_generation(
+    harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     partner = await harness.partner()
     defaults = {"tier": "full", "frameworks": ["hipaa"]}
     assert (await partner.request("PUT", "/api/v1/partner/defaults", defaults)).status == 200
@@ -265,6 +268,20 @@ async def test_a_lost_log_comes_back_as_a_new_generation(harness: Harness, tmp_p
     # though the failing one of the old generation sits at a higher index.
     (control,) = [c for c in package.controls if c.control_id == "164.312(b)"]
     assert control.state == "passing"
+    # Without the new generation's segment its bundle proves nothing.
+    cut = {**reply.body, "logs": reply.body["logs"][:1]}
+    assert not check_auditor_package(cut, KEYS, at=utc_now()).ok
+    key_file = tmp_path / "central.pub"
+    key_file.write_text(ROOT.verify_key.hex + "\n")
+    (tmp_path / "package.json").write_text(json.dumps(reply.body))
+    capsys.readouterr()
+    assert msp_verify(["--central-key-file", str(key_file), str(tmp_path / "package.json")]) == 0
+    assert f"appliance {box.appliance_id} (log generation 2): entries" in capsys.readouterr().out
+    # The site's posture speaks through the new generation's bundle too.
+    posture = await partner.request("GET", f"/api/v1/sites/{site_id}/posture")
+    (hipaa,) = posture.body["frameworks"]
+    (shown,) = [c for c in hipaa["controls"] if c["control_id"] == "164.312(b)"]
+    assert (shown["state"], shown["evidence"]["bundle_id"]) == ("passing", fresh)
 
     # The approval is in the central log.
     admin = await harness.admin()
