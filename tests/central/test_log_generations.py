@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from msp_central.db.tables import (
     security_alerts,
 )
 from msp_protocol.encoding import utc_now
+from msp_protocol.evidence import CheckResult
 from msp_protocol.export import check_audit_export, check_evidence_export
 from msp_protocol.package import check_auditor_package
 from msp_protocol.verify_cli import main as msp_verify
@@ -46,8 +47,8 @@ class Box:
     client: HttpCentralClient
     site_id: str
     path: Path
-    trail: OfflineAuditTrail
-    queue: EvidenceQueue
+    trail: OfflineAuditTrail = field(init=False)
+    queue: EvidenceQueue = field(init=False)
     signed: int = 0
 
     @property
@@ -65,14 +66,14 @@ class Box:
         )
         self.queue = EvidenceQueue(self.trail, self.signer, site_id=self.site_id)
 
-    async def evidence(self, result: str = "pass") -> str:
+    async def evidence(self, result: CheckResult = "pass") -> str:
         """Sign a bundle (recorded in the log) and return its id."""
         self.signed += 1
         signed = await self.queue.sign(
             bundle_id=f"ev-{self.signed}",
             check_id="time_sync",
             controls={"hipaa": ("164.312(b)",)},
-            result=result,  # type: ignore[arg-type]
+            result=result,
             observed={"offset_ms": self.signed},
         )
         return signed.bundle_id
@@ -100,7 +101,7 @@ async def enroll_box(harness: Harness, partner: KeyClient, site_id: str, tmp_pat
         signer.enrollment_request(audience=ROOT.key_id, token=token), enrollment_token=token
     )
     signer.install_certificate(certificate)
-    box = Box(harness, signer, client, site_id, tmp_path / "audit.sqlite", None, None)  # type: ignore[arg-type]
+    box = Box(harness, signer, client, site_id, tmp_path / "audit.sqlite")
     await box.open()
     return box
 
