@@ -28,6 +28,7 @@ from msp_central.db.tables import (
     evidence,
     security_alerts,
 )
+from msp_central.routes import appliances as appliance_routes
 from msp_protocol.encoding import utc_now
 from msp_protocol.evidence import CheckResult
 from msp_protocol.export import check_audit_export, check_evidence_export
@@ -297,3 +298,46 @@ async def test_a_lost_log_comes_back_as_a_new_generation(
         "reason": reason["reason"],
     }
     assert entry["actor"] == current["approved_by"]
+
+
+async def test_an_approval_between_check_and_commit_is_honoured(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partner = await harness.partner()
+    appliance = await harness.enroll(partner)
+    appliance.grow(10)
+    assert (await appliance.sync(appliance.batch(0))).status == 200
+    witnessed = list(appliance.records)
+    # Another history under the same indices: refused as a rewrite.
+    appliance.records = witnessed[:1]
+    appliance.grow(3, data={"history": "new"})
+    replaced = list(appliance.records)
+    refused = await appliance.sync(appliance.batch(0))
+    assert (refused.status, refused.code) == (422, "rewrite")
+
+    # The old history grows meanwhile; the partner approves the new log
+    # after that batch was checked and before it is stored.
+    appliance.records = witnessed
+    appliance.grow(5)
+    path = f"/api/v1/sites/{appliance.site_id}/appliances/{appliance.appliance_id}/audit-log"
+    commit = appliance_routes._commit
+    approvals: list[int] = []
+
+    async def approve_first(*args: Any, **kwargs: Any) -> bool:
+        if not approvals:
+            reply = await partner.request("POST", f"{path}/approve-new", {"reason": "disk lost"})
+            approvals.append(reply.status)
+        return await commit(*args, **kwargs)
+
+    monkeypatch.setattr(appliance_routes, "_commit", approve_first)
+    stale = await appliance.sync(appliance.batch(10))
+    assert approvals == [201]
+    # Checked again against the new, empty generation: nothing stored.
+    assert (stale.status, stale.code, stale.body["server_size"]) == (409, "stale-size", 0)
+    assert await scalar(harness, count_of(audit_entries, appliance.appliance_id, 1)) == 10
+    assert await scalar(harness, count_of(audit_entries, appliance.appliance_id, 2)) == 0
+
+    appliance.records = replaced
+    accepted = await appliance.sync(appliance.batch(0))
+    assert accepted.status == 200, accepted.body
+    assert await scalar(harness, count_of(audit_entries, appliance.appliance_id, 2)) == 4
