@@ -59,6 +59,7 @@ MISSING = Expect(401, "missing-credentials")  # no Authorization header
 BAD_KEY = Expect(401, "bad-credentials")  # an unknown bearer key
 FORBIDDEN = Expect(403, "forbidden")  # a key of the wrong role
 NOT_FOUND = Expect(404, "not-found")  # another partner's object: it does not exist
+CONFLICT = Expect(409, "conflict")  # allowed, but the state does not call for it
 UNSIGNED = Expect(401, "malformed-signature-header")  # no RFC 9421 signature
 UNKNOWN_KEY = Expect(401, "unknown-key")  # signed by a key no appliance holds
 WRONG_APPLIANCE = Expect(403, "wrong-appliance")  # another appliance's path
@@ -149,6 +150,9 @@ ROWS = [
     row("GET",  "/api/v1/sites/{site_id}/posture/trend",               MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}",        MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export",     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-log/generations", MISSING, BAD_KEY, FORBIDDEN, NOT_FOUND,   MISSING,         MISSING,  OK),
+    # Nothing refused the appliance's log: the right caller is told there is nothing to approve.
+    row("POST", "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-log/approve-new", MISSING, BAD_KEY, FORBIDDEN, NOT_FOUND,   MISSING,         MISSING,  CONFLICT),
     row("GET",  "/api/v1/sites/{site_id}/auditor-package",             MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("POST", "/api/v1/sites/{site_id}/manual-evidence",             MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  CREATED),
     row("GET",  "/api/v1/sites/{site_id}/manual-evidence",             MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
@@ -363,6 +367,9 @@ DOCUMENT = {
 BODIES: dict[str, Body] = {
     "POST /api/v1/sites/{site_id}/manual-evidence": lambda w, o: DOCUMENT,
     "POST /api/v1/partners": lambda w, o: {"name": "Newco MSP"},
+    "POST /api/v1/sites/{site_id}/appliances/{appliance_id}/audit-log/approve-new": lambda w, o: {
+        "reason": "the appliance's disk failed"
+    },
     "PUT /api/v1/partner/defaults": lambda w, o: {
         "industry": "healthcare",
         "tier": "full",
@@ -619,6 +626,16 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "GET /api/v1/sites/{site_id}/auditor-package": _check_package,
     "GET /api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}": _check_evidence_export,
     "GET /api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export": _check_audit_export,
+    "GET /api/v1/sites/{site_id}/appliances/{appliance_id}/audit-log/generations": (
+        lambda w, b: _check_eq(
+            (b["appliance_id"], b["current_generation"]), (w.app.appliance_id, 1)
+        )
+    ),
+    "POST /api/v1/sites/{site_id}/appliances/{appliance_id}/audit-log/approve-new": (
+        lambda w, b: _check_eq(
+            b["detail"], "nothing to approve: the server has not refused this appliance's log"
+        )
+    ),
     "POST /api/v1/certificates/{serial}/revoke": _check_revoke,
     "GET /api/v1/escalations": _check_escalations,
     "POST /api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge": _check_acknowledged,

@@ -16,6 +16,14 @@ anyone verifies offline with the central public key:
 - ``summary``: per control, the state the server derives from those bundles
   (:func:`summarise_evidence`, the one rule the server and the checker share).
 
+An appliance whose log was lost and replaced by a new one (with a partner's
+approval) has *generations* of its log, each beginning at index 0: a package
+whose period spans the switch holds one segment per generation of that
+appliance, each marked with its ``generation`` (absent means 1, so a package
+without a switch is exactly as before), and each bundle is proven in the
+segment of its appliance whose entry at its log index records it. Evidence
+is then ordered by appliance, generation and log index.
+
 The package is not signed as a whole. :func:`check_auditor_package` verifies
 each signed document and how they fit together, recomputes every segment's
 root from its prefix and entries, and recomputes the summary from the bundles
@@ -31,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, StrictInt, model_validator
 
 from msp_protocol.delegation import VerifiedDelegation, check_delegation, check_revocations
 from msp_protocol.dsse import Envelope, unverified_payload
@@ -94,6 +102,9 @@ class LogSegment(WireModel):
     document_name = "log segment"
 
     appliance_id: Identifier
+    # Which generation of the appliance's log (a new log approved after the
+    # old one was lost starts the next); absent: 1, the first.
+    generation: Annotated[StrictInt, Field(ge=2, le=2**31 - 1)] | None = None
     start: Size
     # The compact range of the tree of size ``start`` (largest subtree first).
     prefix: Annotated[tuple[Hash, ...], Field(max_length=63)]
@@ -114,6 +125,10 @@ class LogSegment(WireModel):
     @property
     def end(self) -> int:
         return self.start + len(self.entries)
+
+    @property
+    def log_generation(self) -> int:
+        return self.generation or 1
 
 
 class AuditorPackage(WireModel):
@@ -136,9 +151,9 @@ class AuditorPackage(WireModel):
             raise ValueError("frameworks must be sorted and unique")
         if self.period_end <= self.period_start:
             raise ValueError("period_end must be later than period_start")
-        appliances = [segment.appliance_id for segment in self.logs]
-        if len(set(appliances)) != len(appliances):
-            raise ValueError("an appliance has two log segments")
+        logs = [(segment.appliance_id, segment.log_generation) for segment in self.logs]
+        if len(set(logs)) != len(logs):
+            raise ValueError("an appliance has two log segments of one generation")
         scope = set(self.frameworks)
         for control in self.summary.controls:
             if control.framework not in scope:
@@ -162,6 +177,7 @@ class LogSegmentParts:
     checkpoint: Envelope
     receipt: Envelope
     certificates: Sequence[Envelope]
+    generation: int = 1  # of the appliance's log
 
 
 def build_auditor_package(
@@ -179,7 +195,8 @@ def build_auditor_package(
     """The package's canonical JSON bytes (the central server's side).
 
     ``frameworks`` sorted and unique; ``evidence`` ordered by (appliance_id,
-    log_index), each recorded inside its appliance's segment; the checkpoint
+    generation, log_index), each recorded inside the segment of its
+    appliance's log of that generation; the checkpoint
     of each segment of size ``start + len(entries)``, and the receipt of
     exactly it; ``summary`` from :func:`summarise_evidence` over the
     bundles, listing every in-scope control a bundle lists. Nothing is
@@ -197,6 +214,7 @@ def build_auditor_package(
             "logs": [
                 {
                     "appliance_id": parts.appliance_id,
+                    "generation": parts.generation if parts.generation != 1 else None,
                     "start": parts.start,
                     "prefix": [to_hex(node) for node in parts.prefix],
                     "entries": [b64encode(raw) for raw in parts.entries],
@@ -259,10 +277,12 @@ class SegmentReport:
     bundles: int
     omitted_bundles: int
     checkpoint_signed_after_expiry: bool
+    generation: int = 1  # of the appliance's log
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "appliance_id": self.appliance_id,
+            "generation": self.generation,
             "start": self.start,
             "size": self.size,
             "key_ids": list(self.key_ids),
@@ -422,13 +442,19 @@ class _PackageCheck:
         self.limits = limits
         self.failures: list[Failure] = []
         self.segments = {
-            segment.appliance_id: _Segment(f"logs[{i}] (appliance {segment.appliance_id})", segment)
+            (segment.appliance_id, segment.log_generation): _Segment(
+                f"logs[{i}] (appliance {segment.appliance_id}"
+                + (f", generation {segment.generation})" if segment.generation else ")"),
+                segment,
+            )
             for i, segment in enumerate(package.logs)
         }
         # Key id -> the segments whose certificates certify it (one, unless
         # the server certified one key for two appliances).
         self.certified: dict[str, list[_Segment]] = {}
         self.bundles: list[EvidenceBundle] = []
+        # (appliance id, bundle id) -> the generation of the log recording it
+        self.generations: dict[tuple[str, str], int] = {}
         self.after_expiry: list[str] = []
 
     def fail(self, failure: Failure, where: str = "") -> None:
@@ -584,12 +610,32 @@ class _PackageCheck:
             return candidates[0]
         return next((s for s in candidates if s.model.appliance_id == claimed), candidates[0])
 
+    def recording_segment(
+        self, bundle: EvidenceBundle, digest: str, segment: _Segment, key_id: str
+    ) -> _Segment:
+        """Of the segments of the bundle's appliance (one per generation of
+        its log), the one whose entry at the bundle's log index records
+        exactly this bundle; ``segment`` when none does (its check says why)."""
+        for other in self.segments.values():
+            if other.model.appliance_id != segment.model.appliance_id or key_id not in (
+                other.delegations
+            ):
+                continue
+            recorded = other.recorded.get(bundle.log_index)
+            if (
+                other.verified
+                and not isinstance(recorded, str | None)
+                and (recorded.bundle_id, recorded.payload_sha256) == (bundle.bundle_id, digest)
+            ):
+                return other
+        return segment
+
     def check_evidence(self) -> None:
         package = self.package
         scope = set(package.frameworks)
         seen_ids: set[str] = set()
-        positions: set[tuple[str, int]] = set()
-        previous: tuple[str, int] | None = None
+        positions: set[tuple[str, int, int]] = set()
+        previous: tuple[str, int, int] | None = None
         unknown: dict[str, list[int]] = {}
         for i, envelope in enumerate(package.evidence):
             key_id = envelope.signatures[0].keyid
@@ -606,20 +652,24 @@ class _PackageCheck:
                 continue
             evidence = checked.unwrap()
             bundle = evidence.bundle
+            segment = self.recording_segment(bundle, evidence.digest, segment, key_id)
             where = f"evidence[{i}] (bundle {bundle.bundle_id})"
-            position = (bundle.appliance_id, bundle.log_index)
+            generation = segment.model.log_generation
+            position = (bundle.appliance_id, generation, bundle.log_index)
             problem: Failure | None = None
             if bundle.bundle_id in seen_ids:
                 problem = EvidenceError("the bundle appears twice")
             elif position in positions:
                 problem = EvidenceError(
                     f"log index {bundle.log_index} of appliance {bundle.appliance_id} "
-                    "holds another bundle of the package"
+                    + (f"(log generation {generation}) " if generation > 1 else "")
+                    + "holds another bundle of the package"
                 )
             elif previous is not None and position < previous:
                 problem = EvidenceError(
                     f"out of order: evidence is ordered by appliance and log index, and "
-                    f"this bundle follows log index {previous[1]} of appliance {previous[0]}"
+                    f"this bundle follows log index {previous[2]} of appliance {previous[0]}"
+                    + (f" (log generation {previous[1]})" if previous[1] > 1 else "")
                 )
             else:
                 problem = self.misplaced(bundle, segment, scope) or self.unrecorded(
@@ -634,6 +684,7 @@ class _PackageCheck:
             if not segment.verified:
                 continue  # its segment's failure is reported
             self.bundles.append(bundle)
+            self.generations[(bundle.appliance_id, bundle.bundle_id)] = generation
             segment.bundle_indices.add(bundle.log_index)
             segment.key_ids.add(key_id)
             if bundle.collected_at > segment.expiry[key_id] + self.limits.clock_skew:
@@ -718,6 +769,7 @@ class _PackageCheck:
             period_end=self.package.period_end,
             freshness_seconds=claimed.freshness_seconds,
             unwitnessed=claimed.unwitnessed_bundles,
+            generation_of=lambda b: self.generations[(b.appliance_id, b.bundle_id)],
         )
         for says, holds in zip(claimed.controls, recomputed.controls, strict=True):
             difference = control_difference(says, holds)
@@ -750,6 +802,7 @@ class _PackageCheck:
                     bundles=len(segment.bundle_indices),
                     omitted_bundles=omitted,
                     checkpoint_signed_after_expiry=segment.after_expiry,
+                    generation=segment.model.log_generation,
                 )
             )
         states: dict[str, int] = {}

@@ -9,8 +9,8 @@ state at the end of the period, by the rule the central server's posture
 uses:
 
 - each (appliance, check) pair speaks through its newest bundle (max by
-  log_index, the appliance's own order, then bundle_id), for the controls
-  that bundle lists;
+  the generation of the log recording it, log_index, the appliance's own
+  order, then bundle_id), for the controls that bundle lists;
 - that bundle reads ``stale`` when it is older than ``freshness_seconds`` at
   the end of the period, else by its result: ``passing``, ``failing``,
   ``error`` or ``not_applicable``;
@@ -22,7 +22,7 @@ uses:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal, Self
 
@@ -139,6 +139,7 @@ def summarise_evidence(
     period_end: datetime,
     freshness_seconds: int,
     unwitnessed: int = 0,
+    generation_of: Callable[[EvidenceBundle], int] | None = None,
 ) -> PackageSummary:
     """The summary of ``bundles`` for ``controls`` ((framework, control id,
     title), in the order to list them: grouped by framework, ascending).
@@ -148,7 +149,9 @@ def summarise_evidence(
     bundle_id); and the state: ``no-evidence`` without a bundle, ``stale``
     when the newest is older than ``freshness_seconds`` at ``period_end``,
     else the newest bundle's result. A bundle's controls outside
-    ``controls`` are not counted. One pass over the bundles. Raises
+    ``controls`` are not counted. ``generation_of`` says which generation
+    of its appliance's log records a bundle (default: 1 for all); a later
+    generation's bundles are newer than any of an earlier one. One pass over the bundles. Raises
     :class:`ModelError` for controls of the wrong shape.
     """
     position = {(framework, control_id): i for i, (framework, control_id, _) in enumerate(controls)}
@@ -156,6 +159,11 @@ def summarise_evidence(
     # (appliance, check) -> that pair's newest bundle, by log position (the
     # appliance's own order: a clock that jumped ahead cannot freeze it)
     newest: dict[tuple[str, str], EvidenceBundle] = {}
+
+    def order(bundle: EvidenceBundle) -> tuple[int, int, str]:
+        generation = generation_of(bundle) if generation_of is not None else 1
+        return (generation, bundle.log_index, bundle.bundle_id)
+
     for bundle in bundles:
         for framework, control_ids in bundle.controls.items():
             for control_id in dict.fromkeys(control_ids):
@@ -164,10 +172,7 @@ def summarise_evidence(
                     counts[i][bundle.result] += 1
         pair = (bundle.appliance_id, bundle.check_id)
         current = newest.get(pair)
-        if current is None or (bundle.log_index, bundle.bundle_id) > (
-            current.log_index,
-            current.bundle_id,
-        ):
+        if current is None or order(bundle) > order(current):
             newest[pair] = bundle
     fresh = timedelta(seconds=freshness_seconds)
     deciding: list[tuple[tuple[int, datetime, str, str], ControlState, EvidenceBundle] | None]

@@ -347,7 +347,9 @@ def _package_lines(report: AuditorPackageReport, verified: bool) -> list[str]:
             f", witnessed {format_time(segment.witnessed_at)}" if segment.witnessed_at else ""
         )
         lines.append(
-            f"  appliance {segment.appliance_id}: entries {segment.start}..{segment.size - 1} "
+            f"  appliance {segment.appliance_id}"
+            + (f" (log generation {segment.generation})" if segment.generation > 1 else "")
+            + f": entries {segment.start}..{segment.size - 1} "
             f"signed by {', '.join(segment.key_ids)}{witnessed}"
         )
     lines.append(

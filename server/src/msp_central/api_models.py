@@ -359,6 +359,38 @@ class PostureTrendOut(Body):
     days: list[TrendPointOut]
 
 
+# --- audit log generations --------------------------------------------------------------
+
+
+class NewAuditLogIn(Body):
+    """Approve a new audit log for an appliance whose log the server refused."""
+
+    # Why: kept with the generation and in the central log.
+    reason: Annotated[
+        Printable, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)
+    ]
+
+
+class AuditLogGenerationOut(Body):
+    generation: int
+    current: bool  # the one being witnessed now
+    # As witnessed: up to now for the current one, when it was closed for
+    # the others.
+    size: int
+    root: str
+    # Who approved it and why (none for an appliance's first log).
+    approved_at: datetime | None
+    approved_by: str | None
+    reason: str | None
+    central_log_index: int | None  # the approval's entry in the central log
+
+
+class AuditLogGenerationsOut(Body):
+    appliance_id: str
+    current_generation: int
+    generations: list[AuditLogGenerationOut]  # oldest first
+
+
 # --- manual evidence --------------------------------------------------------------------
 
 MediaType = Annotated[

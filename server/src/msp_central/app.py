@@ -22,6 +22,7 @@ from msp_central.db.tables import request_nonces
 from msp_central.openapi import routes as openapi_routes
 from msp_central.problems import Problem, problem_response
 from msp_central.routes.appliances import routes as appliance_routes
+from msp_central.routes.audit_logs import routes as audit_log_routes
 from msp_central.routes.catalogue import routes as catalogue_routes
 from msp_central.routes.exports import routes as export_routes
 from msp_central.routes.manual import document_body_limit
@@ -124,6 +125,7 @@ def create_app(
         partner_routes,
         posture_routes,
         export_routes,
+        audit_log_routes,
         manual_routes,
         appliance_routes,
         openapi_routes,

@@ -12,6 +12,11 @@ live in :mod:`msp_protocol.export`):
   receipts, the appliance's certificates, the revocation list and every
   bundle recorded in the witnessed log.
 
+An appliance's log has generations (a new log a partner approved after the
+old one was lost, ADR 0016): every read names one. A bundle is proven in
+the generation that recorded it; the audit export is of one generation,
+the current one unless asked otherwise.
+
 Nothing is re-encoded: entries, envelopes and receipts leave as stored.
 """
 
@@ -26,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from msp_central.db.tables import (
     audit_checkpoints,
     audit_entries,
+    audit_log_generations,
     audit_logs,
     certificates,
     evidence,
@@ -44,24 +50,48 @@ def envelope_of(text: str) -> Envelope:
     return Envelope.from_json(text.encode())
 
 
-async def leaf_hashes(connection: AsyncConnection, appliance_id: str, size: int) -> list[bytes]:
-    """The leaf hashes of entries 0 .. size-1 of an appliance's witnessed log."""
+def of_generation(
+    table: sa.Table, appliance_id: str, generation: int | None
+) -> sa.ColumnElement[bool]:
+    """Rows of ``table`` (entries or checkpoints) of one generation of the
+    appliance's log; None: the generation being witnessed now."""
+    chosen: Any = (
+        generation
+        if generation is not None
+        else sa.select(audit_logs.c.generation)
+        .where(audit_logs.c.appliance_id == appliance_id)
+        .scalar_subquery()
+    )
+    return sa.and_(table.c.appliance_id == appliance_id, table.c.generation == chosen)
+
+
+async def leaf_hashes(
+    connection: AsyncConnection, appliance_id: str, size: int, *, generation: int | None = None
+) -> list[bytes]:
+    """The leaf hashes of entries 0 .. size-1 of an appliance's witnessed
+    log of ``generation`` (default: the current one)."""
     rows = await connection.execute(
         sa.select(audit_entries.c.leaf_hash)
-        .where(audit_entries.c.appliance_id == appliance_id, audit_entries.c.idx < size)
+        .where(of_generation(audit_entries, appliance_id, generation), audit_entries.c.idx < size)
         .order_by(audit_entries.c.idx)
     )
     return [bytes(row.leaf_hash) for row in rows]
 
 
 async def entry_bytes(
-    connection: AsyncConnection, appliance_id: str, start: int, end: int
+    connection: AsyncConnection,
+    appliance_id: str,
+    start: int,
+    end: int,
+    *,
+    generation: int | None = None,
 ) -> list[bytes]:
-    """The exact canonical bytes of entries start .. end-1."""
+    """The exact canonical bytes of entries start .. end-1 (of ``generation``,
+    default the current one)."""
     rows = await connection.execute(
         sa.select(audit_entries.c.raw)
         .where(
-            audit_entries.c.appliance_id == appliance_id,
+            of_generation(audit_entries, appliance_id, generation),
             audit_entries.c.idx >= start,
             audit_entries.c.idx < end,
         )
@@ -114,12 +144,14 @@ async def evidence_export(
     parts: dict[str, Any] = {}
     if row.in_log:
         # The first checkpoint the server cosigned that covers the bundle's
-        # entry: the smallest tree to prove inclusion in.
+        # entry, in the generation of the log that recorded it: the
+        # smallest tree to prove inclusion in.
+        generation = int(row.log_generation)
         checkpoint = (
             await connection.execute(
                 sa.select(audit_checkpoints)
                 .where(
-                    audit_checkpoints.c.appliance_id == appliance_id,
+                    of_generation(audit_checkpoints, appliance_id, generation),
                     audit_checkpoints.c.size > row.log_index,
                 )
                 .order_by(audit_checkpoints.c.size)
@@ -128,8 +160,12 @@ async def evidence_export(
         ).first()
         if checkpoint is not None:
             size = int(checkpoint.size)
-            tree = LeafHashTree(await leaf_hashes(connection, appliance_id, size))
-            (entry,) = await entry_bytes(connection, appliance_id, row.log_index, row.log_index + 1)
+            tree = LeafHashTree(
+                await leaf_hashes(connection, appliance_id, size, generation=generation)
+            )
+            (entry,) = await entry_bytes(
+                connection, appliance_id, row.log_index, row.log_index + 1, generation=generation
+            )
             other = held[checkpoint.serial]
             parts = {
                 "entry": entry,
@@ -146,6 +182,7 @@ async def evidence_export(
 
 
 async def witnessed_size(connection: AsyncConnection, appliance_id: str) -> int:
+    """The size witnessed of the appliance's current log."""
     size = (
         await connection.execute(
             sa.select(audit_logs.c.size).where(audit_logs.c.appliance_id == appliance_id)
@@ -154,24 +191,56 @@ async def witnessed_size(connection: AsyncConnection, appliance_id: str) -> int:
     return int(size or 0)
 
 
+async def generation_size(
+    connection: AsyncConnection, appliance_id: str, generation: int | None
+) -> tuple[int, int]:
+    """(generation, witnessed size) of one generation of the appliance's log
+    (None: the current one); a closed generation ends where the approval
+    of the next found it. Raises ``not-found`` for a generation not begun."""
+    log = (
+        await connection.execute(
+            sa.select(audit_logs.c.generation, audit_logs.c.size).where(
+                audit_logs.c.appliance_id == appliance_id
+            )
+        )
+    ).first()
+    current = int(log.generation) if log is not None else 1
+    if generation is None or generation == current:
+        return current, int(log.size) if log is not None else 0
+    closed = (
+        await connection.execute(
+            sa.select(audit_log_generations.c.previous_size).where(
+                audit_log_generations.c.appliance_id == appliance_id,
+                audit_log_generations.c.generation == generation + 1,
+            )
+        )
+    ).scalar_one_or_none()
+    if generation > current or closed is None:
+        raise Problem(
+            "not-found", f"appliance {appliance_id[:64]} has no audit log generation {generation}"
+        )
+    return generation, int(closed)
+
+
 async def telling_checkpoints(
-    connection: AsyncConnection, appliance_id: str, size: int
+    connection: AsyncConnection, appliance_id: str, size: int, *, generation: int | None = None
 ) -> list[Row]:
     """The checkpoints (with receipts) an export carries, ascending: the
     last one each certificate signed, every one flagged as signed after its
     certificate expired, and the one at ``size``. Any one of them proves the
     entries before it; the others show where each key's signing ended and
-    what is under review."""
+    what is under review (all of ``generation``, default the current one)."""
+    mine = of_generation(audit_checkpoints, appliance_id, generation)
     last_per_serial = (
         sa.select(sa.func.max(audit_checkpoints.c.size))
-        .where(audit_checkpoints.c.appliance_id == appliance_id)
+        .where(mine)
         .group_by(audit_checkpoints.c.serial)
     )
     rows = (
         await connection.execute(
             sa.select(audit_checkpoints)
             .where(
-                audit_checkpoints.c.appliance_id == appliance_id,
+                mine,
                 audit_checkpoints.c.size <= size,
                 sa.or_(
                     audit_checkpoints.c.size == size,
@@ -185,19 +254,30 @@ async def telling_checkpoints(
     return list(rows)
 
 
-async def audit_export(connection: AsyncConnection, appliance_id: str, now: datetime) -> bytes:
-    """The appliance's log as the server witnessed it, in the format of
-    ``msp-agent audit export``; raises ``not-found`` when nothing is witnessed."""
-    size = await witnessed_size(connection, appliance_id)
+async def audit_export(
+    connection: AsyncConnection,
+    appliance_id: str,
+    now: datetime,
+    *,
+    generation: int | None = None,
+) -> bytes:
+    """The appliance's log of ``generation`` (default: the current one) as
+    the server witnessed it, in the format of ``msp-agent audit export``;
+    raises ``not-found`` when nothing of it is witnessed."""
+    generation, size = await generation_size(connection, appliance_id, generation)
     if size == 0:
-        raise Problem("not-found", f"appliance {appliance_id[:64]} has synced no audit log yet")
-    checkpoints = await telling_checkpoints(connection, appliance_id, size)
+        raise Problem(
+            "not-found",
+            f"appliance {appliance_id[:64]} has synced no audit log of generation {generation}",
+        )
+    checkpoints = await telling_checkpoints(connection, appliance_id, size, generation=generation)
     held = await certificate_rows(connection, appliance_id)
     bundles = (
         await connection.execute(
             sa.select(evidence.c.envelope)
             .where(
                 evidence.c.appliance_id == appliance_id,
+                evidence.c.log_generation == generation,
                 evidence.c.in_log.is_(True),
                 evidence.c.log_index < size,
             )
@@ -207,7 +287,7 @@ async def audit_export(connection: AsyncConnection, appliance_id: str, now: date
     return build_audit_export(
         appliance_id=appliance_id,
         exported_at=now,
-        entries=await entry_bytes(connection, appliance_id, 0, size),
+        entries=await entry_bytes(connection, appliance_id, 0, size, generation=generation),
         checkpoints=[envelope_of(row.checkpoint) for row in checkpoints],
         certificates=[envelope_of(row.envelope) for row in held.values()],
         receipts=[envelope_of(row.receipt) for row in checkpoints],
@@ -228,8 +308,10 @@ __all__ = [
     "entry_bytes",
     "envelope_of",
     "evidence_export",
+    "generation_size",
     "latest_revocations",
     "leaf_hashes",
+    "of_generation",
     "telling_checkpoints",
     "witnessed_size",
 ]

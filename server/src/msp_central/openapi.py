@@ -71,6 +71,8 @@ OPERATIONS: list[
     ("get", "/api/v1/posture", "Posture across the partner's sites: scores, per-framework roll-ups, the most widely failing controls", PARTNER, None, {200: m.PartnerPostureOut}),
     ("get", "/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}", "One evidence bundle as an evidence export: its signed envelope, certificate, audit entry, inclusion proof and receipt (msp-verify checks it)", PARTNER, None, {200: EvidenceExport}),
     ("get", "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export", "An appliance's audit log as the server witnessed it (msp-verify checks it)", PARTNER, None, {200: AuditExport}),
+    ("get", "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-log/generations", "The generations of an appliance's witnessed audit log: one more each time a partner approved a new log", PARTNER, None, {200: m.AuditLogGenerationsOut}),
+    ("post", "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-log/approve-new", "Approve the new audit log of an appliance whose log the server refused: the current generation is closed and kept, the next one starts empty", PARTNER, m.NewAuditLogIn, {201: m.AuditLogGenerationsOut}),
     ("get", "/api/v1/sites/{site_id}/auditor-package", "An auditor package: a site's signed evidence for frameworks and a period, with its proofs and a summary (msp-verify checks it)", PARTNER, None, {200: AuditorPackage}),
     ("post", "/api/v1/sites/{site_id}/manual-evidence", "Attach a document to a control of the site (its hash goes into the central log)", PARTNER, m.ManualEvidenceIn, {201: m.ManualEvidenceOut}),
     ("get", "/api/v1/sites/{site_id}/manual-evidence", "The documents attached to the site's controls", PARTNER, None, {200: list[m.ManualEvidenceOut]}),
@@ -170,6 +172,15 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "description": "the period's end, exclusive, RFC 3339 (default: now)",
             "schema": {"type": "string", "format": "date-time"},
         },
+    ],
+    ("get", "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export"): [
+        {
+            "name": "generation",
+            "in": "query",
+            "required": False,
+            "description": "which generation of the log (default: the current one)",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+        }
     ],
     ("get", "/api/v1/sites/{site_id}/posture/trend"): [
         _FRAMEWORK_FILTER,

@@ -11,6 +11,10 @@ the appliance's certificates; then every bundle whose entry is witnessed,
 the latest revocation list, and a summary computed by the protocol's one
 rule, which the checker recomputes. Bundles of the period whose entries are
 not witnessed yet cannot be proven: they are left out and counted.
+
+An appliance whose log was replaced during the period (a new generation,
+ADR 0016) gets one segment per generation holding bundles in scope, each
+proving its bundles against that generation's own entries and checkpoints.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from msp_central.exports import (
     envelope_of,
     latest_revocations,
     leaf_hashes,
+    of_generation,
 )
 from msp_central.posture import DEFAULT_CHECK_INTERVAL, STALE_AFTER_ROUNDS, site_freshness
 from msp_central.problems import Problem
@@ -101,6 +106,7 @@ def package_request(
 @dataclass(slots=True)
 class _Held:
     appliance_id: str
+    generation: int  # of the appliance's log
     log_index: int
     envelope: Envelope
     bundle: EvidenceBundle
@@ -114,10 +120,12 @@ def _parse_bundles(rows: Sequence[Any], scope: frozenset[str]) -> list[_Held]:
             continue
         envelope = envelope_of(row.envelope)
         bundle = EvidenceBundle.from_json(envelope.payload_bytes())
-        held.append(_Held(row.appliance_id, int(row.log_index), envelope, bundle))
+        held.append(
+            _Held(row.appliance_id, int(row.log_generation), int(row.log_index), envelope, bundle)
+        )
     # The format's order, by Python's string order (a database's collation
     # may sort identifiers otherwise).
-    held.sort(key=lambda h: (h.appliance_id, h.log_index))
+    held.sort(key=lambda h: (h.appliance_id, h.generation, h.log_index))
     return held
 
 
@@ -167,17 +175,21 @@ async def _revocation_cutoffs(connection: AsyncConnection, site_id: str) -> dict
     return {row.serial: int(row.cutoff_size or 0) for row in rows}
 
 
+# (appliance id, generation of its log)
+_Log = tuple[str, int]
+
+
 async def _check_entries_fit(
-    connection: AsyncConnection, spans: dict[str, tuple[int, int]]
+    connection: AsyncConnection, spans: dict[_Log, tuple[int, int]]
 ) -> None:
     """Refuse before building what no verifier would read: more entries than
     one export may hold."""
     total = 0
-    for appliance_id, (first, last) in spans.items():
+    for (appliance_id, generation), (first, last) in spans.items():
         end = (
             await connection.execute(
                 sa.select(sa.func.min(audit_checkpoints.c.size)).where(
-                    audit_checkpoints.c.appliance_id == appliance_id,
+                    of_generation(audit_checkpoints, appliance_id, generation),
                     audit_checkpoints.c.size > last,
                 )
             )
@@ -192,15 +204,17 @@ async def _check_entries_fit(
 
 
 async def _segment(
-    connection: AsyncConnection, appliance_id: str, start: int, last: int
+    connection: AsyncConnection, log: _Log, start: int, last: int
 ) -> LogSegmentParts:
-    """The witnessed log of ``appliance_id`` from ``start`` to the first
-    cosigned checkpoint covering entry ``last``."""
+    """The witnessed log of an appliance of one generation from ``start`` to
+    the first cosigned checkpoint covering entry ``last``."""
+    appliance_id, generation = log
     checkpoint = (
         await connection.execute(
             sa.select(audit_checkpoints)
             .where(
-                audit_checkpoints.c.appliance_id == appliance_id, audit_checkpoints.c.size > last
+                of_generation(audit_checkpoints, appliance_id, generation),
+                audit_checkpoints.c.size > last,
             )
             .order_by(audit_checkpoints.c.size)
             .limit(1)
@@ -208,16 +222,17 @@ async def _segment(
     ).one()
     end = int(checkpoint.size)
     prefix = TreeState()
-    prefix.extend(await leaf_hashes(connection, appliance_id, start))
+    prefix.extend(await leaf_hashes(connection, appliance_id, start, generation=generation))
     held = await certificate_rows(connection, appliance_id)
     return LogSegmentParts(
         appliance_id=appliance_id,
         start=start,
         prefix=list(prefix.nodes),
-        entries=await entry_bytes(connection, appliance_id, start, end),
+        entries=await entry_bytes(connection, appliance_id, start, end, generation=generation),
         checkpoint=envelope_of(checkpoint.checkpoint),
         receipt=envelope_of(checkpoint.receipt),
         certificates=[envelope_of(row.envelope) for row in held.values()],
+        generation=generation,
     )
 
 
@@ -231,6 +246,7 @@ async def auditor_package(
         await connection.execute(
             sa.select(
                 evidence.c.appliance_id,
+                evidence.c.log_generation,
                 evidence.c.log_index,
                 evidence.c.controls,
                 evidence.c.envelope,
@@ -242,7 +258,7 @@ async def auditor_package(
                 evidence.c.collected_at >= request.period_start,
                 evidence.c.collected_at < request.period_end,
             )
-            .order_by(evidence.c.appliance_id, evidence.c.log_index)
+            .order_by(evidence.c.appliance_id, evidence.c.log_generation, evidence.c.log_index)
         )
     ).all()
     cutoffs = await _revocation_cutoffs(connection, request.site_id)
@@ -263,18 +279,17 @@ async def auditor_package(
     # Parsing and canonical encoding are CPU work: off the event loop.
     bundles = await asyncio.to_thread(_parse_bundles, witnessed, scope)
 
-    by_appliance: dict[str, list[_Held]] = defaultdict(list)
+    by_log: dict[_Log, list[_Held]] = defaultdict(list)
     for held in bundles:
-        by_appliance[held.appliance_id].append(held)
+        by_log[(held.appliance_id, held.generation)].append(held)
     spans = {
-        appliance_id: (found[0].log_index, found[-1].log_index)
-        for appliance_id, found in sorted(by_appliance.items())
+        log: (found[0].log_index, found[-1].log_index) for log, found in sorted(by_log.items())
     }
     await _check_entries_fit(connection, spans)
     segments = [
-        await _segment(connection, appliance_id, first, last)
-        for appliance_id, (first, last) in spans.items()
+        await _segment(connection, log, first, last) for log, (first, last) in spans.items()
     ]
+    generation_of = {(h.appliance_id, h.bundle.bundle_id): h.generation for h in bundles}
     freshness = await site_freshness(connection, [request.site_id])
     window = max(freshness.windows.values(), default=DEFAULT_CHECK_INTERVAL * STALE_AFTER_ROUNDS)
     listed = await _scope_controls(connection, request.frameworks, bundles)
@@ -289,6 +304,7 @@ async def auditor_package(
             period_end=request.period_end,
             freshness_seconds=int(window.total_seconds()),
             unwitnessed=unwitnessed,
+            generation_of=lambda b: generation_of[(b.appliance_id, b.bundle_id)],
         )
         return build_auditor_package(
             site_id=request.site_id,

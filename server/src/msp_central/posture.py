@@ -121,6 +121,14 @@ class Observation:
     signed_after_expiry: bool
     in_log: bool | None
     envelope: str | None = None  # the signed envelope's JSON, for the reason
+    # The generation of the appliance's log recording it: a later one's
+    # bundles are newer than any of an earlier one (ADR 0016).
+    log_generation: int = 1
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Where the appliance logged it, in the appliance's own order."""
+        return (self.log_generation, self.log_index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +322,7 @@ def trend(
         while upcoming is not None and upcoming.collected_at <= end:
             key = (upcoming.appliance_id, upcoming.check_id)
             held = latest.get(key)
-            if held is None or upcoming.log_index > held.log_index:
+            if held is None or upcoming.position > held.position:
                 latest[key] = upcoming
             upcoming = next(pending, None)
         points.append(
@@ -415,6 +423,7 @@ _COLUMNS = (
     evidence.c.result,
     evidence.c.controls,
     evidence.c.collected_at,
+    evidence.c.log_generation,
     evidence.c.log_index,
     evidence.c.signed_after_expiry,
     evidence.c.in_log,
@@ -433,6 +442,7 @@ def _observation(row: Any, envelope: str | None = None) -> Observation:
         signed_after_expiry=bool(row.signed_after_expiry),
         in_log=row.in_log,
         envelope=envelope,
+        log_generation=int(row.log_generation),
     )
 
 
@@ -449,7 +459,11 @@ async def latest_evidence(
     # ahead once must not freeze a check's state.
     newest = sa.func.row_number().over(
         partition_by=(evidence.c.appliance_id, evidence.c.check_id),
-        order_by=(evidence.c.log_index.desc(), evidence.c.bundle_id.desc()),
+        order_by=(
+            evidence.c.log_generation.desc(),
+            evidence.c.log_index.desc(),
+            evidence.c.bundle_id.desc(),
+        ),
     )
     columns: list[Any] = [*_COLUMNS, newest.label("newest")]
     if with_envelopes:

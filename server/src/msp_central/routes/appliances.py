@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -677,8 +678,10 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
                 connection, service, caller, sync.checkpoint
             )
             revocations = await revocation_list(connection)
-            state = await _witness_state(connection, caller.appliance_id)
-            stored = await _stored_leaves(connection, caller.appliance_id, sync, state.size)
+            generation, state = await _witness_state(connection, caller.appliance_id)
+            stored = await _stored_leaves(
+                connection, caller.appliance_id, generation, sync, state.size
+            )
             windows = await _key_windows(connection, caller.appliance_id, cert_row.key_id)
         # ~10 ms of CPU a full batch: off the event loop, so that other
         # requests (and this server's database round trips) go on meanwhile.
@@ -703,7 +706,7 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
             # The checkpoint already cosigned, or the same tree signed again:
             # nothing to store; the receipt for that tree stands.
             await run_write(service.engine, lambda connection: record_nonce(connection, caller))
-            return json_response(await _stored_receipt(service, caller, state.size))
+            return json_response(await _stored_receipt(service, caller, generation, state.size))
         assert isinstance(outcome, SyncAccepted)
         now = service.clock()
         receipt = make_receipt(service.root, outcome.checkpoint, now)
@@ -715,7 +718,8 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
         late = delegation.signed_after_expiry or not any(
             start - skew <= signed_at <= end + skew for start, end in windows
         )
-        if await _commit(service, caller, state, outcome, receipt, cert_row.serial, late, now):
+        witnessed = _Witnessed(generation, state)
+        if await _commit(service, caller, witnessed, outcome, receipt, cert_row.serial, late, now):
             return json_response(SyncResponse(size=outcome.state.size, receipt=receipt))
     raise Problem("conflict", "the log kept changing during this sync; retry")
 
@@ -732,13 +736,16 @@ async def _key_windows(
     return [(row.not_before, row.not_after) for row in rows]
 
 
-async def _witness_state(connection: AsyncConnection, appliance_id: str) -> WitnessState:
+async def _witness_state(
+    connection: AsyncConnection, appliance_id: str
+) -> tuple[int, WitnessState]:
+    """The generation of the log being witnessed and its witness state."""
     log = (
         await connection.execute(
             sa.select(audit_logs).where(audit_logs.c.appliance_id == appliance_id)
         )
     ).one()
-    return WitnessState(
+    return int(log.generation), WitnessState(
         size=int(log.size),
         root=log.root,
         nodes=tuple(log.nodes),
@@ -747,7 +754,7 @@ async def _witness_state(connection: AsyncConnection, appliance_id: str) -> Witn
 
 
 async def _stored_leaves(
-    connection: AsyncConnection, appliance_id: str, sync: SyncRequest, size: int
+    connection: AsyncConnection, appliance_id: str, generation: int, sync: SyncRequest, size: int
 ) -> dict[int, bytes]:
     """The leaf hashes held for the indices this batch resends."""
     end = min(size, sync.old_size + len(sync.entries))
@@ -756,6 +763,7 @@ async def _stored_leaves(
     rows = await connection.execute(
         sa.select(audit_entries.c.idx, audit_entries.c.leaf_hash).where(
             audit_entries.c.appliance_id == appliance_id,
+            audit_entries.c.generation == generation,
             audit_entries.c.idx >= sync.old_size,
             audit_entries.c.idx < end,
         )
@@ -763,12 +771,15 @@ async def _stored_leaves(
     return {int(row.idx): bytes(row.leaf_hash) for row in rows}
 
 
-async def _stored_receipt(service: Central, caller: Appliance, size: int) -> SyncResponse:
+async def _stored_receipt(
+    service: Central, caller: Appliance, generation: int, size: int
+) -> SyncResponse:
     async with read_only(service.engine) as connection:
         text = (
             await connection.execute(
                 sa.select(audit_checkpoints.c.receipt).where(
                     audit_checkpoints.c.appliance_id == caller.appliance_id,
+                    audit_checkpoints.c.generation == generation,
                     audit_checkpoints.c.size == size,
                 )
             )
@@ -776,10 +787,18 @@ async def _stored_receipt(service: Central, caller: Appliance, size: int) -> Syn
     return SyncResponse(size=size, receipt=Envelope.from_json(text.encode()))
 
 
+@dataclass(frozen=True, slots=True)
+class _Witnessed:
+    """The witness state a batch was checked against, in its generation."""
+
+    generation: int
+    state: WitnessState
+
+
 async def _commit(
     service: Central,
     caller: Appliance,
-    checked: WitnessState,
+    witnessed: _Witnessed,
     outcome: SyncAccepted,
     receipt: Envelope,
     serial: str,
@@ -789,9 +808,10 @@ async def _commit(
     """Store entries, checkpoint, receipt and the new state in one
     transaction, if the state is still ``checked`` and the signing
     certificate was not revoked below the new size meanwhile; False (check
-    again) otherwise. Evidence that arrived before its entry is checked
-    against the entry now."""
-    new = outcome.state
+    again) otherwise (a new generation approved meanwhile is such a
+    change). Evidence that arrived before its entry is checked against the
+    entry now."""
+    new, checked, generation = outcome.state, witnessed.state, witnessed.generation
 
     def store(connection: Connection) -> bool:
         record_nonce(connection, caller)  # deferred by audit_sync: one transaction a batch
@@ -801,26 +821,42 @@ async def _commit(
             .scalar_subquery()
         )
         current = connection.execute(
-            sa.select(audit_logs.c.size, audit_logs.c.checkpoint_sha256, cutoff.label("cutoff"))
+            sa.select(
+                audit_logs.c.generation,
+                audit_logs.c.size,
+                audit_logs.c.checkpoint_sha256,
+                cutoff.label("cutoff"),
+            )
             .where(audit_logs.c.appliance_id == caller.appliance_id)
             .with_for_update(of=audit_logs)
         ).one()
-        if (current.size, current.checkpoint_sha256) != (checked.size, checked.checkpoint_sha256):
+        if (current.generation, current.size, current.checkpoint_sha256) != (
+            generation,
+            checked.size,
+            checked.checkpoint_sha256,
+        ):
             raise _Moved
         if current.cutoff is not None and new.size > int(current.cutoff):
             raise _Moved
         insert_rows(
             connection,
             audit_entries,
-            ("appliance_id", "idx", "leaf_hash", "raw"),
+            ("appliance_id", "generation", "idx", "leaf_hash", "raw"),
             [
-                (caller.appliance_id, checked.size + offset, record.leaf_hash, record.raw)
+                (
+                    caller.appliance_id,
+                    generation,
+                    checked.size + offset,
+                    record.leaf_hash,
+                    record.raw,
+                )
                 for offset, record in enumerate(outcome.records)
             ],
         )
         connection.execute(
             sa.insert(audit_checkpoints).values(
                 appliance_id=caller.appliance_id,
+                generation=generation,
                 size=new.size,
                 root=new.root,
                 checkpoint=outcome.checkpoint.envelope.canonical_bytes().decode(),
@@ -841,7 +877,7 @@ async def _commit(
                 updated_at=now,
             )
         )
-        _check_pending_evidence(connection, caller, checked.size, outcome, now)
+        _check_pending_evidence(connection, caller, witnessed, outcome, now)
         return True
 
     try:
@@ -855,14 +891,21 @@ class _Moved(Exception):
 
 
 def _check_pending_evidence(
-    connection: Connection, caller: Appliance, start: int, outcome: SyncAccepted, now: datetime
+    connection: Connection,
+    caller: Appliance,
+    witnessed: _Witnessed,
+    outcome: SyncAccepted,
+    now: datetime,
 ) -> None:
     """Evidence submitted before its audit entry was witnessed: compare each
     bundle with the entry that now arrived, and record the verdict (a
-    mismatch is a security alert)."""
+    mismatch is a security alert). Only bundles of this generation: one still
+    waiting in an earlier generation's log waits for good."""
+    start = witnessed.state.size
     pending = connection.execute(
         sa.select(evidence.c.bundle_id, evidence.c.log_index, evidence.c.payload_sha256).where(
             evidence.c.appliance_id == caller.appliance_id,
+            evidence.c.log_generation == witnessed.generation,
             evidence.c.in_log.is_(None),
             evidence.c.log_index >= start,
             evidence.c.log_index < outcome.state.size,
@@ -947,8 +990,15 @@ async def _store_evidence(service: Central, caller: Appliance, envelope: Envelop
                 f"bundle at log index {bundle.log_index} signed under certificate "
                 f"{cert_row.serial}, revoked from log size {cert_row.cutoff_size}",
             )
+        generation = (
+            await connection.execute(
+                sa.select(audit_logs.c.generation).where(
+                    audit_logs.c.appliance_id == caller.appliance_id
+                )
+            )
+        ).scalar_one()
         in_log = await _evidence_in_log(
-            connection, caller, bundle.log_index, verified.digest, bundle.bundle_id
+            connection, caller, generation, bundle.log_index, verified.digest, bundle.bundle_id
         )
         inserted = await insert_ignore(
             connection,
@@ -962,6 +1012,7 @@ async def _store_evidence(service: Central, caller: Appliance, envelope: Envelop
                     "result": bundle.result,
                     "controls": {k: list(v) for k, v in bundle.controls.items()},
                     "collected_at": bundle.collected_at,
+                    "log_generation": generation,
                     "log_index": bundle.log_index,
                     "payload_sha256": verified.digest,
                     "envelope": envelope.canonical_bytes().decode(),
@@ -995,14 +1046,22 @@ async def _store_evidence(service: Central, caller: Appliance, envelope: Envelop
 
 
 async def _evidence_in_log(
-    connection: AsyncConnection, caller: Appliance, index: int, digest: str, bundle_id: str
+    connection: AsyncConnection,
+    caller: Appliance,
+    generation: int,
+    index: int,
+    digest: str,
+    bundle_id: str,
 ) -> bool | None:
-    """True when the bundle's audit entry is witnessed and records it; None
-    when that entry has not arrived yet (it is checked when it does)."""
+    """True when the bundle's audit entry (at ``index`` of the log of the
+    generation being witnessed) is witnessed and records it; None when that
+    entry has not arrived yet (it is checked when it does)."""
     raw = (
         await connection.execute(
             sa.select(audit_entries.c.raw).where(
-                audit_entries.c.appliance_id == caller.appliance_id, audit_entries.c.idx == index
+                audit_entries.c.appliance_id == caller.appliance_id,
+                audit_entries.c.generation == generation,
+                audit_entries.c.idx == index,
             )
         )
     ).scalar()

@@ -14,6 +14,7 @@ from msp_central.db.engine import read_only
 from msp_central.db.tables import appliances
 from msp_central.exports import audit_export, evidence_export
 from msp_central.packages import auditor_package, package_request
+from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import get_partner, get_site
 from msp_protocol.encoding import parse_time
@@ -86,7 +87,8 @@ async def get_auditor_package(request: web.Request) -> web.Response:
 @routes.get("/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-export")
 async def get_audit_export(request: web.Request) -> web.Response:
     """An appliance's audit log as the server witnessed it, in the format of
-    ``msp-agent audit export``: no shell on the appliance needed."""
+    ``msp-agent audit export``: no shell on the appliance needed. One
+    generation of it: ``?generation=N``, default the current one."""
     holder = await require_partner(request)
     service = central(request)
     info = request.match_info
@@ -101,5 +103,7 @@ async def get_audit_export(request: web.Request) -> web.Response:
         ).scalar_one_or_none()
         if found is None:
             raise Problem("not-found", f"no appliance {info['appliance_id'][:64]}")
-        body = await audit_export(connection, found, service.clock())
+        body = await audit_export(
+            connection, found, service.clock(), generation=checked_query(request).get("generation")
+        )
     return download(body, f"audit-export-{found}.json")
