@@ -990,11 +990,13 @@ async def _store_evidence(service: Central, caller: Appliance, envelope: Envelop
                 f"bundle at log index {bundle.log_index} signed under certificate "
                 f"{cert_row.serial}, revoked from log size {cert_row.cutoff_size}",
             )
+        # Locked: an approval of a new log cannot slip in between this read
+        # and the insert, filing the bundle under a generation just closed.
         generation = (
             await connection.execute(
-                sa.select(audit_logs.c.generation).where(
-                    audit_logs.c.appliance_id == caller.appliance_id
-                )
+                sa.select(audit_logs.c.generation)
+                .where(audit_logs.c.appliance_id == caller.appliance_id)
+                .with_for_update()
             )
         ).scalar_one()
         in_log = await _evidence_in_log(
