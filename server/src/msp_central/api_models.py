@@ -172,7 +172,7 @@ class TokenOut(Body):
 
 # --- appliances as partners see them -----------------------------------------------
 
-ApplianceStatus = Literal["online", "offline", "never-seen", "revoked"]
+ApplianceStatus = Literal["online", "offline", "never-seen", "revoked", "decommissioned"]
 
 
 class ApplianceOut(Body):
@@ -435,6 +435,8 @@ class HeartbeatIn(Body):
     # How often the appliance runs its checks: posture calls its evidence
     # stale after a few missed rounds. Absent from older agents.
     check_interval_seconds: Annotated[StrictInt, Field(ge=1, le=7 * 24 * 3600)] | None = None
+    # How often it beats: it is called offline after a few missed beats.
+    heartbeat_interval_seconds: Annotated[StrictInt, Field(ge=1, le=7 * 24 * 3600)] | None = None
 
 
 class HeartbeatOut(Body):
