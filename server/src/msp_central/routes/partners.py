@@ -47,6 +47,7 @@ from msp_central.db.tables import (
     security_alerts,
     sites,
 )
+from msp_central.liveness import appliance_status
 from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import (
@@ -63,10 +64,10 @@ from msp_central.queries import (
     revoke_certificate,
     site_out,
 )
-from msp_central.liveness import appliance_status
 from msp_protocol.encoding import format_time
 
 routes = web.RouteTableDef()
+
 
 def _partner_id(holder: KeyHolder) -> str:
     assert holder.partner_id is not None
