@@ -145,7 +145,7 @@ async def create_channel(request: web.Request) -> web.Response:
         await record(
             connection,
             service.root,
-            kind="notification-channel.created",
+            kind="notification_channel.created",
             actor=actor_of(holder),
             data={
                 "channel_id": row["id"],
@@ -192,7 +192,7 @@ async def delete_channel(request: web.Request) -> web.Response:
         await record(
             connection,
             service.root,
-            kind="notification-channel.deleted",
+            kind="notification_channel.deleted",
             actor=actor_of(holder),
             data={"channel_id": row.id},
             now=now,
