@@ -55,6 +55,8 @@ class Expect:
 
 OK = Expect(200)
 CREATED = Expect(201)
+ACCEPTED = Expect(202)
+NO_CONTENT = Expect(204)
 MISSING = Expect(401, "missing-credentials")  # no Authorization header
 BAD_KEY = Expect(401, "bad-credentials")  # an unknown bearer key
 FORBIDDEN = Expect(403, "forbidden")  # a key of the wrong role
@@ -164,6 +166,12 @@ ROWS = [
     row("GET",  "/api/v1/escalations",                                 MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("POST", "/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge",     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/security-alerts",                             MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/notification-channels",                       MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/notification-channels",                       MISSING,   BAD_KEY,     FORBIDDEN,  CREATED,         MISSING,         MISSING,  CREATED),
+    row("GET",  "/api/v1/notification-channels/{channel_id}",          MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("POST", "/api/v1/notification-channels/{channel_id}/test",     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  ACCEPTED),
+    row("GET",  "/api/v1/notification-deliveries",                     MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("DELETE", "/api/v1/notification-channels/{channel_id}",        MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  NO_CONTENT),
     row("POST", "/api/v1/appliances/{appliance_id}/certificates",      UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  CREATED),
     row("GET",  "/api/v1/revocations",                                 UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   OK,              OK,              OK,       OK),
     row("POST", "/api/v1/appliances/{appliance_id}/heartbeat",         UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  OK),
@@ -204,6 +212,7 @@ class World:
     bundle_id: str  # evidence from app
     foreign_bundle_id: str  # evidence from foreign
     attachment_id: str  # a document partner A attached to a control of site
+    channel_id: str  # partner A's webhook channel
 
     def ids_of_a(self) -> set[str]:
         assert self.partner.partner_id
@@ -217,6 +226,7 @@ class World:
             self.target.appliance_id,
             self.escalation_id,
             self.bundle_id,
+            self.channel_id,
         }
 
     def ids_of_b(self) -> set[str]:
@@ -300,6 +310,9 @@ async def build_world(harness: Harness) -> World:
     attached = expect_status(
         await partner.request("POST", f"/api/v1/sites/{site}/manual-evidence", DOCUMENT), 201
     )
+    channel = expect_status(
+        await partner.request("POST", "/api/v1/notification-channels", WEBHOOK), 201
+    )
     return World(
         harness=harness,
         admin=admin,
@@ -319,6 +332,7 @@ async def build_world(harness: Harness) -> World:
         bundle_id=bundles[0],
         foreign_bundle_id=bundles[1],
         attachment_id=attached.body["id"],
+        channel_id=channel.body["channel"]["id"],
     )
 
 
@@ -364,7 +378,11 @@ DOCUMENT = {
     "content": "JVBERi0xLjcK",
 }
 
+# Nothing listens there: deliveries to it fail, which no row looks at.
+WEBHOOK = {"kind": "webhook", "url": "http://127.0.0.1:9/hooks/msp"}
+
 BODIES: dict[str, Body] = {
+    "POST /api/v1/notification-channels": lambda w, o: WEBHOOK,
     "POST /api/v1/sites/{site_id}/manual-evidence": lambda w, o: DOCUMENT,
     "POST /api/v1/partners": lambda w, o: {"name": "Newco MSP"},
     "POST /api/v1/sites/{site_id}/appliances/{appliance_id}/audit-log/approve-new": lambda w, o: {
@@ -640,6 +658,18 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "GET /api/v1/escalations": _check_escalations,
     "POST /api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge": _check_acknowledged,
     "GET /api/v1/security-alerts": _check_alerts,
+    "GET /api/v1/notification-channels": lambda w, b: _check_eq(w.channel_id in _ids(b), True),
+    "POST /api/v1/notification-channels": lambda w, b: _check_eq(
+        (b["channel"]["url"], b["secret"][:6]), (WEBHOOK["url"], "whsec_")
+    ),
+    "GET /api/v1/notification-channels/{channel_id}": lambda w, b: _check_eq(b["id"], w.channel_id),
+    "POST /api/v1/notification-channels/{channel_id}/test": lambda w, b: _check_eq(
+        b["event_id"][:4], "evt_"
+    ),
+    "GET /api/v1/notification-deliveries": lambda w, b: _check_eq(
+        {d["channel_id"] for d in b["items"]}, {w.channel_id}
+    ),
+    "DELETE /api/v1/notification-channels/{channel_id}": lambda w, b: _check_eq(b, b""),
     "POST /api/v1/appliances/{appliance_id}/certificates": _check_renewed,
     "GET /api/v1/revocations": _check_revocations,
     "POST /api/v1/appliances/{appliance_id}/heartbeat": _check_heartbeat,
@@ -702,6 +732,7 @@ async def send(world: World, caller: str, row: Row) -> Reply:
         kind="site-config",
         bundle_id=world.bundle_id,
         attachment_id=world.attachment_id,
+        channel_id=world.channel_id,
     )
     make_body = BODIES.get(row.label)
     body = dumps(make_body(world, owner)) if make_body else None

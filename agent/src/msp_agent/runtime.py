@@ -562,6 +562,10 @@ class Agent:
             "clock": format_time(self.clock()),
             # The server calls evidence stale after a few missed rounds of this.
             "check_interval_seconds": max(1, math.ceil(self.settings.check_interval_seconds)),
+            # The server calls the appliance offline after a few missed beats.
+            "heartbeat_interval_seconds": max(
+                1, math.ceil(self.settings.heartbeat_interval_seconds)
+            ),
         }
 
     async def _bundles_loop(self, sleeper: Sleeper) -> None:

@@ -172,7 +172,7 @@ class TokenOut(Body):
 
 # --- appliances as partners see them -----------------------------------------------
 
-ApplianceStatus = Literal["online", "offline", "never-seen", "revoked"]
+ApplianceStatus = Literal["online", "offline", "never-seen", "revoked", "decommissioned"]
 
 
 class ApplianceOut(Body):
@@ -434,6 +434,80 @@ class ManualEvidenceOut(Body):
     log_index: int  # its entry in the central log: the hash is there for good
 
 
+# --- notifications ------------------------------------------------------------------
+
+NotificationKind = Literal[
+    "appliance.offline", "appliance.online", "escalation.urgent", "security.alert"
+]
+DeliveryState = Literal["pending", "delivered", "failed"]
+
+
+class ChannelCreate(Body):
+    """A webhook (``url``) or an e-mail address (``email``) to tell of
+    ``events`` (default: every kind)."""
+
+    kind: Literal["webhook", "email"]
+    url: Annotated[Printable, StringConstraints(min_length=1, max_length=2048)] | None = None
+    email: (
+        Annotated[
+            str,
+            StringConstraints(
+                strict=True, max_length=254, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$"
+            ),
+        ]
+        | None
+    ) = None
+    events: Annotated[list[NotificationKind], Field(min_length=1, max_length=4)] = [
+        "appliance.offline",
+        "appliance.online",
+        "escalation.urgent",
+        "security.alert",
+    ]
+
+
+class ChannelOut(Body):
+    id: str
+    kind: Literal["webhook", "email"]
+    url: str | None
+    email: str | None
+    events: list[str]
+    enabled: bool
+    disabled_reason: str | None
+    created_at: datetime
+
+
+class ChannelCreated(Body):
+    channel: ChannelOut
+    # The webhook signing secret (whsec_…), shown this once; null for e-mail.
+    secret: str | None
+
+
+class ChannelTestOut(Body):
+    event_id: str
+    delivery_id: str
+
+
+class DeliveryOut(Body):
+    id: str
+    event_id: str
+    channel_id: str
+    kind: str
+    site_id: str | None
+    appliance_id: str | None
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class DeliveryPage(Body):
+    items: list[DeliveryOut]
+    next_cursor: str | None
+
+
 # --- the appliance API ------------------------------------------------------------------
 
 
@@ -467,6 +541,8 @@ class HeartbeatIn(Body):
     # How often the appliance runs its checks: posture calls its evidence
     # stale after a few missed rounds. Absent from older agents.
     check_interval_seconds: Annotated[StrictInt, Field(ge=1, le=7 * 24 * 3600)] | None = None
+    # How often it beats: it is called offline after a few missed beats.
+    heartbeat_interval_seconds: Annotated[StrictInt, Field(ge=1, le=7 * 24 * 3600)] | None = None
 
 
 class HeartbeatOut(Body):

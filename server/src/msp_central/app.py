@@ -9,16 +9,18 @@ import re
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
+import aiohttp
 import sqlalchemy as sa
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from sqlalchemy.exc import DataError
 
 from msp_central.config import Settings
-from msp_central.context import CENTRAL, Central, load_root_key
+from msp_central.context import CENTRAL, NOTIFY_WAKE, Central, load_root_key
 from msp_central.db.engine import create_engine, dispose, write
 from msp_central.db.migrate import check_current, upgrade
 from msp_central.db.tables import request_nonces
+from msp_central.notifier import Notifier
 from msp_central.openapi import routes as openapi_routes
 from msp_central.problems import Problem, problem_response
 from msp_central.routes.appliances import routes as appliance_routes
@@ -27,6 +29,7 @@ from msp_central.routes.catalogue import routes as catalogue_routes
 from msp_central.routes.exports import routes as export_routes
 from msp_central.routes.manual import document_body_limit
 from msp_central.routes.manual import routes as manual_routes
+from msp_central.routes.notifications import routes as notification_routes
 from msp_central.routes.partners import routes as partner_routes
 from msp_central.routes.posture import routes as posture_routes
 from msp_protocol.encoding import utc_now
@@ -110,15 +113,21 @@ def create_app(
             service = Central(settings=settings, engine=engine, root=key, clock=clock)
             app[CENTRAL] = service
             purger = asyncio.create_task(_purge_nonces(service))
+            session = aiohttp.ClientSession()
+            notifier = Notifier(service, session, app[NOTIFY_WAKE])
+            notifying = asyncio.create_task(notifier.run())
             try:
                 yield
             finally:
-                purger.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await purger
+                for task in (purger, notifying):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await session.close()
         finally:
             await dispose(engine)
 
+    app[NOTIFY_WAKE] = asyncio.Event()
     app.cleanup_ctx.append(lifecycle)
     for table in (
         catalogue_routes,
@@ -127,6 +136,7 @@ def create_app(
         export_routes,
         audit_log_routes,
         manual_routes,
+        notification_routes,
         appliance_routes,
         openapi_routes,
     ):

@@ -67,6 +67,31 @@ class Settings(BaseSettings):
     # the database so replicas share it).
     max_document_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 10 * 1024 * 1024
 
+    # Liveness: an appliance is offline once it has missed this many of its
+    # own heartbeats; an agent that does not say its interval is taken to
+    # beat this often.
+    offline_after_heartbeats: Annotated[int, Field(ge=1, le=100)] = 3
+    default_heartbeat_interval_seconds: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 300
+
+    # Notifications: how often the notifier looks for offline appliances and
+    # due deliveries; how a failed delivery is retried (exponential backoff
+    # with jitter from retry_base up to retry_max, then given up).
+    notify_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 5
+    notification_max_attempts: Annotated[int, Field(ge=1, le=50)] = 10
+    notification_retry_base_seconds: Annotated[float, Field(gt=0, le=24 * 3600)] = 30
+    notification_retry_max_seconds: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 6 * 3600
+    # One webhook POST or one SMTP conversation, start to end.
+    notification_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10
+
+    # E-mail notifications go through this SMTP server; without smtp_host
+    # e-mail channels are refused. The password lives in a file.
+    smtp_host: str | None = None
+    smtp_port: Annotated[int, Field(ge=1, le=65535)] = 587
+    smtp_from: str | None = None
+    smtp_username: str | None = None
+    smtp_password_file: Path | None = None
+    smtp_starttls: bool = True
+
     @field_validator("public_url")
     @classmethod
     def _no_trailing_slash(cls, value: str | None) -> str | None:
@@ -97,6 +122,21 @@ class Settings(BaseSettings):
     @property
     def enrollment_token_lifetime(self) -> timedelta:
         return timedelta(hours=self.enrollment_token_hours)
+
+    @property
+    def smtp_configured(self) -> bool:
+        return bool(self.smtp_host and self.smtp_from)
+
+    def smtp_password(self) -> str | None:
+        """The SMTP password from ``smtp_password_file`` (None without one)."""
+        if self.smtp_password_file is None:
+            return None
+        try:
+            return self.smtp_password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read smtp_password_file {self.smtp_password_file}: {exc.strerror}"
+            ) from None
 
     @property
     def key_file(self) -> Path:

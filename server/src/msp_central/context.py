@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class Central:
 
 
 CENTRAL = web.AppKey("central", Central)
+# Set to have the notifier start a round now rather than at its next tick.
+NOTIFY_WAKE = web.AppKey("notify_wake", asyncio.Event)
 
 
 def central(request: web.Request) -> Central:

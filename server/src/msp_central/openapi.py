@@ -85,6 +85,12 @@ OPERATIONS: list[
     ("get", "/api/v1/escalations", "The partner's escalations", PARTNER, None, {200: list[m.EscalationOut]}),
     ("post", "/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge", "Acknowledge an escalation", PARTNER, None, {200: m.EscalationOut}),
     ("get", "/api/v1/security-alerts", "Security alerts raised by ingest", PARTNER, None, {200: list[m.AlertOut]}),
+    ("get", "/api/v1/notification-channels", "The partner's notification channels", PARTNER, None, {200: list[m.ChannelOut]}),
+    ("post", "/api/v1/notification-channels", "Add a webhook or e-mail channel (a webhook's signing secret is returned this once)", PARTNER, m.ChannelCreate, {201: m.ChannelCreated}),
+    ("get", "/api/v1/notification-channels/{channel_id}", "One notification channel", PARTNER, None, {200: m.ChannelOut}),
+    ("delete", "/api/v1/notification-channels/{channel_id}", "Delete a notification channel (its deliveries stay listed)", PARTNER, None, {204: None}),
+    ("post", "/api/v1/notification-channels/{channel_id}/test", "Send a test event to the channel", PARTNER, None, {202: m.ChannelTestOut}),
+    ("get", "/api/v1/notification-deliveries", "Notification deliveries, newest first, with their attempts and last result", PARTNER, None, {200: m.DeliveryPage}),
     ("post", "/api/v1/enroll", "Enroll an appliance (token + proof of possession)", NONE, m.EnrollIn, {200: m.EnrollOut, 201: m.EnrollOut}),
     ("post", "/api/v1/appliances/{appliance_id}/certificates", "Renew or rotate the appliance's certificate (200: a retried renewal, answered again)", APPLIANCE, m.CertificateIn, {200: m.CertificateOut, 201: m.CertificateOut}),
     ("get", "/api/v1/revocations", "The signed revocation list", APPLIANCE, None, {200: Envelope, 304: None}),
@@ -182,6 +188,39 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "schema": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
         }
     ],
+    ("get", "/api/v1/notification-deliveries"): [
+        *PAGE_PARAMETERS,
+        {
+            "name": "channel_id",
+            "in": "query",
+            "required": False,
+            "description": "only deliveries to this channel",
+            "schema": {"type": "string", "maxLength": 64},
+        },
+        {
+            "name": "state",
+            "in": "query",
+            "required": False,
+            "description": "only deliveries in this state",
+            "schema": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+        },
+        {
+            "name": "kind",
+            "in": "query",
+            "required": False,
+            "description": "only deliveries of events of this kind",
+            "schema": {
+                "type": "string",
+                "enum": [
+                    "appliance.offline",
+                    "appliance.online",
+                    "escalation.urgent",
+                    "security.alert",
+                    "channel.test",
+                ],
+            },
+        },
+    ],
     ("get", "/api/v1/sites/{site_id}/posture/trend"): [
         _FRAMEWORK_FILTER,
         {
@@ -253,8 +292,8 @@ def document() -> dict[str, Any]:
             "security": security,
             "responses": {
                 str(status): (
-                    {"description": "Not modified"}
-                    if model is None and status == 304
+                    {"description": "Not modified" if status == 304 else "No content"}
+                    if model is None and status in (204, 304)
                     else {
                         "description": "Success",
                         "content": {_media(model): {"schema": _schema_of(model) if model else {}}},

@@ -79,6 +79,9 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "bad-evidence": (422, "The evidence bundle does not verify"),
     "evidence-not-in-log": (422, "The evidence bundle differs from its audit entry"),
     "escalation-conflict": (409, "Another escalation was stored under this id"),
+    # notifications
+    "bad-webhook-url": (400, "The webhook URL is not an http(s) URL"),
+    "smtp-not-configured": (409, "The server has no SMTP server to send e-mail through"),
 }
 
 

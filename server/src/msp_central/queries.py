@@ -7,6 +7,7 @@ wrong.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +40,7 @@ from msp_central.db.tables import (
     security_alerts,
     sites,
 )
+from msp_central.events import alert_event
 from msp_central.problems import Problem
 from msp_protocol.delegation import Revocation, RevocationList, sign_revocations, token_digest
 from msp_protocol.dsse import Envelope
@@ -394,12 +396,23 @@ async def record_alert(
     """A security alert, in its own transaction: it must survive the refusal
     of the request that raised it."""
     async with write(engine) as connection:
-        await connection.execute(
+        result = await connection.execute(
             sa.insert(security_alerts).values(
                 appliance_id=appliance_id,
                 site_id=site_id,
                 code=code,
                 detail=detail[:2000],
                 created_at=now,
+            )
+        )
+        await connection.run_sync(
+            functools.partial(
+                alert_event,
+                alert_id=int(result.inserted_primary_key[0]),  # type: ignore[index]
+                appliance_id=appliance_id,
+                site_id=site_id,
+                code=code,
+                detail=detail,
+                now=now,
             )
         )

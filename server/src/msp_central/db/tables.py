@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 
 
@@ -37,6 +38,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     @property
     def python_type(self) -> type[datetime]:
+        # What pagination checks a cursor's sort key against.
         return datetime
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
@@ -413,6 +415,74 @@ manual_evidence = Table(
     Column("content", LargeBinary, nullable=False),
 )
 
+# --- notifications: channels, events, deliveries
+
+# Where a partner is told: a webhook (signed with its secret, Standard
+# Webhooks) or an e-mail address, for the event kinds it chose.
+notification_channels = Table(
+    "notification_channels",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("partner_id", String(ID), ForeignKey("partners.id"), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),  # webhook | email
+    Column("url", Text, nullable=True),
+    Column("secret", String(128), nullable=True),  # whsec_…; never listed, logged or exported
+    Column("email", String(254), nullable=True),
+    Column("events", JSON, nullable=False),  # the event kinds it receives
+    Column("enabled", Boolean, nullable=False),
+    Column("disabled_reason", String(200), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("created_by", String(128), nullable=False),
+    # Deleted channels stay for their deliveries' history.
+    Column("deleted_at", UTCDateTime, nullable=True),
+)
+
+# Something a partner is told about, once: event_key names the occurrence
+# (the same offline transition seen by two replicas has one key).
+notification_events = Table(
+    "notification_events",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("event_key", String(200), nullable=False, unique=True),
+    Column("kind", String(32), nullable=False),
+    Column("partner_id", String(ID), ForeignKey("partners.id"), nullable=False, index=True),
+    Column("site_id", String(ID), nullable=True),
+    Column("appliance_id", String(ID), nullable=True),
+    Column("payload", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# One event sent to one channel: retried with backoff until delivered or
+# given up. lease_until is the claim of the replica sending it now.
+notification_deliveries = Table(
+    "notification_deliveries",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("event_id", String(ID), ForeignKey("notification_events.id"), nullable=False),
+    Column(
+        "channel_id", String(ID), ForeignKey("notification_channels.id"), nullable=False, index=True
+    ),
+    Column("state", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=True),
+    Column("lease_until", UTCDateTime, nullable=True),
+    Column("last_status", Integer, nullable=True),  # the last HTTP status, or SMTP reply code
+    Column("last_error", String(500), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime, nullable=True),
+    UniqueConstraint("event_id", "channel_id"),
+)
+
+# Appliances declared offline (and told so): the row goes when the
+# appliance is back, so each transition is announced once.
+appliance_outages = Table(
+    "appliance_outages",
+    metadata,
+    Column("appliance_id", String(ID), ForeignKey("appliances.id"), primary_key=True),
+    Column("last_contact_at", UTCDateTime, nullable=False),
+    Column("declared_at", UTCDateTime, nullable=False),
+)
+
 Index("ix_escalations_open", escalations.c.site_id, escalations.c.acknowledged_at)
 # Posture reads the newest bundle of each (appliance, check) of a site; the
 # trend and auditor packages read a site's bundles by time.
@@ -427,3 +497,13 @@ Index("ix_evidence_by_time", evidence.c.site_id, evidence.c.collected_at)
 # Paginated lists, newest first.
 Index("ix_evidence_received", evidence.c.site_id, evidence.c.received_at)
 Index("ix_escalations_received", escalations.c.received_at)
+Index(
+    "ix_notification_deliveries_due",
+    notification_deliveries.c.state,
+    notification_deliveries.c.next_attempt_at,
+)
+Index(
+    "ix_notification_deliveries_created",
+    notification_deliveries.c.created_at,
+    notification_deliveries.c.id,
+)

@@ -59,6 +59,7 @@ from msp_central.db.tables import (
     runbooks,
     security_alerts,
 )
+from msp_central.events import alert_event, escalation_event
 from msp_central.problems import Problem
 from msp_central.queries import (
     current_revocations,
@@ -923,15 +924,27 @@ def _check_pending_evidence(
             .values(in_log=matches)
         )
         if not matches:
-            connection.execute(
+            detail = (
+                f"witnessed audit entry {bundle.log_index} does not record "
+                f"evidence bundle {bundle.bundle_id} as it was submitted"
+            )
+            alert = connection.execute(
                 sa.insert(security_alerts).values(
                     appliance_id=caller.appliance_id,
                     site_id=caller.site_id,
                     code="evidence-not-in-log",
-                    detail=f"witnessed audit entry {bundle.log_index} does not record "
-                    f"evidence bundle {bundle.bundle_id} as it was submitted",
+                    detail=detail,
                     created_at=now,
                 )
+            )
+            alert_event(
+                connection,
+                alert_id=int(alert.inserted_primary_key[0]),  # type: ignore[index]
+                appliance_id=caller.appliance_id,
+                site_id=caller.site_id,
+                code="evidence-not-in-log",
+                detail=detail,
+                now=now,
             )
 
 
@@ -1104,7 +1117,20 @@ async def escalate(request: web.Request) -> web.Response:
                 }
             ],
         )
-        if not inserted:
+        if inserted:
+            await connection.run_sync(
+                functools.partial(
+                    escalation_event,
+                    appliance_id=caller.appliance_id,
+                    site_id=caller.site_id,
+                    escalation_id=escalation.escalation_id,
+                    severity=escalation.severity,
+                    title=escalation.title,
+                    created_at=escalation.created_at,
+                    now=service.clock(),
+                )
+            )
+        else:
             held = (
                 await connection.execute(
                     sa.select(escalations.c.document).where(

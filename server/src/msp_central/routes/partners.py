@@ -47,6 +47,7 @@ from msp_central.db.tables import (
     security_alerts,
     sites,
 )
+from msp_central.liveness import appliance_status
 from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import (
@@ -66,9 +67,6 @@ from msp_central.queries import (
 from msp_protocol.encoding import format_time
 
 routes = web.RouteTableDef()
-
-# An appliance that sent nothing for this long is shown as offline.
-ONLINE_WINDOW_SECONDS = 10 * 60
 
 
 def _partner_id(holder: KeyHolder) -> str:
@@ -371,20 +369,20 @@ async def list_appliances(request: web.Request) -> web.Response:
     for row in rows:
         last_sync = row.updated_at if row.size else None
         seen = max((t for t in (row.last_seen_at, last_sync) if t is not None), default=None)
-        if row.revoked_at is not None:
-            status = "revoked"
-        elif seen is None:
-            status = "never-seen"
-        elif (now - seen).total_seconds() <= ONLINE_WINDOW_SECONDS:
-            status = "online"
-        else:
-            status = "offline"
+        status = appliance_status(
+            now,
+            last_contact=seen,
+            heartbeat=row.heartbeat,
+            revoked_at=row.revoked_at,
+            decommissioned_at=row.decommissioned_at,
+            settings=service.settings,
+        )
         result.append(
             ApplianceOut(
                 id=row.id,
                 site_id=row.site_id,
                 created_at=row.created_at,
-                status=status,  # type: ignore[arg-type]
+                status=status,
                 last_seen_at=seen,
                 last_sync_at=last_sync,
                 audit_size=int(row.size or 0),
