@@ -7,7 +7,8 @@ appliance's SQLite file is edited while the agent is stopped: a changed row
 is refused by the server with a security alert; a cut-off tail is found by
 ``msp-agent audit verify`` and at start (the file is set aside and a new log
 begun, which the server then refuses as a rewrite). Either way the agent
-reports it and keeps running and logging.
+reports it and keeps running and logging; once the partner approves the new
+log, the agent syncs it without a restart.
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ async def test_a_truncated_tail_is_detected(
     assert check.returncode == 1
     assert "does NOT verify" in check.stderr
 
+    # Heartbeats every second: how the agent learns the partner acted.
+    agent.write_config(
+        check_interval_seconds=3600,
+        sync_interval_seconds=1,
+        heartbeat_interval_seconds=1,
+        bundle_refresh_seconds=3600,
+        request_timeout_seconds=5,
+        l1_command=["/bin/true", "{action}"],
+    )
     agent.start()
     try:
         # Whatever it logs next lands on indices the server already holds
@@ -166,9 +176,26 @@ async def test_a_truncated_tail_is_detected(
         assert "refused" in reported["problems"]["audit-sync"]
         await wait_for(lambda: central.alerts(appliance), within=30, what="a security alert")
         assert agent.service.running
+        assert central.witnessed_size(appliance) == witnessed
+
+        # The partner approves the new log: the old one is kept, and the
+        # agent, told by its next heartbeat, syncs the new one from index 0
+        # now, not at its hourly retry, and without a restart.
+        base = f"/api/v1/sites/{central.site_id}/appliances/{appliance}/audit-log"
+        central.api("POST", f"{base}/approve-new", {"reason": "audit.sqlite was cut"})
+        synced = await agent.until(
+            lambda s: (
+                "audit-sync" not in s.get("problems", {}) and s["witnessed_size"] == s["log_size"]
+            ),
+            "the new log to be witnessed",
+        )
+        generations = central.api("GET", f"{base}/generations")["generations"]
+        assert [(g["generation"], g["size"]) for g in generations] == [
+            (1, witnessed),
+            (2, synced["witnessed_size"]),
+        ]
     finally:
         agent.service.terminate()
-    assert central.witnessed_size(appliance) == witnessed
     # Locally, the damaged file was set aside (kept for inspection) and a new
     # log begun, whose first entries say why.
     quarantined = [json.loads(raw) for raw in agent.entries()[:3]]

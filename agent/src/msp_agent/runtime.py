@@ -202,6 +202,10 @@ class Agent:
         # The stores' sizes and queue depths as last read (status, heartbeat).
         self._counts: dict[str, int] = {}
         self.sync_refused = False
+        # Until when (monotonic) a refused audit sync waits before trying
+        # again; the server witnessing another size lifts it (see heartbeat).
+        self._refused_until = 0.0
+        self._refused_witnessed: int | None = None
         self._sleepers: dict[str, Sleeper] = {}
         self._status_written: tuple[Any, float] | None = None
 
@@ -442,14 +446,13 @@ class Agent:
 
     async def _audit_sync_loop(self, sleeper: Sleeper) -> None:
         attempt = 0
-        refused_until = 0.0
         while not self.stop.is_set():
             wait = self.settings.sync_interval_seconds
             if self.signer.revoked:  # every request is signed: nothing to send
                 await sleeper.sleep(wait)
                 continue
-            if time.monotonic() < refused_until:  # woken, but the verdict stands
-                await sleeper.sleep(refused_until - time.monotonic())
+            if time.monotonic() < self._refused_until:  # woken, but the verdict stands
+                await sleeper.sleep(self._refused_until - time.monotonic())
                 continue
             try:
                 report = await self.manager.trail.sync(self.client)
@@ -460,7 +463,8 @@ class Agent:
                 await self._report_sync_refusal(exc)
                 # Retrying will not change the verdict (each refusal is a
                 # security alert on the server): slowly, until a human acts.
-                refused_until = time.monotonic() + REFUSED_RETRY_SECONDS
+                self._refused_until = time.monotonic() + REFUSED_RETRY_SECONDS
+                self._refused_witnessed = None
                 self.sync_refused = True
                 wait = REFUSED_RETRY_SECONDS
             except KeyRevokedError:
@@ -533,6 +537,7 @@ class Agent:
                     )
             else:
                 failures = 0
+                self._notice_witnessed_size(answer.get("witnessed_size"))
                 skew = answer.get("clock_skew_seconds")
                 if isinstance(skew, int | float):
                     self.clock_skew = float(skew)
@@ -551,6 +556,20 @@ class Agent:
                 # It answers but fails (overloaded, 5xx, 429): back off.
                 wait = max(1.0, retry_delay(failures))
             await sleeper.sleep(wait)
+
+    def _notice_witnessed_size(self, witnessed: Any) -> None:
+        """While the server refuses this appliance's log, a change in the size
+        it says it witnessed means a person acted there (approved a new log
+        after a quarantine): try the sync now rather than within the hour."""
+        if not self.sync_refused or not isinstance(witnessed, int):
+            return
+        if self._refused_witnessed is None:
+            self._refused_witnessed = witnessed
+        elif witnessed != self._refused_witnessed:
+            log.info("the central server's view of the audit log changed: syncing again")
+            self._refused_until = 0.0
+            self._refused_witnessed = witnessed
+            self._sleepers["audit-sync"].wake()
 
     async def _heartbeat_state(self) -> dict[str, Any]:
         await self._refresh_counts()
