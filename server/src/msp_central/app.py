@@ -24,6 +24,7 @@ from msp_central.problems import Problem, problem_response
 from msp_central.routes.appliances import routes as appliance_routes
 from msp_central.routes.catalogue import routes as catalogue_routes
 from msp_central.routes.exports import routes as export_routes
+from msp_central.routes.lifecycle import routes as lifecycle_routes
 from msp_central.routes.manual import document_body_limit
 from msp_central.routes.manual import routes as manual_routes
 from msp_central.routes.partners import routes as partner_routes
@@ -122,6 +123,7 @@ def create_app(
     for table in (
         catalogue_routes,
         partner_routes,
+        lifecycle_routes,
         posture_routes,
         export_routes,
         manual_routes,
