@@ -23,12 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from msp_central.api_models import (
     ApiKeyCreate,
     ApiKeyCreated,
-    ApiKeyPage,
     ApiKeyRotate,
     ApiKeyRotated,
     ApplianceDecommission,
     ApplianceDecommissioned,
-    EnrollmentTokenPage,
     PartnerDefaults,
     PartnerSettingsOut,
     SiteOverrides,
