@@ -281,7 +281,7 @@ def document() -> dict[str, Any]:
         if parameters:
             operation["parameters"] = parameters
         if request is not None:
-            media = ("application/json",)
+            media: tuple[str, ...] = ("application/json",)
             if (method, path) in MERGE_PATCHES:
                 media = ("application/merge-patch+json", "application/json")
             operation["requestBody"] = {
