@@ -334,19 +334,19 @@ async def test_tokens_are_listed_paginated_and_revoked(harness: Harness) -> None
     assert revoked.body["state"] == "revoked"
     assert (await partner.request("DELETE", f"{base}/{ids[0]}")).body == revoked.body
     refused = await enroll_with(harness, created[0]["token"])
-    assert refused.status == 403 and refused.code == "bad-enrollment-token", refused.body
+    assert (refused.status, refused.code) == (403, "bad-enrollment-token"), refused.body
 
     # A used token cannot be revoked; an expired one shows as expired.
     assert (await enroll_with(harness, created[1]["token"])).status == 201
     used = await partner.request("DELETE", f"{base}/{ids[1]}")
-    assert used.status == 409 and used.code == "conflict", used.body
+    assert (used.status, used.code) == (409, "conflict"), used.body
     harness.clock.advance(timedelta(hours=2))
     states = {t["id"]: t["state"] for t in (await partner.request("GET", base)).body["items"]}
     assert states == {ids[0]: "revoked", ids[1]: "used", ids[2]: "expired"}
     assert (await log_kinds(harness)).count("token.revoked") == 1
     assert (await partner.request("DELETE", f"{base}/tok-none")).status == 404
     bad = await partner.request("GET", f"{base}?limit=0")
-    assert bad.status == 400 and bad.code == "malformed-query", bad.body
+    assert (bad.status, bad.code) == (400, "malformed-query"), bad.body
 
 
 # --- API keys ----------------------------------------------------------------------------
@@ -379,16 +379,17 @@ async def test_api_keys_create_list_rotate_revoke(harness: Harness) -> None:
     assert (await successor.request("GET", "/api/v1/partner")).status == 200
     harness.clock.advance(timedelta(minutes=61))
     expired = await automation.request("GET", "/api/v1/partner")
-    assert expired.status == 401 and expired.code == "bad-credentials", expired.body
+    assert (expired.status, expired.code) == (401, "bad-credentials"), expired.body
     assert (await successor.request("GET", "/api/v1/partner")).status == 200
 
     # Revoke now; the last active key cannot be revoked.
     first_id = listed.body["items"][0]["id"]
     revoked = await successor.request("DELETE", f"/api/v1/api-keys/{first_id}")
-    assert revoked.status == 200 and revoked.body["state"] == "revoked", revoked.body
+    assert revoked.status == 200, revoked.body
+    assert revoked.body["state"] == "revoked"
     assert (await partner.request("GET", "/api/v1/partner")).status == 401
     last = await successor.request("DELETE", f"/api/v1/api-keys/{rotated.body['key']['id']}")
-    assert last.status == 409 and last.code == "conflict", last.body
+    assert (last.status, last.code) == (409, "conflict"), last.body
     assert "last active key" in last.body["detail"]
     states = [
         k["state"] for k in (await successor.request("GET", "/api/v1/api-keys")).body["items"]
