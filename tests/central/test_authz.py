@@ -179,6 +179,18 @@ ROWS = [
     row("POST", "/api/v1/appliances/{appliance_id}/audit/sync",        UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  OK),
     row("POST", "/api/v1/appliances/{appliance_id}/evidence",          UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  CREATED),
     row("POST", "/api/v1/appliances/{appliance_id}/escalations",       UNSIGNED,  UNKNOWN_KEY, UNSIGNED,   WRONG_APPLIANCE, WRONG_APPLIANCE, REVOKED,  CREATED),
+    # Lifecycle: last, the ones that take something out of service at the very end.
+    row("GET",    "/api/v1/sites/{site_id}/enrollment-tokens",         MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("DELETE", "/api/v1/sites/{site_id}/enrollment-tokens/{token_id}",             MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("PATCH",  "/api/v1/partner/defaults",                          MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("PATCH",  "/api/v1/sites/{site_id}/overrides",                 MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("PATCH",  "/api/v1/sites/{site_id}",                           MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",    "/api/v1/api-keys",                                  MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("POST",   "/api/v1/api-keys",                                  MISSING,   BAD_KEY,     FORBIDDEN,  CREATED,         MISSING,         MISSING,  CREATED),
+    row("POST",   "/api/v1/api-keys/{key_id}/rotate",                  MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  CREATED),
+    row("DELETE", "/api/v1/api-keys/{key_id}",                         MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("POST",   "/api/v1/sites/{site_id}/appliances/{appliance_id}/decommission",   MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("DELETE", "/api/v1/sites/{site_id}",                           MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
 ]
 # fmt: on
 
@@ -213,6 +225,8 @@ class World:
     foreign_bundle_id: str  # evidence from foreign
     attachment_id: str  # a document partner A attached to a control of site
     channel_id: str  # partner A's webhook channel
+    token_id: str  # an unused enrollment token of site
+    key_id: str  # a second API key of partner A
 
     def ids_of_a(self) -> set[str]:
         assert self.partner.partner_id
@@ -313,6 +327,10 @@ async def build_world(harness: Harness) -> World:
     channel = expect_status(
         await partner.request("POST", "/api/v1/notification-channels", WEBHOOK), 201
     )
+    token = expect_status(
+        await partner.request("POST", f"/api/v1/sites/{site}/enrollment-tokens", {}), 201
+    )
+    key = expect_status(await partner.request("POST", "/api/v1/api-keys", {"name": "ci"}), 201)
     return World(
         harness=harness,
         admin=admin,
@@ -333,6 +351,8 @@ async def build_world(harness: Harness) -> World:
         foreign_bundle_id=bundles[1],
         attachment_id=attached.body["id"],
         channel_id=channel.body["channel"]["id"],
+        token_id=token.body["id"],
+        key_id=key.body["key"]["id"],
     )
 
 
@@ -404,6 +424,14 @@ BODIES: dict[str, Body] = {
     "POST /api/v1/appliances/{appliance_id}/audit/sync": sync_batch,
     "POST /api/v1/appliances/{appliance_id}/evidence": lambda w, o: evidence_envelope(o),
     "POST /api/v1/appliances/{appliance_id}/escalations": lambda w, o: escalation_document(o),
+    "PATCH /api/v1/partner/defaults": lambda w, o: {"tier": "full"},
+    "PATCH /api/v1/sites/{site_id}/overrides": lambda w, o: {"industry": "finance"},
+    "PATCH /api/v1/sites/{site_id}": lambda w, o: {"name": "Clinic North"},
+    "POST /api/v1/api-keys": lambda w, o: {"name": "backup job"},
+    "POST /api/v1/api-keys/{key_id}/rotate": lambda w, o: {"overlap_minutes": 30},
+    "POST /api/v1/sites/{site_id}/appliances/{appliance_id}/decommission": lambda w, o: {
+        "reason": "replaced"
+    },
 }
 
 
@@ -677,6 +705,36 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "POST /api/v1/appliances/{appliance_id}/audit/sync": _check_synced,
     "POST /api/v1/appliances/{appliance_id}/evidence": _check_stored,
     "POST /api/v1/appliances/{appliance_id}/escalations": _check_stored,
+    "GET /api/v1/sites/{site_id}/enrollment-tokens": lambda w, b: _check_eq(
+        w.token_id in _ids(b["items"]), True
+    ),
+    "DELETE /api/v1/sites/{site_id}/enrollment-tokens/{token_id}": lambda w, b: _check_eq(
+        (b["id"], b["state"]), (w.token_id, "revoked")
+    ),
+    "PATCH /api/v1/partner/defaults": lambda w, b: _check_eq(
+        (b["id"], b["defaults"]["tier"]), (w.partner.partner_id, "full")
+    ),
+    "PATCH /api/v1/sites/{site_id}/overrides": lambda w, b: _check_eq(
+        (b["id"], b["overrides"]["industry"]), (w.site, "finance")
+    ),
+    "PATCH /api/v1/sites/{site_id}": lambda w, b: _check_eq(
+        (b["id"], b["name"]), (w.site, "Clinic North")
+    ),
+    "GET /api/v1/api-keys": lambda w, b: _check_eq(w.key_id in _ids(b["items"]), True),
+    "POST /api/v1/api-keys": lambda w, b: _check_eq(b["key"]["name"], "backup job"),
+    "POST /api/v1/api-keys/{key_id}/rotate": lambda w, b: _check_eq(
+        (b["previous"]["id"], b["previous"]["state"], b["key"]["name"]),
+        (w.key_id, "expiring", "ci"),
+    ),
+    "DELETE /api/v1/api-keys/{key_id}": lambda w, b: _check_eq(
+        (b["id"], b["state"]), (w.key_id, "revoked")
+    ),
+    "POST /api/v1/sites/{site_id}/appliances/{appliance_id}/decommission": lambda w, b: _check_eq(
+        (b["id"], w.app.serial in b["revoked_serials"]), (w.app.appliance_id, True)
+    ),
+    "DELETE /api/v1/sites/{site_id}": lambda w, b: _check_eq(
+        (b["id"], b["decommissioned_at"] is not None), (w.site, True)
+    ),
 }
 
 
@@ -733,6 +791,8 @@ async def send(world: World, caller: str, row: Row) -> Reply:
         bundle_id=world.bundle_id,
         attachment_id=world.attachment_id,
         channel_id=world.channel_id,
+        token_id=world.token_id,
+        key_id=world.key_id,
     )
     make_body = BODIES.get(row.label)
     body = dumps(make_body(world, owner)) if make_body else None

@@ -596,3 +596,129 @@ def test_serve_with_worker_processes(state: State, tmp_path: Path) -> None:
 def test_workers_out_of_range(state: State, tmp_path: Path) -> None:
     result = cli(tmp_path, "--state-dir", state.dir, "serve", "--workers", "0")
     assert_fails(result, "--workers 0")
+
+
+# --- listings and API keys ----------------------------------------------------------------
+
+
+def table(result: Result) -> list[list[str]]:
+    """An aligned table: a header, one line per row, every column starting
+    where its header does; the cells of each line."""
+    assert result.returncode == 0, result
+    header, *lines = result.stdout.splitlines()
+    names = header.split("  ")
+    names = [name.strip() for name in names if name.strip()]
+    starts = [header.index(name) for name in names]
+    cells = []
+    for line in lines:
+        row = [
+            line[start:end].strip() for start, end in zip(starts, [*starts[1:], None], strict=True)
+        ]
+        assert all(row), (line, header)
+        assert all(line[start - 1] == " " for start in starts[1:]), (line, header)
+        cells.append(row)
+    return [names, *cells]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_list_commands_and_api_keys(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    common: tuple[str | Path, ...] = ("--state-dir", tmp_path / "state")
+    if backend == "postgresql":
+        common += ("--database-url", request.getfixturevalue("pg_url"))
+    assert cli(tmp_path, *common, "keys", "init").returncode == 0
+    assert cli(tmp_path, *common, "db", "upgrade").returncode == 0
+    partner = cli(tmp_path, *common, "partner", "create", "Acme MSP").json()
+    partner_id = partner["partner_id"]
+    site_id = cli(tmp_path, *common, "site", "create", "--partner", partner_id, "Clinic").json()[
+        "site_id"
+    ]
+    token = cli(tmp_path, *common, "token", "create", "--site", site_id).json()
+    created = cli(tmp_path, *common, "key", "create", "--partner", partner_id, "--name", "ci")
+    key = created.json()
+    assert key["api_key"].startswith("mspk_")
+
+    partners, sites, tokens, keys, appliances, all_keys = cli_all(
+        tmp_path,
+        [*common, "partner", "list"],
+        [*common, "site", "list", "--partner", partner_id],
+        [*common, "token", "list", "--site", site_id],
+        [*common, "key", "list", "--partner", partner_id],
+        [*common, "appliance", "list", "--site", site_id],
+        [*common, "key", "list"],
+    )
+    assert table(partners) == [
+        ["ID", "NAME", "CREATED", "SITES"],
+        [partner_id, "Acme MSP", table(partners)[1][2], "1"],
+    ]
+    assert [row[:3] + row[4:] for row in table(sites)] == [
+        ["ID", "PARTNER", "NAME", "DECOMMISSIONED"],
+        [site_id, partner_id, "Clinic", "-"],
+    ]
+    (header, row) = table(tokens)
+    assert dict(zip(header, row, strict=True)) | {"CREATED": "", "EXPIRES": ""} == {
+        "ID": token["token_id"],
+        "STATE": "active",
+        "CREATED": "",
+        "EXPIRES": "",
+        "CREATED BY": "cli",
+        "APPLIANCE": "-",
+    }
+    listed = [dict(zip(table(keys)[0], row, strict=True)) for row in table(keys)[1:]]
+    assert [(k["NAME"], k["STATE"], k["ROLE"]) for k in listed] == [
+        ("-", "active", "partner"),
+        ("ci", "active", "partner"),
+    ]
+    assert listed[1]["ID"] == key["key_id"]
+    assert key["api_key"].startswith(listed[1]["PREFIX"])
+    assert key["api_key"] not in keys.stdout + all_keys.stdout + tokens.stdout
+    assert token["token"] not in tokens.stdout
+    assert table(appliances) == [
+        ["ID", "SITE", "STATE", "CREATED", "LAST SEEN", "WITNESSED", "SERIAL"]
+    ]
+
+    revoked = cli(tmp_path, *common, "key", "revoke", key["key_id"]).json()
+    assert (revoked["id"], revoked["state"]) == (key["key_id"], "revoked")
+    after, missing, no_site, no_partner = cli_all(
+        tmp_path,
+        [*common, "key", "list", "--partner", partner_id],
+        [*common, "key", "revoke", "key-none"],
+        [*common, "token", "list", "--site", "site-none"],
+        [*common, "site", "list", "--partner", "partner-none"],
+    )
+    assert [row[5] for row in table(after)[1:]] == ["active", "revoked"]
+    assert_all_fail(
+        (missing, ["no API key key-none"]),
+        (no_site, ["no site site-none"]),
+        (no_partner, ["no partner partner-none"]),
+    )
+
+
+def test_bad_arguments_are_one_line_and_help_is_plain(tmp_path: Path) -> None:
+    sd = ("--state-dir", tmp_path / "state")
+    bad = cli_all(
+        tmp_path,
+        [*sd, "site", "list", "--bogus"],
+        [*sd, "token", "list"],
+        [*sd, "key", "frobnicate"],
+        [*sd, "serve", "--port", "eighty"],
+    )
+    for result, fragment in zip(bad, ["--bogus", "--site", "frobnicate", "eighty"], strict=True):
+        assert result.returncode == 2, result
+        assert result.stdout == ""
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("msp-central"), line
+        assert fragment in line, line
+    helps = cli_all(
+        tmp_path,
+        ["--help"],
+        ["key", "--help"],
+        ["key", "create", "--help"],
+        ["appliance", "list", "--help"],
+        ["token", "list", "--help"],
+    )
+    for result in helps:
+        assert result.returncode == 0, result
+        assert "``" not in result.stdout, result.stdout
+        assert "usage: msp-central" in result.stdout

@@ -135,6 +135,9 @@ class SiteOut(Body):
     created_at: datetime
     overrides: SiteOverrides
     effective: EffectiveConfig
+    # Set when the site was taken out of service: its history stays
+    # readable, its settings and enrollment are closed.
+    decommissioned_at: datetime | None = None
 
 
 class ApplyPreset(Body):
@@ -165,9 +168,117 @@ class TokenCreate(Body):
 
 
 class TokenOut(Body):
+    id: str  # names the token in listings and revocation
     token: str  # shown once, stored only as a hash
     site_id: str
     expires_at: datetime
+
+
+# --- lifecycle: renaming, decommissioning, tokens and keys ----------------------------
+
+
+class SettingsWarning(Body):
+    """A setting that is allowed but probably not meant (a site covering no
+    framework); the change was applied all the same."""
+
+    code: Literal["no-frameworks", "industry-mismatch"]
+    detail: str
+
+
+class PartnerDefaultsPatch(Body):
+    """The members a merge patch of the defaults may carry; null clears one
+    (industry none, tier basic, no frameworks). Documents the request: the
+    handler applies the patch and checks the result as PartnerDefaults."""
+
+    industry: Industry | None = None
+    tier: Tier | None = None
+    frameworks: FrameworkList | None = None
+
+
+class PartnerSettingsOut(PartnerOut):
+    warnings: list[SettingsWarning]
+
+
+class SiteSettingsOut(SiteOut):
+    warnings: list[SettingsWarning]
+
+
+class SiteRename(Body):
+    name: Name
+
+
+class ApplianceDecommission(Body):
+    reason: Annotated[Printable, StringConstraints(max_length=256)] = ""
+
+
+class ApplianceDecommissioned(Body):
+    id: str
+    site_id: str
+    decommissioned_at: datetime
+    # Every certificate serial of the appliance, all revoked now.
+    revoked_serials: list[str]
+
+
+TokenState = Literal["active", "used", "expired", "revoked"]
+
+
+class EnrollmentTokenOut(Body):
+    """An enrollment token as listings show it: never its secret."""
+
+    id: str
+    site_id: str
+    created_at: datetime
+    created_by: str | None
+    expires_at: datetime
+    used_at: datetime | None
+    appliance_id: str | None
+    revoked_at: datetime | None
+    state: TokenState
+
+
+class EnrollmentTokenPage(Body):
+    items: list[EnrollmentTokenOut]
+    next_cursor: str | None
+
+
+# expiring: rotated, still accepted until revoked_at.
+ApiKeyState = Literal["active", "expiring", "revoked"]
+
+
+class ApiKeyOut(Body):
+    id: str
+    name: str
+    prefix: str  # the secret's first characters: names it, never enough to use it
+    role: Literal["partner", "admin"]
+    created_at: datetime
+    created_by: str | None
+    revoked_at: datetime | None
+    state: ApiKeyState
+
+
+class ApiKeyPage(Body):
+    items: list[ApiKeyOut]
+    next_cursor: str | None
+
+
+class ApiKeyCreate(Body):
+    name: Name
+
+
+class ApiKeyCreated(Body):
+    key: ApiKeyOut
+    api_key: str  # shown once, stored only as a hash
+
+
+class ApiKeyRotate(Body):
+    # How long the old key keeps working beside the new one (at most a week).
+    overlap_minutes: Annotated[StrictInt, Field(ge=0, le=7 * 24 * 60)] = 0
+
+
+class ApiKeyRotated(Body):
+    key: ApiKeyOut
+    api_key: str  # the new key, shown once
+    previous: ApiKeyOut  # the old key, revoked at the end of the overlap
 
 
 # --- appliances as partners see them -----------------------------------------------

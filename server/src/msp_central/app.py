@@ -27,6 +27,7 @@ from msp_central.routes.appliances import routes as appliance_routes
 from msp_central.routes.audit_logs import routes as audit_log_routes
 from msp_central.routes.catalogue import routes as catalogue_routes
 from msp_central.routes.exports import routes as export_routes
+from msp_central.routes.lifecycle import routes as lifecycle_routes
 from msp_central.routes.manual import document_body_limit
 from msp_central.routes.manual import routes as manual_routes
 from msp_central.routes.notifications import routes as notification_routes
@@ -132,6 +133,7 @@ def create_app(
     for table in (
         catalogue_routes,
         partner_routes,
+        lifecycle_routes,
         posture_routes,
         export_routes,
         audit_log_routes,

@@ -12,9 +12,11 @@ action without its entry. Writers lock the head row first (``FOR UPDATE`` on
 PostgreSQL; SQLite's writers are already serialised by ``BEGIN
 IMMEDIATE``), so the log grows one commit at a time across replicas.
 
-What is recorded: settings changes, site creation, enrollment tokens,
-certificate revocations, acknowledgements and manual evidence, each with
-who acted (:func:`actor_of`). Auditors verify the whole log
+What is recorded: settings changes, site creation, renaming and
+decommissioning, enrollment tokens, API keys (ids and prefixes, never
+secrets), certificate revocations, appliance decommissioning,
+acknowledgements and manual evidence, each with who acted
+(:func:`actor_of`). Auditors verify the whole log
 (:func:`central_log_export`, administrators only: it holds every partner's
 actions) or one entry with its inclusion proof (:func:`record_proof`, for the
 partner whose entry it is).

@@ -17,8 +17,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import sqlalchemy as sa
 import sqlalchemy.exc
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -30,25 +31,48 @@ from msp_central.config import ConfigError, Settings, load_settings
 from msp_central.context import load_root_key, write_root_key
 from msp_central.db.engine import create_engine, read_only
 from msp_central.db.migrate import DatabaseVersionError, check_current, upgrade
+from msp_central.db.tables import (
+    api_keys,
+    appliances,
+    audit_logs,
+    enrollment_tokens,
+    partners,
+    sites,
+)
 from msp_central.demo import DemoError, run_demo
 from msp_central.exports import audit_export
 from msp_central.packages import auditor_package, package_request
 from msp_central.problems import Problem
 from msp_central.queries import (
+    api_key_out,
     create_api_key,
-    create_enrollment_token,
     create_partner,
     create_site,
     get_partner,
     get_site,
+    issue_api_key,
+    issue_enrollment_token,
+    require_active,
     revoke_certificate,
+    token_out,
 )
 from msp_protocol.encoding import format_time, parse_time, utc_now
 from msp_protocol.errors import MalformedError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line, like every other failure (exit status 2,
+    as argparse has it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msp-central", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="msp-central",
+        description="serve, migrate, and the administrator's one-off tasks",
+    )
     parser.add_argument("--config", type=Path, help="settings file (.toml or .json)")
     parser.add_argument("--state-dir", type=Path, help="overrides state_dir")
     parser.add_argument("--database-url", help="overrides database_url")
@@ -86,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = partner.add_parser("create", help="create a partner; prints its API key once")
     create.add_argument("name")
+    partner.add_parser("list", help="list partners")
 
     admin = commands.add_parser("admin-key", help="admin API keys").add_subparsers(
         dest="action", required=True
@@ -96,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     site_create = site.add_parser("create", help="create a site for a partner")
     site_create.add_argument("--partner", required=True)
     site_create.add_argument("name")
+    site_list = site.add_parser("list", help="list sites, decommissioned ones too")
+    site_list.add_argument("--partner", help="only this partner's sites")
 
     token = commands.add_parser("token", help="enrollment tokens").add_subparsers(
         dest="action", required=True
@@ -103,6 +130,25 @@ def _parser() -> argparse.ArgumentParser:
     token_create = token.add_parser("create", help="a one-time enrollment token for a site")
     token_create.add_argument("--site", required=True)
     token_create.add_argument("--hours", type=int)
+    token_list = token.add_parser("list", help="a site's enrollment tokens (never the secrets)")
+    token_list.add_argument("--site", required=True)
+
+    key = commands.add_parser("key", help="partner API keys").add_subparsers(
+        dest="action", required=True
+    )
+    key_list = key.add_parser("list", help="API keys (never the secrets)")
+    key_list.add_argument("--partner", help="only this partner's keys")
+    key_create = key.add_parser("create", help="another API key for a partner; printed once")
+    key_create.add_argument("--partner", required=True)
+    key_create.add_argument("--name", default="", help="what the key is for")
+    key_revoke = key.add_parser("revoke", help="revoke an API key now")
+    key_revoke.add_argument("key_id")
+
+    appliance = commands.add_parser("appliance", help="appliances").add_subparsers(
+        dest="action", required=True
+    )
+    appliance_list = appliance.add_parser("list", help="enrolled appliances")
+    appliance_list.add_argument("--site", help="only this site's appliances")
 
     export = commands.add_parser(
         "export", help="signed exports for auditors, checked with msp-verify"
@@ -144,6 +190,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print(value: dict[str, Any]) -> None:
     print(json.dumps(value, indent=2, default=str))
+
+
+def _table(result: dict[str, Any]) -> None:
+    """Print ``{"columns": [...], "rows": [[...], ...]}`` as aligned
+    columns under a header, one line per row."""
+    columns: list[str] = result["columns"]
+    rows = [["-" if cell in (None, "") else str(cell) for cell in row] for row in result["rows"]]
+    widths = [max(len(text) for text in column) for column in zip(columns, *rows, strict=True)]
+    for line in [columns, *rows]:
+        print(
+            "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+def _when(moment: datetime | None) -> str | None:
+    return format_time(moment) if moment is not None else None
 
 
 async def _with_db(
@@ -308,7 +370,8 @@ def run(argv: list[str] | None = None) -> int:
         case "admin-key", "create":
 
             async def admin(connection: AsyncConnection) -> dict[str, Any]:
-                return {"api_key": await create_api_key(connection, "admin", None, now)}
+                key = await create_api_key(connection, "admin", None, now, created_by=CLI_ACTOR)
+                return {"api_key": key}
 
             _print(asyncio.run(_with_db(settings, admin)))
         case "site", "create":
@@ -337,21 +400,105 @@ def run(argv: list[str] | None = None) -> int:
                     raise ValueError(f"--hours {args.hours}: a token lives 1 to 720 hours")
                 if args.hours is not None:
                     lifetime = timedelta(hours=args.hours)
-                secret, expires = await create_enrollment_token(
-                    connection, args.site, lifetime, now
+                require_active(owner, "enrollment")
+                secret, row = await issue_enrollment_token(
+                    connection, args.site, lifetime, now, created_by=CLI_ACTOR
                 )
                 await _record(
                     connection,
                     settings,
                     now,
                     "token.created",
-                    {"site_id": args.site, "expires_at": format_time(expires)},
+                    {
+                        "site_id": args.site,
+                        "token_id": row.id,
+                        "expires_at": format_time(row.expires_at),
+                    },
                     partner_id=owner.partner_id,
                     site_id=args.site,
                 )
-                return {"token": secret, "site_id": args.site, "expires_at": expires.isoformat()}
+                return {
+                    "token_id": row.id,
+                    "token": secret,
+                    "site_id": args.site,
+                    "expires_at": row.expires_at.isoformat(),
+                }
 
             _print(asyncio.run(_with_db(settings, token)))
+        case "partner", "list":
+            _table(asyncio.run(_with_db(settings, _list_partners, reading=True)))
+        case "site", "list":
+            _table(
+                asyncio.run(
+                    _with_db(settings, lambda c: _list_sites(c, args.partner), reading=True)
+                )
+            )
+        case "token", "list":
+            _table(
+                asyncio.run(
+                    _with_db(settings, lambda c: _list_tokens(c, args.site, now), reading=True)
+                )
+            )
+        case "key", "list":
+            _table(
+                asyncio.run(
+                    _with_db(settings, lambda c: _list_keys(c, args.partner, now), reading=True)
+                )
+            )
+        case "appliance", "list":
+            _table(
+                asyncio.run(
+                    _with_db(settings, lambda c: _list_appliances(c, args.site), reading=True)
+                )
+            )
+        case "key", "create":
+
+            async def create_key(connection: AsyncConnection) -> dict[str, Any]:
+                await get_partner(connection, args.partner)
+                if len(args.name) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in args.name):
+                    raise ValueError("--name: at most 200 printable characters")
+                secret, row = await issue_api_key(
+                    connection, "partner", args.partner, now, name=args.name, created_by=CLI_ACTOR
+                )
+                await _record(
+                    connection,
+                    settings,
+                    now,
+                    "key.created",
+                    {"key_id": row.id, "prefix": row.prefix, "name": row.name},
+                    partner_id=args.partner,
+                )
+                return {"key_id": row.id, "partner_id": args.partner, "api_key": secret}
+
+            _print(asyncio.run(_with_db(settings, create_key)))
+        case "key", "revoke":
+
+            async def revoke_key(connection: AsyncConnection) -> dict[str, Any]:
+                row = (
+                    await connection.execute(
+                        sa.select(api_keys).where(api_keys.c.id == args.key_id)
+                    )
+                ).first()
+                if row is None:
+                    raise ValueError(f"no API key {args.key_id[:64]}")
+                if row.revoked_at is None or row.revoked_at > now:
+                    await connection.execute(
+                        sa.update(api_keys).where(api_keys.c.id == row.id).values(revoked_at=now)
+                    )
+                    await _record(
+                        connection,
+                        settings,
+                        now,
+                        "key.revoked",
+                        {"key_id": row.id, "prefix": row.prefix},
+                        partner_id=row.partner_id,
+                    )
+                    row = (
+                        await connection.execute(sa.select(api_keys).where(api_keys.c.id == row.id))
+                    ).one()
+                return api_key_out(row, now).model_dump(mode="json")
+
+            _print(asyncio.run(_with_db(settings, revoke_key)))
         case "export", "package":
 
             async def export_package(connection: AsyncConnection) -> dict[str, Any]:
@@ -386,6 +533,108 @@ def run(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--agents {args.agents}: use 1 to 8")
             run_demo(args.dir, agents=args.agents, host="127.0.0.1", port=args.port)
     return 0
+
+
+# --- listings: {"columns": [...], "rows": [...]} for _table -----------------------------
+
+
+async def _list_partners(connection: AsyncConnection) -> dict[str, Any]:
+    site_count = (
+        sa.select(sa.func.count())
+        .where(sites.c.partner_id == partners.c.id)
+        .scalar_subquery()
+        .label("sites")
+    )
+    rows = await connection.execute(
+        sa.select(partners, site_count).order_by(partners.c.created_at, partners.c.id)
+    )
+    return {
+        "columns": ["ID", "NAME", "CREATED", "SITES"],
+        "rows": [[r.id, r.name, _when(r.created_at), r.sites] for r in rows],
+    }
+
+
+async def _list_sites(connection: AsyncConnection, partner_id: str | None) -> dict[str, Any]:
+    query = sa.select(sites).order_by(sites.c.created_at, sites.c.id)
+    if partner_id is not None:
+        await get_partner(connection, partner_id)
+        query = query.where(sites.c.partner_id == partner_id)
+    rows = await connection.execute(query)
+    return {
+        "columns": ["ID", "PARTNER", "NAME", "CREATED", "DECOMMISSIONED"],
+        "rows": [
+            [r.id, r.partner_id, r.name, _when(r.created_at), _when(r.decommissioned_at)]
+            for r in rows
+        ],
+    }
+
+
+async def _list_tokens(connection: AsyncConnection, site_id: str, now: datetime) -> dict[str, Any]:
+    await get_site(connection, site_id)
+    rows = await connection.execute(
+        sa.select(enrollment_tokens)
+        .where(enrollment_tokens.c.site_id == site_id)
+        .order_by(enrollment_tokens.c.created_at, enrollment_tokens.c.id)
+    )
+    tokens = [token_out(r, now) for r in rows]
+    return {
+        "columns": ["ID", "STATE", "CREATED", "EXPIRES", "CREATED BY", "APPLIANCE"],
+        "rows": [
+            [t.id, t.state, _when(t.created_at), _when(t.expires_at), t.created_by, t.appliance_id]
+            for t in tokens
+        ],
+    }
+
+
+async def _list_keys(
+    connection: AsyncConnection, partner_id: str | None, now: datetime
+) -> dict[str, Any]:
+    query = sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
+    if partner_id is not None:
+        await get_partner(connection, partner_id)
+        query = query.where(api_keys.c.partner_id == partner_id)
+    rows = list(await connection.execute(query))
+    keys = [(r.partner_id, api_key_out(r, now)) for r in rows]
+    return {
+        "columns": ["ID", "ROLE", "PARTNER", "NAME", "PREFIX", "STATE", "CREATED", "REVOKED"],
+        "rows": [
+            [k.id, k.role, p, k.name, k.prefix, k.state, _when(k.created_at), _when(k.revoked_at)]
+            for p, k in keys
+        ],
+    }
+
+
+async def _list_appliances(connection: AsyncConnection, site_id: str | None) -> dict[str, Any]:
+    query = (
+        sa.select(appliances, audit_logs.c.size)
+        .outerjoin(audit_logs, audit_logs.c.appliance_id == appliances.c.id)
+        .order_by(appliances.c.created_at, appliances.c.id)
+    )
+    if site_id is not None:
+        await get_site(connection, site_id)
+        query = query.where(appliances.c.site_id == site_id)
+    rows = await connection.execute(query)
+
+    def state(r: Any) -> str:
+        if r.decommissioned_at is not None:
+            return "decommissioned"
+        return "revoked" if r.revoked_at is not None else "active"
+
+    return {
+        "columns": ["ID", "SITE", "STATE", "CREATED", "LAST SEEN", "WITNESSED", "SERIAL"],
+        "rows": [
+            [
+                r.id,
+                r.site_id,
+                state(r),
+                _when(r.created_at),
+                _when(r.last_seen_at),
+                int(r.size or 0),
+                r.current_serial,
+            ]
+            for r in rows
+        ],
+    }
 
 
 async def _record(

@@ -57,14 +57,20 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
 
 
 def parse_json_object(
-    body: bytes, request: web.Request, max_bytes: int | None = None
+    body: bytes,
+    request: web.Request,
+    max_bytes: int | None = None,
+    media_types: tuple[str, ...] = ("application/json",),
 ) -> dict[str, Any]:
-    """A JSON request body, parsed strictly (no duplicate keys, no NaN…),
-    that must be an object."""
+    """A JSON request body of one of ``media_types``, parsed strictly (no
+    duplicate keys, no NaN…), that must be an object."""
     if not body:
         raise Problem("malformed-json", "the request body is empty; send a JSON object")
-    if request.content_type != "application/json":
-        raise Problem("unsupported-media-type", f"content type {request.content_type[:80]}")
+    if request.content_type not in media_types:
+        raise Problem(
+            "unsupported-media-type",
+            f"content type {request.content_type[:80]}; send {' or '.join(media_types)}",
+        )
     try:
         value = parse_json(body, limits=request.app[CENTRAL].limits, max_bytes=max_bytes)
     except MalformedError as exc:

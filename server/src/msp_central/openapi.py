@@ -63,6 +63,17 @@ OPERATIONS: list[
     ("get", "/api/v1/sites/{site_id}/effective-config", "A site's effective configuration", PARTNER, None, {200: m.EffectiveConfig}),
     ("get", "/api/v1/framework-usage", "Framework usage across the partner's sites", PARTNER, None, {200: m.FrameworkUsage}),
     ("post", "/api/v1/sites/{site_id}/enrollment-tokens", "A one-time enrollment token", PARTNER, m.TokenCreate, {201: m.TokenOut}),
+    ("get", "/api/v1/sites/{site_id}/enrollment-tokens", "A site's enrollment tokens and their state (never their secrets)", PARTNER, None, {200: m.EnrollmentTokenPage}),
+    ("delete", "/api/v1/sites/{site_id}/enrollment-tokens/{token_id}", "Revoke an enrollment token not used yet", PARTNER, None, {200: m.EnrollmentTokenOut}),
+    ("patch", "/api/v1/partner/defaults", "Change some of the partner's defaults (JSON Merge Patch: null clears)", PARTNER, m.PartnerDefaultsPatch, {200: m.PartnerSettingsOut}),
+    ("patch", "/api/v1/sites/{site_id}/overrides", "Change some of a site's overrides (JSON Merge Patch: null inherits again)", PARTNER, m.SiteOverrides, {200: m.SiteSettingsOut}),
+    ("patch", "/api/v1/sites/{site_id}", "Rename a site", PARTNER, m.SiteRename, {200: m.SiteOut}),
+    ("delete", "/api/v1/sites/{site_id}", "Decommission a site: certificates and unused tokens revoked, history kept", PARTNER, None, {200: m.SiteOut}),
+    ("post", "/api/v1/sites/{site_id}/appliances/{appliance_id}/decommission", "Decommission an appliance: its certificates revoked, its history kept", PARTNER, m.ApplianceDecommission, {200: m.ApplianceDecommissioned}),
+    ("get", "/api/v1/api-keys", "The partner's API keys (never their secrets)", PARTNER, None, {200: m.ApiKeyPage}),
+    ("post", "/api/v1/api-keys", "Another API key for the partner (shown once)", PARTNER, m.ApiKeyCreate, {201: m.ApiKeyCreated}),
+    ("post", "/api/v1/api-keys/{key_id}/rotate", "A new key replacing this one, which keeps working for the overlap", PARTNER, m.ApiKeyRotate, {201: m.ApiKeyRotated}),
+    ("delete", "/api/v1/api-keys/{key_id}", "Revoke an API key now (never the partner's last active key)", PARTNER, None, {200: m.ApiKeyOut}),
     ("get", "/api/v1/sites/{site_id}/appliances", "A site's appliances and their state", PARTNER, None, {200: list[m.ApplianceOut]}),
     ("get", "/api/v1/sites/{site_id}/evidence", "A site's evidence bundles", PARTNER, None, {200: list[m.EvidenceOut]}),
     ("get", "/api/v1/sites/{site_id}/posture", "A site's compliance posture, control by control, with the evidence behind each state", PARTNER, None, {200: m.SitePostureOut}),
@@ -101,6 +112,12 @@ OPERATIONS: list[
     ("post", "/api/v1/appliances/{appliance_id}/escalations", "Raise an urgent escalation", APPLIANCE, Escalation, {200: m.EscalationAccepted, 201: m.EscalationAccepted}),
     ("get", "/api/v1/openapi.json", "This document", NONE, None, {200: None}),
 ]  # fmt: skip
+
+# Settings changed by RFC 7396 JSON Merge Patch (plain JSON accepted too).
+MERGE_PATCHES = {
+    ("patch", "/api/v1/partner/defaults"),
+    ("patch", "/api/v1/sites/{site_id}/overrides"),
+}
 
 REF = "#/components/schemas/{model}"
 # Responses that are not JSON: the central key as text, documents as whatever
@@ -152,6 +169,8 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "schema": {"type": "boolean"},
         }
     ],
+    ("get", "/api/v1/sites/{site_id}/enrollment-tokens"): PAGE_PARAMETERS,
+    ("get", "/api/v1/api-keys"): PAGE_PARAMETERS,
     ("get", "/api/v1/sites/{site_id}/posture"): [_FRAMEWORK_FILTER],
     ("get", "/api/v1/sites/{site_id}/posture/oscal"): [_FRAMEWORK_FILTER],
     ("get", "/api/v1/sites/{site_id}/auditor-package"): [
@@ -312,9 +331,12 @@ def document() -> dict[str, Any]:
         if parameters:
             operation["parameters"] = parameters
         if request is not None:
+            media: tuple[str, ...] = ("application/json",)
+            if (method, path) in MERGE_PATCHES:
+                media = ("application/merge-patch+json", "application/json")
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": _schema_of(request)}},
+                "content": {kind: {"schema": _schema_of(request)} for kind in media},
             }
         paths.setdefault(path, {})[method] = operation
     return {

@@ -16,10 +16,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from msp_central.api_models import (
+    ApiKeyOut,
     EffectiveConfig,
+    EnrollmentTokenOut,
     PartnerDefaults,
     PartnerOut,
     RevokeOut,
+    SettingsWarning,
     SiteOut,
     SiteOverrides,
 )
@@ -81,24 +84,73 @@ async def create_partner(connection: AsyncConnection, name: str, now: datetime) 
 
 
 async def create_api_key(
-    connection: AsyncConnection, role: str, partner_id: str | None, now: datetime
+    connection: AsyncConnection,
+    role: str,
+    partner_id: str | None,
+    now: datetime,
+    *,
+    name: str = "",
+    created_by: str | None = None,
 ) -> str:
-    key = new_secret("mspk")
-    await connection.execute(
-        sa.insert(api_keys).values(
-            key_sha256=token_digest(key),
-            id=new_id("key"),
-            prefix=key[:12],
-            role=role,
-            partner_id=partner_id,
-            created_at=now,
-        )
+    """A new API key; the secret is returned once and stored only as a hash."""
+    key, _ = await issue_api_key(
+        connection, role, partner_id, now, name=name, created_by=created_by
     )
     return key
 
 
-async def get_partner(connection: AsyncConnection, partner_id: str) -> Row:
-    row = (await connection.execute(sa.select(partners).where(partners.c.id == partner_id))).first()
+async def issue_api_key(
+    connection: AsyncConnection,
+    role: str,
+    partner_id: str | None,
+    now: datetime,
+    *,
+    name: str = "",
+    created_by: str | None = None,
+) -> tuple[str, Row]:
+    """:func:`create_api_key`, with the stored row."""
+    key = new_secret("mspk")
+    key_id = new_id("key")
+    await connection.execute(
+        sa.insert(api_keys).values(
+            key_sha256=token_digest(key),
+            id=key_id,
+            name=name,
+            prefix=key[:12],
+            role=role,
+            partner_id=partner_id,
+            created_at=now,
+            created_by=created_by,
+        )
+    )
+    row = (await connection.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).one()
+    return key, row
+
+
+def api_key_out(row: Row, now: datetime) -> ApiKeyOut:
+    if row.revoked_at is None:
+        state = "active"
+    elif row.revoked_at > now:
+        state = "expiring"
+    else:
+        state = "revoked"
+    return ApiKeyOut(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        role=row.role,
+        created_at=row.created_at,
+        created_by=row.created_by,
+        revoked_at=row.revoked_at,
+        state=state,  # type: ignore[arg-type]
+    )
+
+
+async def get_partner(connection: AsyncConnection, partner_id: str, *, lock: bool = False) -> Row:
+    """The partner; ``lock`` holds its row to the end of the transaction
+    (PostgreSQL; SQLite's writers are serialised already)."""
+    query = sa.select(partners).where(partners.c.id == partner_id)
+    row = (await connection.execute(query.with_for_update() if lock else query)).first()
     if row is None:
         raise Problem("not-found", f"no partner {partner_id[:64]}")
     return row
@@ -178,13 +230,64 @@ async def site_out(connection: AsyncConnection, site: Row, partner: Row | None =
         created_at=site.created_at,
         overrides=overrides_of(site),
         effective=await effective_config(connection, site, partner),
+        decommissioned_at=site.decommissioned_at,
     )
 
 
-async def get_site(connection: AsyncConnection, site_id: str, partner_id: str | None = None) -> Row:
+def require_active(site: Row, action: str) -> None:
+    """Refuse a change to a decommissioned site (``action`` says which)."""
+    if site.decommissioned_at is not None:
+        raise Problem(
+            "conflict",
+            f"site {site.id} was decommissioned at {site.decommissioned_at.isoformat()}: "
+            f"{action} is closed; its history stays readable",
+        )
+
+
+async def settings_warnings(
+    connection: AsyncConnection, industry: str | None, chosen: list[str]
+) -> list[SettingsWarning]:
+    """What looks unintended in an industry and a framework selection (the
+    effective ones of a site, or a partner's defaults)."""
+    warnings = []
+    if not chosen:
+        warnings.append(
+            SettingsWarning(
+                code="no-frameworks",
+                detail="no framework is selected: no control is evaluated",
+            )
+        )
+    if industry is not None and chosen:
+        preset = (
+            await connection.execute(
+                sa.select(presets.c.frameworks).where(presets.c.id == industry)
+            )
+        ).scalar()
+        if preset and not set(preset) & set(chosen):
+            warnings.append(
+                SettingsWarning(
+                    code="industry-mismatch",
+                    detail=f"none of the frameworks of the {industry} preset "
+                    f"({', '.join(preset)}) is selected",
+                )
+            )
+    return warnings
+
+
+async def get_site(
+    connection: AsyncConnection,
+    site_id: str,
+    partner_id: str | None = None,
+    *,
+    lock: bool = False,
+) -> Row:
+    """The site (of ``partner_id`` when given: another's is "not found");
+    ``lock`` holds its row to the end of the transaction."""
     query = sa.select(sites).where(sites.c.id == site_id)
     if partner_id is not None:
         query = query.where(sites.c.partner_id == partner_id)
+    if lock:
+        query = query.with_for_update()
     row = (await connection.execute(query)).first()
     if row is None:
         raise Problem("not-found", f"no site {site_id[:64]}")
@@ -213,18 +316,59 @@ async def create_site(
 async def create_enrollment_token(
     connection: AsyncConnection, site_id: str, lifetime: timedelta, now: datetime
 ) -> tuple[str, datetime]:
+    token, row = await issue_enrollment_token(connection, site_id, lifetime, now)
+    return token, row.expires_at
+
+
+async def issue_enrollment_token(
+    connection: AsyncConnection,
+    site_id: str,
+    lifetime: timedelta,
+    now: datetime,
+    *,
+    created_by: str | None = None,
+) -> tuple[str, Row]:
+    """A single-use token (returned once, stored as a hash) and its row."""
     token = new_secret("msp-enroll")
-    expires = now + lifetime
+    token_id = new_id("tok")
     await connection.execute(
         sa.insert(enrollment_tokens).values(
             token_sha256=token_digest(token),
-            id=new_id("tok"),
+            id=token_id,
             site_id=site_id,
             created_at=now,
-            expires_at=expires,
+            created_by=created_by,
+            expires_at=now + lifetime,
         )
     )
-    return token, expires
+    row = (
+        await connection.execute(
+            sa.select(enrollment_tokens).where(enrollment_tokens.c.id == token_id)
+        )
+    ).one()
+    return token, row
+
+
+def token_out(row: Row, now: datetime) -> EnrollmentTokenOut:
+    if row.used_at is not None:
+        state = "used"
+    elif row.revoked_at is not None:
+        state = "revoked"
+    elif row.expires_at <= now:
+        state = "expired"
+    else:
+        state = "active"
+    return EnrollmentTokenOut(
+        id=row.id,
+        site_id=row.site_id,
+        created_at=row.created_at,
+        created_by=row.created_by,
+        expires_at=row.expires_at,
+        used_at=row.used_at,
+        appliance_id=row.appliance_id,
+        revoked_at=row.revoked_at,
+        state=state,  # type: ignore[arg-type]
+    )
 
 
 # --- revocation -------------------------------------------------------------------------

@@ -184,6 +184,8 @@ async def enroll(request: web.Request) -> web.Response:
         ).first()
         if token is None or token.expires_at <= now:
             raise Problem("bad-enrollment-token", "the enrollment token is unknown or expired")
+        if token.revoked_at is not None and token.used_at is None:
+            raise Problem("bad-enrollment-token", "the enrollment token was revoked")
         if token.used_at is not None:
             first = (
                 await connection.execute(

@@ -6,6 +6,7 @@ found". Plus the admin API that creates partners."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -24,9 +25,12 @@ from msp_central.api_models import (
     PartnerCreate,
     PartnerCreated,
     PartnerDefaults,
+    PartnerOut,
     RevokeIn,
+    SettingsWarning,
     SiteCreate,
     SiteFrameworks,
+    SiteOut,
     SiteOverrides,
     TokenCreate,
     TokenOut,
@@ -52,16 +56,19 @@ from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import (
     check_frameworks,
-    create_enrollment_token,
     create_partner,
     create_site,
     effective_config,
     get_partner,
     get_preset,
     get_site,
+    issue_enrollment_token,
     known_frameworks,
+    overrides_of,
     partner_out,
+    require_active,
     revoke_certificate,
+    settings_warnings,
     site_out,
 )
 from msp_protocol.encoding import format_time
@@ -114,11 +121,18 @@ async def get_partner_handler(request: web.Request) -> web.Response:
         return json_response(partner_out(await get_partner(connection, _partner_id(holder))))
 
 
-async def _set_defaults(
-    request: web.Request, holder: KeyHolder, defaults: PartnerDefaults
-) -> web.Response:
+async def set_defaults(
+    request: web.Request,
+    holder: KeyHolder,
+    change: Callable[[PartnerDefaults], PartnerDefaults],
+) -> tuple[PartnerOut, list[SettingsWarning]]:
+    """Replace the partner's defaults by ``change(current)``, read and
+    written in one transaction (a concurrent change is never lost); the
+    result and what looks unintended in it."""
     service = central(request)
     async with write(service.engine) as connection:
+        current = partner_out(await get_partner(connection, _partner_id(holder), lock=True))
+        defaults = change(current.defaults)
         await check_frameworks(connection, defaults.frameworks)
         await connection.execute(
             sa.update(partners)
@@ -138,14 +152,16 @@ async def _set_defaults(
             now=service.clock(),
             partner_id=holder.partner_id,
         )
-        return json_response(partner_out(await get_partner(connection, _partner_id(holder))))
+        warnings = await settings_warnings(connection, defaults.industry, list(defaults.frameworks))
+        return partner_out(await get_partner(connection, _partner_id(holder))), warnings
 
 
 @routes.put("/api/v1/partner/defaults")
 async def put_defaults(request: web.Request) -> web.Response:
     holder = await require_partner(request)
     defaults = parse_body(await read_body(request), PartnerDefaults, request)
-    return await _set_defaults(request, holder, defaults)
+    partner, _ = await set_defaults(request, holder, lambda _: defaults)
+    return json_response(partner)
 
 
 async def _requested_preset(request: web.Request) -> tuple[Industry, Tier, list[str]]:
@@ -162,7 +178,8 @@ async def apply_partner_preset(request: web.Request) -> web.Response:
     holder = await require_partner(request)
     industry, tier, chosen = await _requested_preset(request)
     defaults = PartnerDefaults(industry=industry, tier=tier, frameworks=chosen)
-    return await _set_defaults(request, holder, defaults)
+    partner, _ = await set_defaults(request, holder, lambda _: defaults)
+    return json_response(partner)
 
 
 # --- sites -----------------------------------------------------------------------------
@@ -213,13 +230,20 @@ async def get_site_handler(request: web.Request) -> web.Response:
         return json_response(await site_out(connection, row))
 
 
-async def _set_overrides(
-    request: web.Request, holder: KeyHolder, overrides: SiteOverrides
-) -> web.Response:
+async def set_overrides(
+    request: web.Request,
+    holder: KeyHolder,
+    change: Callable[[SiteOverrides], SiteOverrides],
+) -> tuple[SiteOut, list[SettingsWarning]]:
+    """Replace a site's overrides by ``change(current)`` in one transaction;
+    the site and what looks unintended in its effective settings. A
+    decommissioned site is a conflict."""
     site_id = request.match_info["site_id"]
     service = central(request)
     async with write(service.engine) as connection:
-        await get_site(connection, site_id, holder.partner_id)
+        site = await get_site(connection, site_id, holder.partner_id, lock=True)
+        require_active(site, "changing its settings")
+        overrides = change(overrides_of(site))
         await check_frameworks(connection, overrides.frameworks)
         await connection.execute(
             sa.update(sites)
@@ -240,14 +264,19 @@ async def _set_overrides(
             partner_id=holder.partner_id,
             site_id=site_id,
         )
-        return json_response(await site_out(connection, await get_site(connection, site_id)))
+        out = await site_out(connection, await get_site(connection, site_id))
+        warnings = await settings_warnings(
+            connection, out.effective.industry, list(out.effective.frameworks)
+        )
+        return out, warnings
 
 
 @routes.put("/api/v1/sites/{site_id}/overrides")
 async def put_overrides(request: web.Request) -> web.Response:
     holder = await require_partner(request)
     overrides = parse_body(await read_body(request), SiteOverrides, request)
-    return await _set_overrides(request, holder, overrides)
+    site, _ = await set_overrides(request, holder, lambda _: overrides)
+    return json_response(site)
 
 
 @routes.post("/api/v1/sites/{site_id}/apply-preset")
@@ -256,7 +285,8 @@ async def apply_site_preset(request: web.Request) -> web.Response:
     holder = await require_partner(request)
     industry, tier, chosen = await _requested_preset(request)
     overrides = SiteOverrides(industry=industry, tier=tier, frameworks=chosen)
-    return await _set_overrides(request, holder, overrides)
+    site, _ = await set_overrides(request, holder, lambda _: overrides)
+    return json_response(site)
 
 
 @routes.get("/api/v1/sites/{site_id}/effective-config")
@@ -314,21 +344,28 @@ async def create_token(request: web.Request) -> web.Response:
     if body.hours is not None:
         lifetime = timedelta(hours=body.hours)
     async with write(service.engine) as connection:
-        await get_site(connection, site_id, holder.partner_id)
-        token, expires = await create_enrollment_token(
-            connection, site_id, lifetime, service.clock()
+        site = await get_site(connection, site_id, holder.partner_id, lock=True)
+        require_active(site, "enrollment")
+        token, row = await issue_enrollment_token(
+            connection, site_id, lifetime, service.clock(), created_by=actor_of(holder)
         )
         await record(
             connection,
             service.root,
             kind="token.created",
             actor=actor_of(holder),
-            data={"site_id": site_id, "expires_at": format_time(expires)},
+            data={
+                "site_id": site_id,
+                "token_id": row.id,
+                "expires_at": format_time(row.expires_at),
+            },
             now=service.clock(),
             partner_id=holder.partner_id,
             site_id=site_id,
         )
-    return json_response(TokenOut(token=token, site_id=site_id, expires_at=expires), status=201)
+    return json_response(
+        TokenOut(id=row.id, token=token, site_id=site_id, expires_at=row.expires_at), status=201
+    )
 
 
 # --- appliances ------------------------------------------------------------------------
