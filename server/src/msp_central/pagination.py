@@ -135,23 +135,13 @@ def _decode(cursor: str, fingerprint: str, keyset: Keyset) -> list[Any]:
         raise Problem("malformed-query", "cursor belongs to a query with other filters")
     key: list[Any] = []
     for given, (column, _) in zip(parts[1:], keyset.order, strict=True):
-        expected = _python_type(column)
+        expected = column.type.python_type
         value: Any = _moment(given) if isinstance(given, dict) and expected is datetime else given
         # bool is an int to Python, never to a column; ints stay in 63 bits.
         if type(value) is not expected or (isinstance(value, int) and abs(value) >= 2**63):
             raise Problem("malformed-query", "cursor is not one this server issued")
         key.append(value)
     return key
-
-
-def _python_type(column: sa.ColumnElement[Any]) -> type:
-    """The Python type of a column's values; a decorated type's is its
-    implementation's (UTCDateTime's is datetime, not object)."""
-    kind = column.type
-    if isinstance(kind, sa.types.TypeDecorator):
-        kind = kind.impl_instance
-    python_type: type = kind.python_type
-    return python_type
 
 
 def _moment(given: dict[str, Any]) -> datetime | None:
