@@ -263,9 +263,10 @@ async def test_heartbeat_records_state(harness: Harness) -> None:
     assert 88 <= reply.body["clock_skew_seconds"] <= 91
     assert reply.body["witnessed_size"] == 0
     listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")
-    (state,) = listed.body
+    (state,) = listed.body["items"]
     assert state["status"] == "online"
     assert state["heartbeat"]["queues"] == {"evidence": 2, "urgent": 1}
+    assert state["log_size"] == beat["log_size"]
     bad = await appliance.request(
         "POST",
         f"/api/v1/appliances/{appliance.appliance_id}/heartbeat",
@@ -364,8 +365,8 @@ async def test_evidence_is_verified_stored_once_and_checked_against_the_log(
     again = await appliance.request("POST", path, envelope)
     assert (again.status, again.body["stored"], again.body["in_log"]) == (200, False, True)
     listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/evidence")
-    assert [e["bundle_id"] for e in listed.body] == [early.body["bundle_id"]]
-    assert listed.body[0]["controls"] == {"hipaa": ["164.312(b)"], "pci_dss": ["10.6.1"]}
+    assert [e["id"] for e in listed.body["items"]] == [early.body["bundle_id"]]
+    assert listed.body["items"][0]["controls"] == {"hipaa": ["164.312(b)"], "pci_dss": ["10.6.1"]}
 
 
 async def test_evidence_refusals(harness: Harness) -> None:
@@ -436,23 +437,26 @@ async def test_escalations_are_idempotent(harness: Harness) -> None:
     )
     assert (impostor.status, impostor.code) == (422, "wrong-subject")
     listed = await partner.request("GET", "/api/v1/escalations?open=true")
-    assert [e["escalation_id"] for e in listed.body] == ["esc-1"]
+    assert [e["id"] for e in listed.body["items"]] == ["esc-1"]
 
 
 async def test_a_sync_shows_the_appliance_online(harness: Harness) -> None:
     partner = await harness.partner()
     appliance = await harness.enroll(partner)
-    listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")
-    assert [(a["status"], a["last_sync_at"]) for a in listed.body] == [("never-seen", None)]
+    path = f"/api/v1/sites/{appliance.site_id}/appliances"
+    listed = await partner.request("GET", path)
+    assert [(a["status"], a["last_sync_at"]) for a in listed.body["items"]] == [
+        ("never-seen", None)
+    ]
     appliance.grow(3)
     assert (await appliance.sync(appliance.batch(0))).status == 200
-    (state,) = (await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")).body
-    assert (state["status"], state["audit_size"]) == ("online", 3)
+    (state,) = (await partner.request("GET", path)).body["items"]
+    assert (state["status"], state["witnessed_size"]) == ("online", 3)
     assert state["last_sync_at"] == state["last_seen_at"] is not None
     # Silent for three beats of the default interval (it never said its own).
     harness.clock.advance(timedelta(minutes=14))
-    (state,) = (await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")).body
+    (state,) = (await partner.request("GET", path)).body["items"]
     assert state["status"] == "online"
     harness.clock.advance(timedelta(minutes=2))
-    (state,) = (await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")).body
+    (state,) = (await partner.request("GET", path)).body["items"]
     assert state["status"] == "offline"

@@ -146,6 +146,7 @@ ROWS = [
     row("GET",  "/api/v1/framework-usage",                             MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("POST", "/api/v1/sites/{site_id}/enrollment-tokens",           MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  CREATED),
     row("GET",  "/api/v1/sites/{site_id}/appliances",                  MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/appliances",                                  MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/evidence",                    MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/posture",                     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/posture/oscal",               MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
@@ -438,8 +439,17 @@ BODIES: dict[str, Body] = {
 # --- what the right caller gets back ------------------------------------------------------
 
 
-def _ids(items: list[dict[str, Any]], key: str = "id") -> set[str]:
-    return {item[key] for item in items}
+def _items(body: Any) -> list[dict[str, Any]]:
+    """A list's items: a page's, or a plain list's."""
+    if isinstance(body, dict):
+        assert body["next_cursor"] is None, "a page of the default limit holds the whole world"
+        items: list[dict[str, Any]] = body["items"]
+        return items
+    return list(body)
+
+
+def _ids(items: Any, key: str = "id") -> set[str]:
+    return {item[key] for item in _items(items)}
 
 
 def _check_frameworks(w: World, body: Any) -> None:
@@ -512,7 +522,7 @@ def _check_token(w: World, body: Any) -> None:
 
 
 def _check_appliances(w: World, body: Any) -> None:
-    status = {item["id"]: item["status"] for item in body}
+    status = {item["id"]: item["status"] for item in _items(body)}
     assert status == {
         w.app.appliance_id: "online",  # it synced
         w.revoked.appliance_id: "revoked",
@@ -520,8 +530,18 @@ def _check_appliances(w: World, body: Any) -> None:
     }
 
 
+def _check_all_appliances(w: World, body: Any) -> None:
+    status = {item["id"]: item["status"] for item in _items(body)}
+    assert status == {
+        w.app.appliance_id: "online",  # it synced
+        w.sibling.appliance_id: "never-seen",  # the other site's
+        w.revoked.appliance_id: "revoked",
+        w.target.appliance_id: "never-seen",
+    }
+
+
 def _check_evidence(w: World, body: Any) -> None:
-    assert _ids(body, "bundle_id") == {w.bundle_id}
+    assert _ids(body) == {w.bundle_id}
 
 
 def _check_site_posture(w: World, body: Any) -> None:
@@ -594,18 +614,19 @@ def _check_revoke(w: World, body: Any) -> None:
 
 
 def _check_escalations(w: World, body: Any) -> None:
-    assert _ids(body, "escalation_id") == {w.escalation_id}
+    assert _ids(body) == {w.escalation_id}
 
 
 def _check_acknowledged(w: World, body: Any) -> None:
-    assert body["escalation_id"] == w.escalation_id
+    assert body["id"] == w.escalation_id
     assert body["acknowledged_at"] is not None
 
 
 def _check_alerts(w: World, body: Any) -> None:
-    assert body
-    assert {alert["site_id"] for alert in body} == {w.site}
-    assert {alert["code"] for alert in body} == {"unknown-key"}
+    alerts = _items(body)
+    assert alerts
+    assert {alert["site_id"] for alert in alerts} == {w.site}
+    assert {alert["code"] for alert in alerts} == {"unknown-key"}
 
 
 def _check_renewed(w: World, body: Any) -> None:
@@ -658,6 +679,7 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "GET /api/v1/framework-usage": _check_usage,
     "POST /api/v1/sites/{site_id}/enrollment-tokens": _check_token,
     "GET /api/v1/sites/{site_id}/appliances": _check_appliances,
+    "GET /api/v1/appliances": _check_all_appliances,
     "GET /api/v1/sites/{site_id}/evidence": _check_evidence,
     "GET /api/v1/sites/{site_id}/posture": _check_site_posture,
     "GET /api/v1/sites/{site_id}/posture/oscal": _check_oscal,
@@ -837,6 +859,7 @@ async def partner_view(world: World) -> dict[str, Any]:
         "/api/v1/sites",
         f"/api/v1/sites/{world.site}/appliances",
         f"/api/v1/sites/{world.other_site}/appliances",
+        "/api/v1/appliances",
         f"/api/v1/sites/{world.site}/evidence",
         f"/api/v1/sites/{world.site}/effective-config",
         "/api/v1/escalations",
@@ -902,6 +925,7 @@ async def test_partner_listings_hold_only_their_own_objects(harness: Harness) ->
                 "/api/v1/escalations",
                 "/api/v1/security-alerts",
                 "/api/v1/framework-usage",
+                "/api/v1/appliances",
                 *(f"/api/v1/sites/{site}/evidence" for site in sites),
                 *(f"/api/v1/sites/{site}/appliances" for site in sites),
             ]
@@ -914,11 +938,11 @@ async def test_partner_listings_hold_only_their_own_objects(harness: Harness) ->
         expected = {
             "/api/v1/sites": (_ids(listings["/api/v1/sites"]), set(sites)),
             "/api/v1/escalations": (
-                _ids(listings["/api/v1/escalations"], "escalation_id"),
+                _ids(listings["/api/v1/escalations"]),
                 {escalation_id},
             ),
             "/api/v1/security-alerts": (
-                {a["site_id"] for a in listings["/api/v1/security-alerts"]},
+                {a["site_id"] for a in _items(listings["/api/v1/security-alerts"])},
                 {sites[0]},
             ),
             "/api/v1/framework-usage": (
@@ -927,9 +951,9 @@ async def test_partner_listings_hold_only_their_own_objects(harness: Harness) ->
             ),
             "evidence": (
                 {
-                    e["bundle_id"]
+                    e["id"]
                     for site in sites
-                    for e in listings[f"/api/v1/sites/{site}/evidence"]
+                    for e in _items(listings[f"/api/v1/sites/{site}/evidence"])
                 },
                 {bundle_id},
             ),
@@ -1020,7 +1044,7 @@ async def test_a_rotation_hands_authority_to_the_new_key(harness: Harness) -> No
     assert (reply.status, reply.code) == (401, "unknown-key")
     (listed,) = expect_status(
         await partner.request("GET", f"/api/v1/sites/{app.site_id}/appliances"), 200
-    ).body
+    ).body["items"]
     assert listed["certificate_serial"] == serial
 
 
@@ -1045,7 +1069,7 @@ async def test_a_revoked_rotation_is_refused_and_leaves_the_current_key_working(
     assert reply.status == 200, reply.body
     (listed,) = expect_status(
         await partner.request("GET", f"/api/v1/sites/{app.site_id}/appliances"), 200
-    ).body
+    ).body["items"]
     assert listed["certificate_serial"] == app.serial
     assert listed["status"] != "revoked"
 

@@ -187,7 +187,7 @@ async def test_acknowledging_names_the_appliance(harness: Harness) -> None:
     )
     assert (ack.status, ack.body["appliance_id"]) == (200, first.appliance_id)
     still_open = await partner.request("GET", "/api/v1/escalations?open=true")
-    assert [e["appliance_id"] for e in still_open.body] == [second.appliance_id]
+    assert [e["appliance_id"] for e in still_open.body["items"]] == [second.appliance_id]
 
 
 def bundle_at(appliance: ApplianceClient, index: int, result: str = "pass") -> Any:
@@ -234,7 +234,7 @@ async def test_evidence_sent_before_its_entry_is_checked_when_the_entry_arrives(
     assert verdicts == {1: True, 2: False}
     assert await alert_codes(harness) == ["evidence-not-in-log"]
     listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/evidence")
-    assert {e["log_index"]: e["in_log"] for e in listed.body} == {1: True, 2: False}
+    assert {e["log_index"]: e["in_log"] for e in listed.body["items"]} == {1: True, 2: False}
 
 
 async def test_a_delegation_request_nonce_is_recorded(harness: Harness) -> None:

@@ -98,7 +98,7 @@ async def test_an_attached_document_makes_a_manual_control_pass_until_it_expires
         assert not check_central_record(tampered, KEYS).ok
 
     listed = await partner.request("GET", f"/api/v1/sites/{site_id}/manual-evidence")
-    assert [a["id"] for a in listed.body] == [attached["id"]]
+    assert [a["id"] for a in listed.body["items"]] == [attached["id"]]
 
     harness.clock.advance(timedelta(days=366))
     control = await _state(partner, site_id, RISK_ANALYSIS)
@@ -153,7 +153,7 @@ async def test_bad_attachments_are_refused_and_store_nothing(
     assert (reply.status, reply.code) == (400, "malformed-document"), reply.body
     assert detail in reply.body["detail"]
     listed = await partner.request("GET", f"/api/v1/sites/{site_id}/manual-evidence")
-    assert listed.body == []
+    assert listed.body == {"items": [], "next_cursor": None}
 
 
 async def test_another_partner_sees_no_document(harness: Harness) -> None:

@@ -226,7 +226,7 @@ async def test_an_appliance_that_goes_silent_is_reported_offline_once_and_online
     await email(partner)
     await beat(appliance, interval=10)
     listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")
-    assert listed.body[0]["status"] == "online"
+    assert listed.body["items"][0]["status"] == "online"
 
     harness.clock.advance(timedelta(seconds=29))  # under 3 x 10 s: still online
     await asyncio.sleep(0.3)
@@ -246,7 +246,7 @@ async def test_an_appliance_that_goes_silent_is_reported_offline_once_and_online
     assert "What to do:" in str(body)
     assert "Clinic" in str(body)
     listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")
-    assert listed.body[0]["status"] == "offline"
+    assert listed.body["items"][0]["status"] == "offline"
 
     await beat(appliance, interval=10)
     await eventually(lambda: bool(receiver.of("appliance.online")) and len(box.messages) == 2)
@@ -265,10 +265,10 @@ async def test_without_a_stated_interval_the_default_one_counts(start: Start) ->
     await beat(appliance, interval=None)
     harness.clock.advance(timedelta(seconds=179))  # 3 x the default 60 s
     listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")
-    assert listed.body[0]["status"] == "online"
+    assert listed.body["items"][0]["status"] == "online"
     harness.clock.advance(timedelta(seconds=2))
     listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")
-    assert listed.body[0]["status"] == "offline"
+    assert listed.body["items"][0]["status"] == "offline"
 
 
 # --- escalations and security alerts -----------------------------------------------------
@@ -435,11 +435,11 @@ async def test_channels_are_the_partners_own(start: Start) -> None:
                 method, f"/api/v1/notification-channels/{channel_id}{suffix}"
             )
             assert (reply.status, reply.code) == (404, "not-found"), (method, channel_id)
-    assert (await other.request("GET", "/api/v1/notification-channels")).body == []
+    assert (await other.request("GET", "/api/v1/notification-channels")).body["items"] == []
     assert await deliveries(other, f"?channel_id={channel}") == []
     listed = await partner.request("GET", "/api/v1/notification-channels")
-    assert [c["id"] for c in listed.body] == [channel]
-    assert "secret" not in listed.body[0]
+    assert [c["id"] for c in listed.body["items"]] == [channel]
+    assert "secret" not in listed.body["items"][0]
     deleted = await partner.request("DELETE", f"/api/v1/notification-channels/{channel}")
     assert deleted.status == 204
     gone = await partner.request("GET", f"/api/v1/notification-channels/{channel}")

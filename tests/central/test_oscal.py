@@ -178,7 +178,7 @@ async def test_every_evidenced_finding_links_the_signed_export_of_its_bundle(
     document = await _oscal(partner, site_id)
     (result,) = document["assessment-results"]["results"]
     listed = await partner.request("GET", f"/api/v1/sites/{site_id}/evidence")
-    collected = {e["bundle_id"]: e["collected_at"] for e in listed.body}
+    collected = {e["id"]: e["collected_at"] for e in listed.body["items"]}
     origin = str(harness.client.make_url("/")).rstrip("/")
     linked = set()
     for observation in result["observations"]:

@@ -297,7 +297,7 @@ async def test_bad_overrides_refused(harness: Harness, value: dict[str, Any], de
     assert reply.status == 400, reply.body
     assert reply.code == "malformed-document"
     listed = await partner.request("GET", "/api/v1/sites")
-    assert [s["id"] for s in listed.body] == [site["id"]]
+    assert [s["id"] for s in listed.body["items"]] == [site["id"]]
 
 
 @pytest.mark.parametrize(
@@ -323,7 +323,7 @@ async def test_bad_site_refused(harness: Harness, value: dict[str, Any]) -> None
     assert reply.status == 400, reply.body
     assert reply.code == "malformed-document"
     listed = await partner.request("GET", "/api/v1/sites")
-    assert listed.body == []
+    assert listed.body == {"items": [], "next_cursor": None}
 
 
 # --- presets --------------------------------------------------------------------------
@@ -452,7 +452,7 @@ async def test_create_list_and_get_sites(harness: Harness) -> None:
 
     listed = await partner.request("GET", "/api/v1/sites")
     assert listed.status == 200, listed.body
-    assert listed.body == [plain, overridden, explicit_inherit]
+    assert listed.body == {"items": [plain, overridden, explicit_inherit], "next_cursor": None}
     for site in (plain, overridden, explicit_inherit):
         one = await partner.request("GET", f"/api/v1/sites/{site['id']}")
         assert one.status == 200, one.body
@@ -465,7 +465,7 @@ async def test_sites_of_another_partner_are_not_found(harness: Harness) -> None:
     site = await new_site(owner, "Clinic")
     await new_site(other, "Theirs")
     listed = await other.request("GET", "/api/v1/sites")
-    assert [s["name"] for s in listed.body] == ["Theirs"]
+    assert [s["name"] for s in listed.body["items"]] == ["Theirs"]
     sid = site["id"]
     attempts: list[tuple[str, str, Any]] = [
         ("GET", f"/api/v1/sites/{sid}", None),
@@ -578,7 +578,7 @@ async def test_effective_config_follows_partner_defaults(harness: Harness) -> No
 
     # The list shows the same effective configuration as the single reads.
     listed = await partner.request("GET", "/api/v1/sites")
-    for site in listed.body:
+    for site in listed.body["items"]:
         assert site["effective"] == await effective(partner, site["id"])
 
 
@@ -741,7 +741,8 @@ async def test_bad_enrollment_token_request(
     reply = await _token(partner, site["id"], value)
     assert reply.status == 400, reply.body
     assert reply.code == code
-    assert (await partner.request("GET", f"/api/v1/sites/{site['id']}/appliances")).body == []
+    listed = await partner.request("GET", f"/api/v1/sites/{site['id']}/appliances")
+    assert listed.body["items"] == []
 
 
 async def test_enrollment_token_expires(harness: Harness) -> None:
@@ -815,8 +816,8 @@ async def test_escalations_list_and_acknowledge(harness: Harness) -> None:
 
     reply = await partner.request("GET", "/api/v1/escalations")
     assert reply.status == 200, reply.body
-    assert [e["escalation_id"] for e in reply.body] == ["esc-2", "esc-1"]  # newest first
-    listed = {e["escalation_id"]: e for e in reply.body}
+    assert [e["id"] for e in reply.body["items"]] == ["esc-2", "esc-1"]  # newest first
+    listed = {e["id"]: e for e in reply.body["items"]}
     for document in (first, second):
         entry = listed[document.escalation_id]
         assert entry["appliance_id"] == appliance.appliance_id
@@ -826,6 +827,7 @@ async def test_escalations_list_and_acknowledge(harness: Harness) -> None:
         assert entry["detail"] == document.detail
         assert when(entry["created_at"]) == document.created_at
         assert entry["acknowledged_at"] is None
+        assert entry["acknowledged_by"] is entry["acknowledged_note"] is None
         when(entry["received_at"])
     assert listed["esc-1"]["log_index"] == 3
     assert listed["esc-2"]["log_index"] is None
@@ -839,28 +841,33 @@ async def test_escalations_list_and_acknowledge(harness: Harness) -> None:
     )
     after = harness.clock()
     assert ack.status == 200, ack.body
-    assert ack.body["escalation_id"] == "esc-1"
+    assert ack.body["id"] == "esc-1"
     acknowledged_at = when(ack.body["acknowledged_at"])
     assert before <= acknowledged_at <= after
-    assert {k: v for k, v in ack.body.items() if k != "acknowledged_at"} == {
-        k: v for k, v in listed["esc-1"].items() if k != "acknowledged_at"
+    assert ack.body["acknowledged_by"] == f"partner:{partner.partner_id}/key:{partner.key[:12]}"
+    assert ack.body["acknowledged_note"] is None
+    changed = {"acknowledged_at", "acknowledged_by"}
+    assert {k: v for k, v in ack.body.items() if k not in changed} == {
+        k: v for k, v in listed["esc-1"].items() if k not in changed
     }
 
     # Acknowledging again keeps the first time.
     harness.clock.advance(timedelta(hours=1))
     again = await partner.request(
-        "POST", f"/api/v1/escalations/{appliance.appliance_id}/esc-1/acknowledge"
+        "POST",
+        f"/api/v1/escalations/{appliance.appliance_id}/esc-1/acknowledge",
+        {"note": "a second look"},
     )
     assert again.status == 200, again.body
     assert again.body == ack.body
 
     opened = await partner.request("GET", "/api/v1/escalations?open=true")
-    assert [e["escalation_id"] for e in opened.body] == ["esc-2"]
+    assert [e["id"] for e in opened.body["items"]] == ["esc-2"]
     everything = await partner.request("GET", "/api/v1/escalations")
-    assert [e["escalation_id"] for e in everything.body] == ["esc-2", "esc-1"]
-    assert everything.body[1] == ack.body
+    assert [e["id"] for e in everything.body["items"]] == ["esc-2", "esc-1"]
+    assert everything.body["items"][1] == ack.body
     closed = await partner.request("GET", "/api/v1/escalations?open=false")
-    assert closed.body == everything.body
+    assert closed.body["items"] == [ack.body]
 
 
 async def test_acknowledge_unknown_escalation(harness: Harness) -> None:
@@ -875,8 +882,8 @@ async def test_escalations_of_another_partner(harness: Harness) -> None:
     other = await harness.partner("Other")
     appliance = await harness.enroll(owner)
     await escalate(harness, appliance, "esc-owned")
-    assert (await other.request("GET", "/api/v1/escalations")).body == []
-    assert (await other.request("GET", "/api/v1/escalations?open=true")).body == []
+    assert (await other.request("GET", "/api/v1/escalations")).body["items"] == []
+    assert (await other.request("GET", "/api/v1/escalations?open=true")).body["items"] == []
     reply = await other.request(
         "POST", f"/api/v1/escalations/{appliance.appliance_id}/esc-owned/acknowledge"
     )
@@ -884,8 +891,8 @@ async def test_escalations_of_another_partner(harness: Harness) -> None:
     assert reply.code == "not-found"
     # It is still open for its owner.
     opened = await owner.request("GET", "/api/v1/escalations?open=true")
-    assert [e["escalation_id"] for e in opened.body] == ["esc-owned"]
-    assert opened.body[0]["acknowledged_at"] is None
+    assert [e["id"] for e in opened.body["items"]] == ["esc-owned"]
+    assert opened.body["items"][0]["acknowledged_at"] is None
 
 
 # --- the admin API ------------------------------------------------------------------
@@ -910,7 +917,7 @@ async def test_admin_creates_partner(harness: Harness) -> None:
 
     listed = await admin.request("GET", "/api/v1/partners")
     assert listed.status == 200, listed.body
-    assert created in listed.body
+    assert created in listed.body["items"]
 
 
 async def test_partner_key_cannot_use_admin_api(harness: Harness) -> None:
@@ -922,7 +929,7 @@ async def test_partner_key_cannot_use_admin_api(harness: Harness) -> None:
     assert reply.status == 403, reply.body
     assert reply.code == "forbidden"
     admin = await harness.admin()
-    names = [p["name"] for p in (await admin.request("GET", "/api/v1/partners")).body]
+    names = [p["name"] for p in (await admin.request("GET", "/api/v1/partners")).body["items"]]
     assert "Sneaky" not in names
 
 
@@ -955,7 +962,7 @@ async def test_bad_partner_refused(harness: Harness, value: dict[str, Any]) -> N
     reply = await admin.request("POST", "/api/v1/partners", value)
     assert reply.status == 400, reply.body
     assert reply.code == "malformed-document"
-    assert (await admin.request("GET", "/api/v1/partners")).body == []
+    assert (await admin.request("GET", "/api/v1/partners")).body["items"] == []
 
 
 async def test_credentials_are_required(harness: Harness) -> None:
@@ -1010,7 +1017,7 @@ async def test_oversized_body(harness: Harness, method: str, path: str) -> None:
     assert reply.status == 413, reply.body
     assert reply.code == "body-too-large"
     assert await get_defaults(partner) == before
-    assert (await partner.request("GET", "/api/v1/sites")).body == []
+    assert (await partner.request("GET", "/api/v1/sites")).body["items"] == []
 
 
 async def test_oversized_chunked_body(harness: Harness) -> None:

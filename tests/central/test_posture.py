@@ -342,7 +342,7 @@ async def test_a_bundle_its_log_contradicts_counts_for_nothing(harness: Harness)
     assert (await appliance.push(genuine)).status == 201
     assert (await appliance.sync(appliance.batch(0))).status == 200
     listed = await partner.request("GET", f"/api/v1/sites/{site_id}/evidence")
-    assert [(e["bundle_id"], e["in_log"]) for e in listed.body] == [(_id_of(genuine), False)]
+    assert [(e["id"], e["in_log"]) for e in listed.body["items"]] == [(_id_of(genuine), False)]
     audit = _controls(await _posture(partner, site_id))[HIPAA_AUDIT]
     assert (audit["state"], audit["evidence"], audit["checks"]) == ("stale", None, 0)
     assert _id_of(other) != _id_of(genuine)

@@ -217,8 +217,9 @@ REFUSALS = [
 
 
 async def appliance_state(partner: KeyClient, app: ApplianceClient) -> tuple[object, ...]:
-    (listed,) = (await partner.request("GET", f"/api/v1/sites/{app.site_id}/appliances")).body
-    escalations = (await partner.request("GET", "/api/v1/escalations")).body
+    path = f"/api/v1/sites/{app.site_id}/appliances"
+    (listed,) = (await partner.request("GET", path)).body["items"]
+    escalations = (await partner.request("GET", "/api/v1/escalations")).body["items"]
     return listed["heartbeat"], listed["last_seen_at"], escalations
 
 

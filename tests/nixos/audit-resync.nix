@@ -36,9 +36,9 @@ in
           wait_agent(
               f'.link == "online" and .witnessed_size >= {during["log_size"]}', timeout=300
           )
-          appliances = partner_api(partner_key, f"sites/{site_id}/appliances")
-          t.assertGreaterEqual(appliances[0]["audit_size"], during["log_size"])
-          t.assertEqual(partner_api(partner_key, "security-alerts"), [])
+          appliances = partner_api(partner_key, f"sites/{site_id}/appliances")["items"]
+          t.assertGreaterEqual(appliances[0]["witnessed_size"], during["log_size"])
+          t.assertEqual(partner_api(partner_key, "security-alerts")["items"], [])
 
       with subtest("a changed row the server has not seen yet is refused"):
           appliance.block()
@@ -60,14 +60,14 @@ in
           appliance.unblock()
           appliance.succeed("systemctl start msp-agent.service")
 
-          alerts = wait_partner_api(partner_key, "security-alerts", "length > 0")
+          alerts = wait_partner_api(partner_key, "security-alerts", ".items | length > 0")["items"]
           t.assertTrue(all(alert["appliance_id"] == appliance_id for alert in alerts))
           # The agent names the refusal and tells a human, and keeps running.
           wait_agent('.problems["audit-sync"] != null')
           wait_partner_api(
               partner_key,
               "escalations",
-              '[.[] | select(.severity == "critical" and (.title | startswith("Audit log sync refused")))]'
+              '[.items[] | select(.severity == "critical" and (.title | startswith("Audit log sync refused")))]'
               " | length >= 1",
           )
           output = appliance.fail("runuser -u msp -- /run/current-system/sw/bin/msp-agent audit verify 2>&1")

@@ -31,7 +31,7 @@ in
           )
           appliance.succeed("systemctl stop msp-agent.service")
           appliance.succeed("systemctl reset-failed msp-agent.service")
-          t.assertEqual(partner_api(partner_key, f"sites/{site_id}/appliances"), [])
+          t.assertEqual(partner_api(partner_key, f"sites/{site_id}/appliances")["items"], [])
           # The appliance API takes no unsigned request.
           status = central.succeed(
               "curl --silent --output /dev/null --write-out '%{http_code}' -X POST "
@@ -45,7 +45,7 @@ in
           t.assertFalse(status["certificate"]["revoked"])
           appliance.succeed("test -f /var/lib/msp/keys/certificate.json")
           appliance.succeed("test \"$(stat -c %a /var/lib/msp/keys)\" = 700")
-          appliances = partner_api(partner_key, f"sites/{site_id}/appliances")
+          appliances = partner_api(partner_key, f"sites/{site_id}/appliances")["items"]
           t.assertEqual([a["certificate_serial"] for a in appliances], [serial])
           t.assertEqual(appliances[0]["id"], status["appliance_id"])
 
@@ -66,7 +66,7 @@ in
           appliance.sleep(3 * CHECK_INTERVAL)
           t.assertEqual(agent_status()["log_size"], size, "no entry is signed after revocation")
           appliance.succeed("systemctl is-active msp-agent.service")
-          appliances = partner_api(partner_key, f"sites/{site_id}/appliances")
-          t.assertLessEqual(appliances[0]["audit_size"], revoked["cutoff_size"])
+          appliances = partner_api(partner_key, f"sites/{site_id}/appliances")["items"]
+          t.assertLessEqual(appliances[0]["witnessed_size"], revoked["cutoff_size"])
     '';
 }

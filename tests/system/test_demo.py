@@ -47,7 +47,7 @@ async def _posture_and_audit_export_verify(guide: str, port: int, tmp_path: Path
         assert decided, "no control is decided by the agents' evidence"
         assert all(c["evidence"]["bundle_id"] for c in decided)
         async with session.get(f"{base}/appliances") as response:
-            appliance_id = (await response.json())[0]["id"]
+            appliance_id = (await response.json())["items"][0]["id"]
         async with session.get(f"{base}/appliances/{appliance_id}/audit-export") as response:
             assert response.status == 200
             (tmp_path / "audit-export.json").write_bytes(await response.read())

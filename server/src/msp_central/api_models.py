@@ -94,6 +94,11 @@ class PartnerOut(Body):
     defaults: PartnerDefaults
 
 
+class PartnerPage(Body):
+    items: list[PartnerOut]
+    next_cursor: str | None
+
+
 class PartnerCreate(Body):
     name: Name
 
@@ -138,6 +143,11 @@ class SiteOut(Body):
     # Set when the site was taken out of service: its history stays
     # readable, its settings and enrollment are closed.
     decommissioned_at: datetime | None = None
+
+
+class SitePage(Body):
+    items: list[SiteOut]
+    next_cursor: str | None
 
 
 class ApplyPreset(Body):
@@ -293,12 +303,20 @@ class ApplianceOut(Body):
     status: ApplianceStatus
     last_seen_at: datetime | None
     last_sync_at: datetime | None
-    audit_size: int
-    audit_root: str
+    # The appliance's log as the server witnessed it (what the heartbeat
+    # answers as witnessed_size), and as the appliance last reported it.
+    witnessed_size: int
+    witnessed_root: str
+    log_size: int | None
     flagged_checkpoints: int
     certificate_serial: str | None
     certificate_not_after: datetime | None
     heartbeat: dict[str, object] | None
+
+
+class AppliancePage(Body):
+    items: list[ApplianceOut]
+    next_cursor: str | None
 
 
 class RevokeIn(Body):
@@ -315,7 +333,7 @@ class RevokeOut(Body):
 
 
 class EscalationOut(Body):
-    escalation_id: str
+    id: str  # the appliance's own id: unique with appliance_id
     appliance_id: str
     site_id: str
     severity: Severity
@@ -325,6 +343,17 @@ class EscalationOut(Body):
     received_at: datetime
     log_index: int | None
     acknowledged_at: datetime | None
+    acknowledged_by: str | None  # an actor, as the central log names it
+    acknowledged_note: str | None
+
+
+class EscalationPage(Body):
+    items: list[EscalationOut]
+    next_cursor: str | None
+
+
+class AcknowledgeIn(Body):
+    note: Annotated[Printable, StringConstraints(max_length=2000)] = ""
 
 
 class AlertOut(Body):
@@ -336,8 +365,13 @@ class AlertOut(Body):
     created_at: datetime
 
 
+class AlertPage(Body):
+    items: list[AlertOut]
+    next_cursor: str | None
+
+
 class EvidenceOut(Body):
-    bundle_id: str
+    id: str  # the appliance's own id: unique with appliance_id
     appliance_id: str
     site_id: str
     check_id: str
@@ -350,6 +384,11 @@ class EvidenceOut(Body):
     # (null: that entry has not been synced yet).
     in_log: bool | None
     received_at: datetime
+
+
+class EvidencePage(Body):
+    items: list[EvidenceOut]
+    next_cursor: str | None
 
 
 # --- compliance posture -----------------------------------------------------------------
@@ -545,6 +584,11 @@ class ManualEvidenceOut(Body):
     log_index: int  # its entry in the central log: the hash is there for good
 
 
+class ManualEvidencePage(Body):
+    items: list[ManualEvidenceOut]
+    next_cursor: str | None
+
+
 # --- notifications ------------------------------------------------------------------
 
 NotificationKind = Literal[
@@ -612,6 +656,11 @@ class DeliveryOut(Body):
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+
+
+class ChannelPage(Body):
+    items: list[ChannelOut]
+    next_cursor: str | None
 
 
 class DeliveryPage(Body):

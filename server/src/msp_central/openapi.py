@@ -9,7 +9,7 @@ every response they receive against it.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, get_args
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -17,10 +17,11 @@ from pydantic.json_schema import models_json_schema
 
 from msp_central import __version__
 from msp_central import api_models as m
-from msp_protocol.bundle import Escalation
+from msp_protocol.bundle import Escalation, Severity
 from msp_protocol.canonical import canonicalize
 from msp_protocol.central_log import CentralLogExport, CentralRecordProof
 from msp_protocol.dsse import Envelope
+from msp_protocol.evidence import CheckResult
 from msp_protocol.export import AuditExport, EvidenceExport
 from msp_protocol.package import AuditorPackage
 from msp_protocol.sync import SyncRequest, SyncResponse
@@ -51,11 +52,11 @@ OPERATIONS: list[
     ("get", "/api/v1/runbooks", "Every runbook and its coverage tier", ANY_KEY, None, {200: list[m.RunbookOut]}),
     ("get", "/api/v1/presets", "Industry presets", ANY_KEY, None, {200: list[m.PresetOut]}),
     ("post", "/api/v1/partners", "Create a partner and its first API key", ADMIN, m.PartnerCreate, {201: m.PartnerCreated}),
-    ("get", "/api/v1/partners", "List partners", ADMIN, None, {200: list[m.PartnerOut]}),
+    ("get", "/api/v1/partners", "List partners, a page at a time", ADMIN, None, {200: m.PartnerPage}),
     ("get", "/api/v1/partner", "The calling partner and its defaults", PARTNER, None, {200: m.PartnerOut}),
     ("put", "/api/v1/partner/defaults", "Set the partner's defaults", PARTNER, m.PartnerDefaults, {200: m.PartnerOut}),
     ("post", "/api/v1/partner/apply-preset", "Set the partner's defaults from a preset", PARTNER, m.ApplyPreset, {200: m.PartnerOut}),
-    ("get", "/api/v1/sites", "The partner's sites", PARTNER, None, {200: list[m.SiteOut]}),
+    ("get", "/api/v1/sites", "The partner's sites, a page at a time", PARTNER, None, {200: m.SitePage}),
     ("post", "/api/v1/sites", "Create a site", PARTNER, m.SiteCreate, {201: m.SiteOut}),
     ("get", "/api/v1/sites/{site_id}", "One site", PARTNER, None, {200: m.SiteOut}),
     ("put", "/api/v1/sites/{site_id}/overrides", "Set a site's overrides", PARTNER, m.SiteOverrides, {200: m.SiteOut}),
@@ -74,8 +75,9 @@ OPERATIONS: list[
     ("post", "/api/v1/api-keys", "Another API key for the partner (shown once)", PARTNER, m.ApiKeyCreate, {201: m.ApiKeyCreated}),
     ("post", "/api/v1/api-keys/{key_id}/rotate", "A new key replacing this one, which keeps working for the overlap", PARTNER, m.ApiKeyRotate, {201: m.ApiKeyRotated}),
     ("delete", "/api/v1/api-keys/{key_id}", "Revoke an API key now (never the partner's last active key)", PARTNER, None, {200: m.ApiKeyOut}),
-    ("get", "/api/v1/sites/{site_id}/appliances", "A site's appliances and their state", PARTNER, None, {200: list[m.ApplianceOut]}),
-    ("get", "/api/v1/sites/{site_id}/evidence", "A site's evidence bundles", PARTNER, None, {200: list[m.EvidenceOut]}),
+    ("get", "/api/v1/sites/{site_id}/appliances", "A site's appliances and their state, a page at a time", PARTNER, None, {200: m.AppliancePage}),
+    ("get", "/api/v1/appliances", "The appliances of all the partner's sites and their state, a page at a time", PARTNER, None, {200: m.AppliancePage}),
+    ("get", "/api/v1/sites/{site_id}/evidence", "A site's evidence bundles, newest first, a page at a time", PARTNER, None, {200: m.EvidencePage}),
     ("get", "/api/v1/sites/{site_id}/posture", "A site's compliance posture, control by control, with the evidence behind each state", PARTNER, None, {200: m.SitePostureOut}),
     ("get", "/api/v1/sites/{site_id}/posture/oscal", "A site's posture as an OSCAL 1.2.1 Assessment Results document: a finding per control, an observation per signed bundle linking its evidence export", PARTNER, None, {200: OSCAL_DOCUMENT}),
     ("get", "/api/v1/sites/{site_id}/posture/trend", "A site's posture at the end of each day", PARTNER, None, {200: m.PostureTrendOut}),
@@ -86,17 +88,17 @@ OPERATIONS: list[
     ("post", "/api/v1/sites/{site_id}/appliances/{appliance_id}/audit-log/approve-new", "Approve the new audit log of an appliance whose log the server refused: the current generation is closed and kept, the next one starts empty", PARTNER, m.NewAuditLogIn, {201: m.AuditLogGenerationsOut}),
     ("get", "/api/v1/sites/{site_id}/auditor-package", "An auditor package: a site's signed evidence for frameworks and a period, with its proofs and a summary (msp-verify checks it)", PARTNER, None, {200: AuditorPackage}),
     ("post", "/api/v1/sites/{site_id}/manual-evidence", "Attach a document to a control of the site (its hash goes into the central log)", PARTNER, m.ManualEvidenceIn, {201: m.ManualEvidenceOut}),
-    ("get", "/api/v1/sites/{site_id}/manual-evidence", "The documents attached to the site's controls", PARTNER, None, {200: list[m.ManualEvidenceOut]}),
+    ("get", "/api/v1/sites/{site_id}/manual-evidence", "The documents attached to the site's controls, newest first, a page at a time", PARTNER, None, {200: m.ManualEvidencePage}),
     ("get", "/api/v1/sites/{site_id}/manual-evidence/{attachment_id}", "One attached document's record", PARTNER, None, {200: m.ManualEvidenceOut}),
     ("get", "/api/v1/sites/{site_id}/manual-evidence/{attachment_id}/document", "The attached document, exactly as attached", PARTNER, None, {200: bytes}),
     ("get", "/api/v1/sites/{site_id}/manual-evidence/{attachment_id}/proof", "The document's central log entry, inclusion proof and root-signed checkpoint", PARTNER, None, {200: CentralRecordProof}),
     ("get", "/api/v1/central-log/export", "The central server's own audit log, for msp-verify (administrators)", ADMIN, None, {200: CentralLogExport}),
     ("get", "/.well-known/msp-central-key", "The central public key, hex, as msp-verify --central-key-file reads it", NONE, None, {200: str}),
     ("post", "/api/v1/certificates/{serial}/revoke", "Revoke an appliance certificate", PARTNER, m.RevokeIn, {200: m.RevokeOut}),
-    ("get", "/api/v1/escalations", "The partner's escalations", PARTNER, None, {200: list[m.EscalationOut]}),
-    ("post", "/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge", "Acknowledge an escalation", PARTNER, None, {200: m.EscalationOut}),
-    ("get", "/api/v1/security-alerts", "Security alerts raised by ingest", PARTNER, None, {200: list[m.AlertOut]}),
-    ("get", "/api/v1/notification-channels", "The partner's notification channels", PARTNER, None, {200: list[m.ChannelOut]}),
+    ("get", "/api/v1/escalations", "The partner's escalations, newest first, a page at a time", PARTNER, None, {200: m.EscalationPage}),
+    ("post", "/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge", "Acknowledge an escalation, with an optional note (the body may be empty); the first acknowledgement stands", PARTNER, m.AcknowledgeIn, {200: m.EscalationOut}),
+    ("get", "/api/v1/security-alerts", "Security alerts raised by ingest, newest first, a page at a time", PARTNER, None, {200: m.AlertPage}),
+    ("get", "/api/v1/notification-channels", "The partner's notification channels, a page at a time", PARTNER, None, {200: m.ChannelPage}),
     ("post", "/api/v1/notification-channels", "Add a webhook or e-mail channel (a webhook's signing secret is returned this once)", PARTNER, m.ChannelCreate, {201: m.ChannelCreated}),
     ("get", "/api/v1/notification-channels/{channel_id}", "One notification channel", PARTNER, None, {200: m.ChannelOut}),
     ("delete", "/api/v1/notification-channels/{channel_id}", "Delete a notification channel (its deliveries stay listed)", PARTNER, None, {204: None}),
@@ -159,15 +161,102 @@ _FRAMEWORK_FILTER: dict[str, Any] = {
     "schema": {"type": "string"},
 }
 
+
+def _filter(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+_IDENTIFIER: dict[str, Any] = {"type": "string", "maxLength": 64}
+_MOMENT: dict[str, Any] = {"type": "string", "format": "date-time"}
+
+
+def _period(column: str) -> list[dict[str, Any]]:
+    return [
+        _filter("from", f"only those whose {column} is at or after this, RFC 3339", _MOMENT),
+        _filter("to", f"only those whose {column} is before this (exclusive), RFC 3339", _MOMENT),
+    ]
+
+
+def _decommissioned(what: str) -> dict[str, Any]:
+    return _filter(
+        "decommissioned",
+        f"false (the default): only {what} in service; true: only decommissioned ones",
+        {"type": "boolean", "default": False},
+    )
+
+
+_SITE_FILTER = _filter("site_id", "only this site's", _IDENTIFIER)
+_APPLIANCE_FILTER = _filter("appliance_id", "only this appliance's", _IDENTIFIER)
+_APPLIANCE_FILTERS = [_decommissioned("appliances")]
+
 QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("get", "/api/v1/partners"): PAGE_PARAMETERS,
+    ("get", "/api/v1/sites"): [
+        *PAGE_PARAMETERS,
+        _filter(
+            "framework",
+            "only sites running this framework (their own list, or the partner's defaults)",
+            {"type": "string", "maxLength": 32},
+        ),
+        _decommissioned("sites"),
+        _filter(
+            "name",
+            "only sites whose name contains this, any case",
+            {"type": "string", "maxLength": 200},
+        ),
+    ],
+    ("get", "/api/v1/sites/{site_id}/appliances"): [*PAGE_PARAMETERS, *_APPLIANCE_FILTERS],
+    ("get", "/api/v1/appliances"): [*PAGE_PARAMETERS, _SITE_FILTER, *_APPLIANCE_FILTERS],
+    ("get", "/api/v1/sites/{site_id}/evidence"): [
+        *PAGE_PARAMETERS,
+        _APPLIANCE_FILTER,
+        _filter("check_id", "only bundles of this check", {"type": "string", "maxLength": 64}),
+        _filter(
+            "result",
+            "only bundles with this result",
+            {"type": "string", "enum": list(get_args(CheckResult))},
+        ),
+        _filter(
+            "framework",
+            "only bundles giving evidence for a control of this framework",
+            {"type": "string", "maxLength": 32},
+        ),
+        *_period("collected_at"),
+        _filter(
+            "in_log",
+            "true: only bundles the witnessed log records; false: only those it does not (bundles whose entry is not synced yet are in neither)",
+            {"type": "boolean"},
+        ),
+    ],
+    ("get", "/api/v1/sites/{site_id}/manual-evidence"): PAGE_PARAMETERS,
     ("get", "/api/v1/escalations"): [
-        {
-            "name": "open",
-            "in": "query",
-            "required": False,
-            "description": "true: only escalations not acknowledged yet",
-            "schema": {"type": "boolean"},
-        }
+        *PAGE_PARAMETERS,
+        _SITE_FILTER,
+        _APPLIANCE_FILTER,
+        _filter(
+            "severity",
+            "only escalations of this severity",
+            {"type": "string", "enum": list(get_args(Severity))},
+        ),
+        _filter(
+            "open",
+            "true: only escalations not acknowledged yet; false: only acknowledged ones",
+            {"type": "boolean"},
+        ),
+        *_period("received_at"),
+    ],
+    ("get", "/api/v1/security-alerts"): [
+        *PAGE_PARAMETERS,
+        _SITE_FILTER,
+        _APPLIANCE_FILTER,
+        _filter("code", "only alerts of this code", {"type": "string", "maxLength": 64}),
+        *_period("created_at"),
     ],
     ("get", "/api/v1/sites/{site_id}/enrollment-tokens"): PAGE_PARAMETERS,
     ("get", "/api/v1/api-keys"): PAGE_PARAMETERS,
@@ -207,6 +296,7 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "schema": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
         }
     ],
+    ("get", "/api/v1/notification-channels"): PAGE_PARAMETERS,
     ("get", "/api/v1/notification-deliveries"): [
         *PAGE_PARAMETERS,
         {

@@ -114,6 +114,8 @@ def _jsonable(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
     return value
 
 

@@ -16,6 +16,7 @@ from msp_central.central_log import actor_of, central_log_export, record, record
 from msp_central.context import central, download, json_response, parse_body, read_body
 from msp_central.db.engine import read_only, write
 from msp_central.db.tables import controls, manual_evidence
+from msp_central.pagination import Keyset, fetch_page, page_request, page_response
 from msp_central.problems import Problem
 from msp_central.queries import get_partner, get_site, new_id
 from msp_protocol.encoding import b64decode, format_time
@@ -146,21 +147,21 @@ async def attach(request: web.Request) -> web.Response:
     return json_response(manual_out(row, now), status=201)
 
 
+_ORDER = Keyset([(manual_evidence.c.attached_at, "desc"), (manual_evidence.c.id, "asc")])
+
+
 @routes.get("/api/v1/sites/{site_id}/manual-evidence")
 async def list_attachments(request: web.Request) -> web.Response:
+    """The site's attachments, the newest first, a page at a time."""
     holder = await require_partner(request)
+    page = page_request(request, _ORDER)
     service = central(request)
     async with read_only(service.engine) as connection:
         site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
-        rows = (
-            await connection.execute(
-                sa.select(*_METADATA)
-                .where(manual_evidence.c.site_id == site.id)
-                .order_by(manual_evidence.c.attached_at.desc(), manual_evidence.c.id)
-            )
-        ).all()
+        query = sa.select(*_METADATA).where(manual_evidence.c.site_id == site.id)
+        rows, cursor = await fetch_page(connection, query, _ORDER, page)
     now = service.clock()
-    return json_response([manual_out(row, now) for row in rows])
+    return page_response(request, [manual_out(row, now) for row in rows], cursor)
 
 
 async def _attachment(request: web.Request, *columns: Any) -> Any:

@@ -87,22 +87,26 @@ async def _channel(connection: Any, channel_id: str, partner_id: str | None) -> 
     return row
 
 
+_CHANNELS = Keyset(
+    [(notification_channels.c.created_at, "asc"), (notification_channels.c.id, "asc")]
+)
+
+
 @routes.get("/api/v1/notification-channels")
 async def list_channels(request: web.Request) -> web.Response:
     holder = await require_partner(request)
-    service = central(request)
-    async with read_only(service.engine) as connection:
-        rows = (
-            await connection.execute(
-                sa.select(notification_channels)
-                .where(
-                    notification_channels.c.partner_id == holder.partner_id,
-                    notification_channels.c.deleted_at.is_(None),
-                )
-                .order_by(notification_channels.c.created_at, notification_channels.c.id)
-            )
-        ).all()
-    return json_response([_channel_out(row) for row in rows])
+    page = page_request(request, _CHANNELS)
+    async with read_only(central(request).engine) as connection:
+        rows, cursor = await fetch_page(
+            connection,
+            sa.select(notification_channels).where(
+                notification_channels.c.partner_id == holder.partner_id,
+                notification_channels.c.deleted_at.is_(None),
+            ),
+            _CHANNELS,
+            page,
+        )
+    return page_response(request, [_channel_out(row) for row in rows], cursor)
 
 
 @routes.post("/api/v1/notification-channels")

@@ -12,8 +12,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from aiohttp import web
+from sqlalchemy.dialects.postgresql import JSONB
 
 from msp_central.api_models import (
+    AcknowledgeIn,
     AlertOut,
     ApplianceOut,
     ApplyPreset,
@@ -52,6 +54,7 @@ from msp_central.db.tables import (
     sites,
 )
 from msp_central.liveness import appliance_status
+from msp_central.pagination import Keyset, fetch_page, page_request, page_response
 from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import (
@@ -106,9 +109,11 @@ async def create_partner_handler(request: web.Request) -> web.Response:
 @routes.get("/api/v1/partners")
 async def list_partners(request: web.Request) -> web.Response:
     await require_admin(request)
+    keyset = Keyset([(partners.c.created_at, "asc"), (partners.c.id, "asc")])
+    page = page_request(request, keyset)
     async with read_only(central(request).engine) as connection:
-        rows = (await connection.execute(sa.select(partners).order_by(partners.c.created_at))).all()
-    return json_response([partner_out(row) for row in rows])
+        rows, cursor = await fetch_page(connection, sa.select(partners), keyset, page)
+    return page_response(request, [partner_out(row) for row in rows], cursor)
 
 
 # --- the partner and its defaults ---------------------------------------------------------
@@ -185,19 +190,66 @@ async def apply_partner_preset(request: web.Request) -> web.Response:
 # --- sites -----------------------------------------------------------------------------
 
 
+def _json_array_has(dialect: str, column: Any, value: str) -> sa.ColumnElement[bool]:
+    """Whether the JSON array in ``column`` holds the string ``value``."""
+    if dialect == "postgresql":
+        return sa.cast(column, JSONB).contains([value])
+    members = sa.func.json_each(column).table_valued("value")
+    return sa.exists(sa.select(1).select_from(members).where(members.c.value == value))
+
+
+def _json_type(dialect: str, column: Any) -> sa.ColumnElement[str]:
+    """The JSON type of ``column`` ('array', 'null', ...); 'null' for SQL NULL too."""
+    if dialect == "postgresql":
+        kind = sa.func.jsonb_typeof(sa.cast(column, JSONB))
+    else:
+        kind = sa.func.json_type(column)
+    return sa.func.coalesce(kind, "null")
+
+
+def _runs_framework(dialect: str, partner: sa.Row[Any], framework: str) -> sa.ColumnElement[bool]:
+    """Sites whose effective frameworks include ``framework``: their own list
+    when they have one, else the partner's defaults (one partner's sites)."""
+    own = _json_type(dialect, sites.c.frameworks) == "array"
+    in_own = sa.and_(own, _json_array_has(dialect, sites.c.frameworks, framework))
+    if framework in (partner.frameworks or []):
+        return sa.or_(in_own, sa.not_(own))
+    return in_own
+
+
+def _contains(column: sa.ColumnElement[str], text: str) -> sa.ColumnElement[bool]:
+    """Case-insensitive substring, LIKE's wildcards taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return column.ilike(f"%{escaped}%", escape="\\")
+
+
+def _is_set(column: sa.ColumnElement[Any], wanted: bool) -> sa.ColumnElement[bool]:
+    """``column`` is not NULL when ``wanted``, NULL otherwise."""
+    return column.is_not(None) if wanted else column.is_(None)
+
+
 @routes.get("/api/v1/sites")
 async def list_sites(request: web.Request) -> web.Response:
+    """The partner's sites, oldest first; ``framework``, ``decommissioned``
+    and ``name`` filter them."""
     holder = await require_partner(request)
+    keyset = Keyset([(sites.c.created_at, "asc"), (sites.c.id, "asc")])
+    page = page_request(request, keyset)
+    filters = checked_query(request)
     async with read_only(central(request).engine) as connection:
         partner = await get_partner(connection, _partner_id(holder))
-        rows = (
-            await connection.execute(
-                sa.select(sites)
-                .where(sites.c.partner_id == partner.id)
-                .order_by(sites.c.created_at)
-            )
-        ).all()
-        return json_response([await site_out(connection, row, partner) for row in rows])
+        query = sa.select(sites).where(
+            sites.c.partner_id == partner.id,
+            _is_set(sites.c.decommissioned_at, filters["decommissioned"]),
+        )
+        if "framework" in filters:
+            dialect = connection.dialect.name
+            query = query.where(_runs_framework(dialect, partner, filters["framework"]))
+        if "name" in filters:
+            query = query.where(_contains(sites.c.name, filters["name"]))
+        rows, cursor = await fetch_page(connection, query, keyset, page)
+        items = [await site_out(connection, row, partner) for row in rows]
+    return page_response(request, items, cursor)
 
 
 @routes.post("/api/v1/sites")
@@ -371,38 +423,46 @@ async def create_token(request: web.Request) -> web.Response:
 # --- appliances ------------------------------------------------------------------------
 
 
-@routes.get("/api/v1/sites/{site_id}/appliances")
-async def list_appliances(request: web.Request) -> web.Response:
-    holder = await require_partner(request)
+_APPLIANCE_ORDER = Keyset([(appliances.c.created_at, "asc"), (appliances.c.id, "asc")])
+
+
+async def _appliance_page(request: web.Request, scope: sa.ColumnElement[bool]) -> web.Response:
+    """A page of the appliances ``scope`` selects, oldest first, filtered by
+    ``decommissioned``. Their status is the liveness rule's, computed per row
+    from each appliance's own heartbeat interval: no status filter, since a
+    filter applied after paging would thin pages and one in SQL would be a
+    second copy of that rule."""
+    page = page_request(request, _APPLIANCE_ORDER)
+    filters = checked_query(request)
     service = central(request)
     now = service.clock()
+    query = (
+        sa.select(
+            appliances,
+            audit_logs.c.size,
+            audit_logs.c.root,
+            audit_logs.c.updated_at,
+            certificates.c.not_after,
+        )
+        .outerjoin(audit_logs, audit_logs.c.appliance_id == appliances.c.id)
+        .outerjoin(certificates, certificates.c.serial == appliances.c.current_serial)
+        .where(scope, _is_set(appliances.c.decommissioned_at, filters["decommissioned"]))
+    )
     async with read_only(service.engine) as connection:
-        site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
-        rows = (
-            await connection.execute(
-                sa.select(
-                    appliances,
-                    audit_logs.c.size,
-                    audit_logs.c.root,
-                    audit_logs.c.updated_at,
-                    certificates.c.not_after,
-                )
-                .outerjoin(audit_logs, audit_logs.c.appliance_id == appliances.c.id)
-                .outerjoin(certificates, certificates.c.serial == appliances.c.current_serial)
-                .where(appliances.c.site_id == site.id)
-                .order_by(appliances.c.created_at)
-            )
-        ).all()
+        rows, cursor = await fetch_page(connection, query, _APPLIANCE_ORDER, page)
         flagged: dict[str, int] = dict(
             (
                 await connection.execute(
                     sa.select(audit_checkpoints.c.appliance_id, sa.func.count())
-                    .where(audit_checkpoints.c.signed_after_expiry.is_(True))
+                    .where(
+                        audit_checkpoints.c.appliance_id.in_([row.id for row in rows]),
+                        audit_checkpoints.c.signed_after_expiry.is_(True),
+                    )
                     .group_by(audit_checkpoints.c.appliance_id)
                 )
             ).all()
         )
-    result = []
+    items = []
     for row in rows:
         last_sync = row.updated_at if row.size else None
         seen = max((t for t in (row.last_seen_at, last_sync) if t is not None), default=None)
@@ -414,7 +474,8 @@ async def list_appliances(request: web.Request) -> web.Response:
             decommissioned_at=row.decommissioned_at,
             settings=service.settings,
         )
-        result.append(
+        reported = (row.heartbeat or {}).get("log_size")
+        items.append(
             ApplianceOut(
                 id=row.id,
                 site_id=row.site_id,
@@ -422,15 +483,36 @@ async def list_appliances(request: web.Request) -> web.Response:
                 status=status,
                 last_seen_at=seen,
                 last_sync_at=last_sync,
-                audit_size=int(row.size or 0),
-                audit_root=row.root or "",
+                witnessed_size=int(row.size or 0),
+                witnessed_root=row.root or "",
+                log_size=reported if isinstance(reported, int) else None,
                 flagged_checkpoints=int(flagged.get(row.id, 0)),
                 certificate_serial=row.current_serial,
                 certificate_not_after=row.not_after,
                 heartbeat=row.heartbeat,
             )
         )
-    return json_response(result)
+    return page_response(request, items, cursor)
+
+
+@routes.get("/api/v1/sites/{site_id}/appliances")
+async def list_appliances(request: web.Request) -> web.Response:
+    holder = await require_partner(request)
+    async with read_only(central(request).engine) as connection:
+        site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
+    return await _appliance_page(request, appliances.c.site_id == site.id)
+
+
+@routes.get("/api/v1/appliances")
+async def list_partner_appliances(request: web.Request) -> web.Response:
+    """The appliances of every site of the partner; ``site_id`` narrows them
+    to one (another partner's site gives an empty page)."""
+    holder = await require_partner(request)
+    scope: sa.ColumnElement[bool] = appliances.c.site_id.in_(_partner_sites(holder))
+    site_id = checked_query(request).get("site_id")
+    if site_id is not None:
+        scope = sa.and_(scope, appliances.c.site_id == site_id)
+    return await _appliance_page(request, scope)
 
 
 @routes.post("/api/v1/certificates/{serial}/revoke")
@@ -460,28 +542,59 @@ def _partner_sites(holder: KeyHolder) -> Any:
     return sa.select(sites.c.id).where(sites.c.partner_id == holder.partner_id)
 
 
+def _period(column: Any, filters: dict[str, Any]) -> list[sa.ColumnElement[bool]]:
+    """``from`` (inclusive) and ``to`` (exclusive) on ``column``."""
+    bounds = []
+    if "from" in filters:
+        bounds.append(column >= filters["from"])
+    if "to" in filters:
+        bounds.append(column < filters["to"])
+    return bounds
+
+
+def _equal(filters: dict[str, Any], **columns: Any) -> list[sa.ColumnElement[bool]]:
+    """``column == value`` for each filter given (by its parameter name)."""
+    return [column == filters[name] for name, column in columns.items() if name in filters]
+
+
+_ESCALATION_ORDER = Keyset(
+    [
+        (escalations.c.received_at, "desc"),
+        (escalations.c.appliance_id, "asc"),
+        (escalations.c.escalation_id, "asc"),
+    ]
+)
+
+
 @routes.get("/api/v1/escalations")
 async def list_escalations(request: web.Request) -> web.Response:
     """The partner's escalations, newest first; ``?open=true`` for the
-    unacknowledged ones only."""
+    unacknowledged ones only, and filters by site, appliance, severity and
+    time received."""
     holder = await require_partner(request)
-    query = (
-        sa.select(escalations)
-        .where(escalations.c.site_id.in_(_partner_sites(holder)))
-        .order_by(escalations.c.received_at.desc())
-        .limit(500)
+    page = page_request(request, _ESCALATION_ORDER)
+    filters = checked_query(request)
+    query = sa.select(escalations).where(
+        escalations.c.site_id.in_(_partner_sites(holder)),
+        *_equal(
+            filters,
+            site_id=escalations.c.site_id,
+            appliance_id=escalations.c.appliance_id,
+            severity=escalations.c.severity,
+        ),
+        *_period(escalations.c.received_at, filters),
     )
-    if checked_query(request).get("open"):
-        query = query.where(escalations.c.acknowledged_at.is_(None))
+    if "open" in filters:
+        query = query.where(_is_set(escalations.c.acknowledged_at, not filters["open"]))
     async with read_only(central(request).engine) as connection:
-        rows = (await connection.execute(query)).all()
-    return json_response([_escalation_out(row) for row in rows])
+        rows, cursor = await fetch_page(connection, query, _ESCALATION_ORDER, page)
+    return page_response(request, [_escalation_out(row) for row in rows], cursor)
 
 
 def _escalation_out(row: sa.Row[Any]) -> EscalationOut:
     document = row.document
     return EscalationOut(
-        escalation_id=row.escalation_id,
+        id=row.escalation_id,
         appliance_id=row.appliance_id,
         site_id=row.site_id,
         severity=row.severity,
@@ -491,13 +604,19 @@ def _escalation_out(row: sa.Row[Any]) -> EscalationOut:
         received_at=row.received_at,
         log_index=document.get("log_index"),
         acknowledged_at=row.acknowledged_at,
+        acknowledged_by=row.acknowledged_by,
+        acknowledged_note=row.acknowledged_note,
     )
 
 
 @routes.post("/api/v1/escalations/{appliance_id}/{escalation_id}/acknowledge")
 async def acknowledge(request: web.Request) -> web.Response:
+    """Acknowledge an escalation, with an optional ``{"note": ...}`` (an empty
+    body is no note). The first acknowledgement stands: a later one changes
+    nothing and answers the escalation as it is."""
     holder = await require_partner(request)
-    await read_body(request)
+    raw = await read_body(request)
+    note = parse_body(raw, AcknowledgeIn, request).note if raw.strip() else ""
     service = central(request)
     escalation_id = request.match_info["escalation_id"]
     where = (
@@ -507,22 +626,30 @@ async def acknowledge(request: web.Request) -> web.Response:
         escalations.c.escalation_id == escalation_id,
         escalations.c.site_id.in_(_partner_sites(holder)),
     )
+    actor = actor_of(holder)
     async with write(service.engine) as connection:
         changed = await connection.execute(
             sa.update(escalations)
             .where(*where, escalations.c.acknowledged_at.is_(None))
-            .values(acknowledged_at=service.clock(), acknowledged_by=holder.key_prefix)
+            .values(
+                acknowledged_at=service.clock(),
+                acknowledged_by=actor,
+                acknowledged_note=note or None,
+            )
         )
         row = (await connection.execute(sa.select(escalations).where(*where))).first()
         if row is None:
             raise Problem("not-found", f"no escalation {escalation_id[:64]}")
         if changed.rowcount:
+            data = {"appliance_id": row.appliance_id, "escalation_id": row.escalation_id}
+            if note:
+                data["note"] = note
             await record(
                 connection,
                 service.root,
                 kind="escalation.acknowledged",
-                actor=actor_of(holder),
-                data={"appliance_id": row.appliance_id, "escalation_id": row.escalation_id},
+                actor=actor,
+                data=data,
                 now=service.clock(),
                 partner_id=holder.partner_id,
                 site_id=row.site_id,
@@ -530,61 +657,98 @@ async def acknowledge(request: web.Request) -> web.Response:
     return json_response(_escalation_out(row))
 
 
+_ALERT_ORDER = Keyset([(security_alerts.c.id, "desc")])
+
+
 @routes.get("/api/v1/security-alerts")
 async def list_alerts(request: web.Request) -> web.Response:
+    """Security alerts of the partner's sites, newest first, filtered by
+    site, appliance, code and time raised."""
     holder = await require_partner(request)
-    async with read_only(central(request).engine) as connection:
-        rows = (
-            await connection.execute(
-                sa.select(security_alerts)
-                .where(security_alerts.c.site_id.in_(_partner_sites(holder)))
-                .order_by(security_alerts.c.id.desc())
-                .limit(500)
-            )
-        ).all()
-    return json_response(
-        [
-            AlertOut(
-                id=row.id,
-                appliance_id=row.appliance_id,
-                site_id=row.site_id,
-                code=row.code,
-                detail=row.detail,
-                created_at=row.created_at,
-            )
-            for row in rows
-        ]
+    page = page_request(request, _ALERT_ORDER)
+    filters = checked_query(request)
+    query = sa.select(security_alerts).where(
+        security_alerts.c.site_id.in_(_partner_sites(holder)),
+        *_equal(
+            filters,
+            site_id=security_alerts.c.site_id,
+            appliance_id=security_alerts.c.appliance_id,
+            code=security_alerts.c.code,
+        ),
+        *_period(security_alerts.c.created_at, filters),
     )
+    async with read_only(central(request).engine) as connection:
+        rows, cursor = await fetch_page(connection, query, _ALERT_ORDER, page)
+    items = [
+        AlertOut(
+            id=row.id,
+            appliance_id=row.appliance_id,
+            site_id=row.site_id,
+            code=row.code,
+            detail=row.detail,
+            created_at=row.created_at,
+        )
+        for row in rows
+    ]
+    return page_response(request, items, cursor)
+
+
+def _has_key(dialect: str, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[bool]:
+    """Whether the JSON object in ``column`` has the member ``key``."""
+    if dialect == "postgresql":
+        has: sa.ColumnElement[bool] = sa.cast(column, JSONB).has_key(key)
+        return has
+    members = sa.func.json_each(column).table_valued("key")
+    return sa.exists(sa.select(1).select_from(members).where(members.c.key == key))
+
+
+_EVIDENCE_ORDER = Keyset(
+    [
+        (evidence.c.received_at, "desc"),
+        (evidence.c.appliance_id, "asc"),
+        (evidence.c.bundle_id, "asc"),
+    ]
+)
 
 
 @routes.get("/api/v1/sites/{site_id}/evidence")
 async def list_evidence(request: web.Request) -> web.Response:
+    """A site's evidence bundles, the newest received first, filtered by
+    appliance, check, result, framework, time collected and ``in_log``."""
     holder = await require_partner(request)
+    page = page_request(request, _EVIDENCE_ORDER)
+    filters = checked_query(request)
     async with read_only(central(request).engine) as connection:
         site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
-        rows = (
-            await connection.execute(
-                sa.select(evidence)
-                .where(evidence.c.site_id == site.id)
-                .order_by(evidence.c.received_at.desc())
-                .limit(500)
-            )
-        ).all()
-    return json_response(
-        [
-            EvidenceOut(
-                bundle_id=row.bundle_id,
-                appliance_id=row.appliance_id,
-                site_id=row.site_id,
-                check_id=row.check_id,
-                result=row.result,
-                controls=row.controls,
-                collected_at=row.collected_at,
-                log_index=row.log_index,
-                signed_after_expiry=row.signed_after_expiry,
-                in_log=row.in_log,
-                received_at=row.received_at,
-            )
-            for row in rows
-        ]
-    )
+        query = sa.select(evidence).where(
+            evidence.c.site_id == site.id,
+            *_equal(
+                filters,
+                appliance_id=evidence.c.appliance_id,
+                check_id=evidence.c.check_id,
+                result=evidence.c.result,
+                in_log=evidence.c.in_log,
+            ),
+            *_period(evidence.c.collected_at, filters),
+        )
+        if "framework" in filters:
+            dialect = connection.dialect.name
+            query = query.where(_has_key(dialect, evidence.c.controls, filters["framework"]))
+        rows, cursor = await fetch_page(connection, query, _EVIDENCE_ORDER, page)
+    items = [
+        EvidenceOut(
+            id=row.bundle_id,
+            appliance_id=row.appliance_id,
+            site_id=row.site_id,
+            check_id=row.check_id,
+            result=row.result,
+            controls=row.controls,
+            collected_at=row.collected_at,
+            log_index=row.log_index,
+            signed_after_expiry=row.signed_after_expiry,
+            in_log=row.in_log,
+            received_at=row.received_at,
+        )
+        for row in rows
+    ]
+    return page_response(request, items, cursor)
