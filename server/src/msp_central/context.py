@@ -95,14 +95,6 @@ def parse_body(
         raise Problem.from_protocol(exc) from None
 
 
-def only_query(request: web.Request, allowed: set[str]) -> None:
-    """Refuse a query parameter the endpoint does not know (a typo would
-    otherwise be ignored silently)."""
-    unknown = sorted(set(request.query) - allowed)
-    if unknown:
-        raise Problem("malformed-query", f"unknown query parameter {unknown[0][:32]!r}")
-
-
 def json_response(value: BaseModel | list[Any] | dict[str, Any], status: int = 200) -> web.Response:
     if isinstance(value, BaseModel):
         data: Any = value.model_dump(mode="json")

@@ -52,3 +52,26 @@ def appliance_status(
     if now - last_contact <= offline_after(heartbeat, settings):
         return "online"
     return "offline"
+
+
+def last_sync(row: Any) -> datetime | None:
+    """When the appliance's audit log last grew: a row joining
+    ``audit_logs`` (``size``, ``updated_at``); None before its first sync."""
+    return row.updated_at if row.size else None
+
+
+def row_status(row: Any, now: datetime, settings: Settings) -> tuple[Status, datetime | None]:
+    """The status and last contact of an appliance row joined with its
+    ``audit_logs`` row (``last_seen_at``, ``heartbeat``, ``revoked_at``,
+    ``decommissioned_at``, ``size``, ``updated_at``)."""
+    synced = last_sync(row)
+    seen = max((t for t in (row.last_seen_at, synced) if t is not None), default=None)
+    status = appliance_status(
+        now,
+        last_contact=seen,
+        heartbeat=row.heartbeat,
+        revoked_at=row.revoked_at,
+        decommissioned_at=row.decommissioned_at,
+        settings=settings,
+    )
+    return status, seen

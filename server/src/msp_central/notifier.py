@@ -51,7 +51,7 @@ from msp_central.db.tables import (
     notification_events,
 )
 from msp_central.events import record_event
-from msp_central.liveness import appliance_status, heartbeat_interval, offline_after
+from msp_central.liveness import heartbeat_interval, offline_after, row_status
 from msp_protocol.canonical import canonicalize
 
 log = logging.getLogger("msp_central.notifier")
@@ -134,16 +134,7 @@ class Notifier:
                 )
             ).all()
         for row in rows:
-            last_sync = row.updated_at if row.size else None
-            seen = max((t for t in (row.last_seen_at, last_sync) if t is not None), default=None)
-            status = appliance_status(
-                now,
-                last_contact=seen,
-                heartbeat=row.heartbeat,
-                revoked_at=row.revoked_at,
-                decommissioned_at=row.decommissioned_at,
-                settings=self.settings,
-            )
+            status, seen = row_status(row, now, self.settings)
             declared = row.declared_at is not None
             if status == "offline" and not declared and seen is not None:
                 await run_write(

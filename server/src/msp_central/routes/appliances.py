@@ -60,6 +60,7 @@ from msp_central.db.tables import (
     security_alerts,
 )
 from msp_central.events import alert_event, escalation_event
+from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import (
     current_revocations,
@@ -149,6 +150,7 @@ async def enroll(request: web.Request) -> web.Response:
     retry with the same token and key (an answer lost on the way) gets the
     certificate issued the first time."""
     service = central(request)
+    checked_query(request)  # none declared: any is refused
     body = parse_body(await read_body(request), EnrollIn, request)
     now = service.clock()
     checked = check_delegation_request(

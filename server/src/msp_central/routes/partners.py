@@ -53,7 +53,7 @@ from msp_central.db.tables import (
     security_alerts,
     sites,
 )
-from msp_central.liveness import appliance_status
+from msp_central.liveness import last_sync, row_status
 from msp_central.pagination import Keyset, fetch_page, page_request, page_response
 from msp_central.params import checked_query
 from msp_central.problems import Problem
@@ -464,16 +464,7 @@ async def _appliance_page(request: web.Request, scope: sa.ColumnElement[bool]) -
         )
     items = []
     for row in rows:
-        last_sync = row.updated_at if row.size else None
-        seen = max((t for t in (row.last_seen_at, last_sync) if t is not None), default=None)
-        status = appliance_status(
-            now,
-            last_contact=seen,
-            heartbeat=row.heartbeat,
-            revoked_at=row.revoked_at,
-            decommissioned_at=row.decommissioned_at,
-            settings=service.settings,
-        )
+        status, seen = row_status(row, now, service.settings)
         reported = (row.heartbeat or {}).get("log_size")
         items.append(
             ApplianceOut(
@@ -482,7 +473,7 @@ async def _appliance_page(request: web.Request, scope: sa.ColumnElement[bool]) -
                 created_at=row.created_at,
                 status=status,
                 last_seen_at=seen,
-                last_sync_at=last_sync,
+                last_sync_at=last_sync(row),
                 witnessed_size=int(row.size or 0),
                 witnessed_root=row.root or "",
                 log_size=reported if isinstance(reported, int) else None,
