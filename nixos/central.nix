@@ -31,6 +31,11 @@ let
     id = "database-url";
     file = cfg.database.urlFile;
     variable = "MSP_CENTRAL_DATABASE_URL_FILE";
+  }
+  ++ lib.optional (cfg.smtp.passwordFile != null) {
+    id = "smtp-password";
+    file = cfg.smtp.passwordFile;
+    variable = "MSP_CENTRAL_SMTP_PASSWORD_FILE";
   };
 
   command = lib.escapeShellArgs [
@@ -164,6 +169,17 @@ in
       };
     };
 
+    smtp.passwordFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.externalPath;
+      default = null;
+      example = "/var/lib/msp-central-secrets/smtp-password";
+      description = ''
+        A file holding the SMTP password for e-mail notifications (the relay
+        itself is `settings.smtp_host`, `smtp_port`, `smtp_from`,
+        `smtp_username`). Passed as a systemd credential.
+      '';
+    };
+
     workers = lib.mkOption {
       type = lib.types.ints.between 1 64;
       default = 1;
@@ -196,11 +212,17 @@ in
         message = "services.msp-central: database.createLocally and database.urlFile exclude each other.";
       }
       {
-        assertion = !(cfg.settings ? root_key_file || cfg.settings ? database_url_file);
+        assertion =
+          !(
+            cfg.settings ? root_key_file
+            || cfg.settings ? database_url_file
+            || cfg.settings ? smtp_password_file
+          );
         message = ''
           services.msp-central: secrets reach the server as systemd credentials.
-          Use rootKeyFile and database.urlFile instead of settings.root_key_file
-          and settings.database_url_file.
+          Use rootKeyFile, database.urlFile and smtp.passwordFile instead of
+          settings.root_key_file, settings.database_url_file and
+          settings.smtp_password_file.
         '';
       }
     ];
