@@ -553,6 +553,27 @@ def test_integral_floats_beyond_safe_range_are_refused(value: float) -> None:
         canonicalize({"nested": [1, {"x": value}]})
 
 
+@settings(max_examples=300)
+@given(JSON_VALUES)
+def test_what_parse_json_accepts_can_be_written_again(value: Any) -> None:
+    """The rule servers live by: a value parse_json takes in can always be
+    canonicalized again (served, signed, hashed). A whole float beyond
+    ±(2**53 - 1) written as JSON (1e20) is refused at parsing, not later."""
+    text = json.dumps(value, allow_nan=False).encode()
+    try:
+        decoded = parse_json(text, limits=_ROOMY)
+    except JSONError:
+        assert _has_float_beyond_safe(value)
+        return
+    canonicalize(decoded)
+
+
+@pytest.mark.parametrize("text", [b"1e20", b"-1e20", b"9007199254740993.0", b'{"a": [1e16]}'])
+def test_whole_floats_beyond_the_safe_range_are_refused_at_parsing(text: bytes) -> None:
+    with pytest.raises(JSONError, match=r"whole number beyond ±\(2\*\*53 - 1\)"):
+        parse_json(text)
+
+
 def test_round_trip_examples() -> None:
     for value, encoded in [
         (1.0, b"1"),
@@ -812,7 +833,9 @@ PARSE_ACCEPTS = [
     pytest.param(b"1.5e3", {}, 1500.0, id="exponent"),
     pytest.param(b"1e-400", {}, 0.0, id="underflow_to_zero"),
     pytest.param(b"1.7976931348623157e308", {}, 1.7976931348623157e308, id="max_double"),
-    pytest.param(b"9007199254740993.0", {}, 9007199254740992.0, id="big_float_literal"),
+    # A whole float beyond ±(2**53 - 1) is refused (see below); 1e21 and up is
+    # written with an exponent, so it stays a float when read back.
+    pytest.param(b"1e21", {}, 1e21, id="big_float_literal"),
     pytest.param(b'"\\ud83d\\ude00"', {}, "\U0001f600", id="surrogate_pair"),
     pytest.param(b'"\\uD83D\\uDE00"', {}, "\U0001f600", id="surrogate_pair_uppercase"),
     pytest.param(b'"\\\\ud800"', {}, "\\ud800", id="escaped_backslash_not_surrogate"),

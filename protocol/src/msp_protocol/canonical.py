@@ -292,6 +292,11 @@ def _checked_float(text: str) -> float:
     number = float(text)
     if not math.isfinite(number):
         raise JSONError(f"number overflows a double: {text[:20]}")
+    if number.is_integer() and MAX_SAFE_INTEGER < abs(number) < 1e21:
+        # RFC 8785 would write it as a bare integer beyond ±(2**53 - 1), which
+        # this parser refuses: a value taken here could never be served,
+        # signed or hashed again (canonicalize refuses it for that reason).
+        raise JSONError(f"number is a whole number beyond ±(2**53 - 1): {text[:20]}")
     return number
 
 

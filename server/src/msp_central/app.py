@@ -55,9 +55,16 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await handler(request)
     except Problem as problem:
+        if problem.status >= 500:
+            return _server_failure(request)
         return problem_response(problem, request.path)
     except ProtocolError as exc:
-        return problem_response(Problem.from_protocol(exc), request.path)
+        mapped = Problem.from_protocol(exc)
+        if mapped.status >= 500:
+            # A misuse inside the server (a UsageError, say), not the
+            # caller's input: logged, and none of its text shown.
+            return _server_failure(request)
+        return problem_response(mapped, request.path)
     except web.HTTPNotFound:
         return problem_response(
             Problem("not-found", f"no route {request.path[:200]}"), request.path
@@ -79,10 +86,16 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except web.HTTPException:
         raise
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return problem_response(
-            Problem("internal-error", "the server failed; the error is logged"), request.path
-        )
+        return _server_failure(request)
+
+
+def _server_failure(request: web.Request) -> web.Response:
+    """A 500: the traceback of the exception being handled goes to the log,
+    the caller gets no internal text."""
+    log.exception("unhandled error in %s %s", request.method, request.path)
+    return problem_response(
+        Problem("internal-error", "the server failed; the error is logged"), request.path
+    )
 
 
 def create_app(

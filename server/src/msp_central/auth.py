@@ -10,6 +10,7 @@ operation's declared parameters (:mod:`msp_central.params`).
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +28,8 @@ from msp_protocol.errors import ProtocolError
 from msp_protocol.httpsig import AuthenticatedRequest, HttpRequest, averify_request
 from msp_protocol.keys import VerifyKey
 
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]{1,256}")
+
 
 @dataclass(frozen=True, slots=True)
 class KeyHolder:
@@ -43,9 +46,12 @@ async def _bearer(request: web.Request) -> KeyHolder:
             "missing-credentials", "an Authorization: Bearer <api key> header is required"
         )
     scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    secret = secret.strip()
+    # Keys are printable ASCII; anything else (bytes that were not UTF-8 on
+    # the wire reach us as lone surrogates) is no key, before any hashing.
+    if scheme.lower() != "bearer" or not secret or not _PRINTABLE_ASCII.fullmatch(secret):
         raise Problem("bad-credentials", "Authorization must be Bearer <api key>")
-    digest = token_digest(secret.strip())
+    digest = token_digest(secret)
     async with read_only(central(request).engine) as connection:
         row = (
             await connection.execute(sa.select(api_keys).where(api_keys.c.key_sha256 == digest))
