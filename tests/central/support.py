@@ -326,19 +326,30 @@ class Harness:
     engine: AsyncEngine
     clock: Clock
     root: SigningKey = ROOT
+    partners: int = 0  # made by partner() and site(), to name them apart
+    sites: int = 0
 
     async def admin(self) -> KeyClient:
         async with self.engine.begin() as connection:
             key = await create_api_key(connection, "admin", None, self.clock())
         return KeyClient(self.client, key)
 
-    async def partner(self, name: str = "Acme MSP") -> KeyClient:
+    async def partner(self, name: str | None = None) -> KeyClient:
+        """A new partner; names must differ, so by default the first is
+        "Acme MSP", the next "Acme MSP 2", and so on."""
+        self.partners += 1
+        if name is None:
+            name = "Acme MSP" if self.partners == 1 else f"Acme MSP {self.partners}"
         async with self.engine.begin() as connection:
             row, key = await create_partner(connection, name, self.clock())
         return KeyClient(self.client, key, row.id)
 
-    async def site(self, partner: KeyClient, name: str = "Clinic") -> str:
+    async def site(self, partner: KeyClient, name: str | None = None) -> str:
+        """A new site of ``partner``: "Clinic", then "Clinic 2", ... by default."""
         assert partner.partner_id
+        self.sites += 1
+        if name is None:
+            name = "Clinic" if self.sites == 1 else f"Clinic {self.sites}"
         async with self.engine.begin() as connection:
             row = await create_site(
                 connection, partner.partner_id, name, SiteOverrides(), self.clock()

@@ -11,9 +11,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from msp_central.catalogue import Tier
+from msp_central.names import readable_name
 from msp_protocol.bundle import Severity
 from msp_protocol.dsse import Envelope
 from msp_protocol.encoding import Timestamp
@@ -22,8 +23,9 @@ FrameworkId = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-z0-9][
 Industry = Literal[
     "healthcare", "finance", "technology", "defence", "government", "education", "retail", "legal"
 ]
-# Printable text: no control characters (PostgreSQL cannot store NUL, and no
-# name needs a newline).
+# A name a person gave: printable, in NFC, spacing made plain and nothing
+# invisible (msp_central.names); no control characters (PostgreSQL cannot
+# store NUL, and no name needs a newline).
 Name = Annotated[
     str,
     StringConstraints(
@@ -33,6 +35,7 @@ Name = Annotated[
         max_length=200,
         pattern=r"^[^\x00-\x1f\x7f]+$",
     ),
+    AfterValidator(readable_name),
 ]
 Printable = Annotated[str, StringConstraints(strict=True, pattern=r"^[^\x00-\x1f\x7f]*$")]
 FrameworkList = Annotated[list[FrameworkId], Field(max_length=10)]

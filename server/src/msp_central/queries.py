@@ -44,6 +44,7 @@ from msp_central.db.tables import (
     sites,
 )
 from msp_central.events import alert_event
+from msp_central.names import name_key, readable_name
 from msp_central.problems import Problem
 from msp_protocol.delegation import Revocation, RevocationList, sign_revocations, token_digest
 from msp_protocol.dsse import Envelope
@@ -70,8 +71,39 @@ def partner_out(row: Row) -> PartnerOut:
     )
 
 
+def _readable(name: str) -> str:
+    try:
+        return readable_name(name)
+    except ValueError as exc:
+        raise Problem("malformed-document", str(exc)) from None
+
+
+async def check_site_name_free(
+    connection: AsyncConnection, partner_id: str, name: str, *, renaming: str | None = None
+) -> None:
+    """Refuse a name another of the partner's sites in service already has,
+    as a person reads it (:func:`msp_central.names.name_key`)."""
+    rows = await connection.execute(
+        sa.select(sites.c.id, sites.c.name).where(
+            sites.c.partner_id == partner_id,
+            sites.c.decommissioned_at.is_(None),
+            sites.c.id != (renaming or ""),
+        )
+    )
+    key = name_key(name)
+    for row in rows:
+        if name_key(row.name) == key:
+            raise Problem("conflict", f"site {row.id} is already named {row.name[:200]!r}")
+
+
 async def create_partner(connection: AsyncConnection, name: str, now: datetime) -> tuple[Row, str]:
-    """A partner with empty defaults, and its first API key (returned once)."""
+    """A partner with empty defaults, and its first API key (returned once).
+    The name is refused when another partner's reads the same."""
+    name = _readable(name)
+    key_of_name = name_key(name)
+    for other in await connection.execute(sa.select(partners.c.id, partners.c.name)):
+        if name_key(other.name) == key_of_name:
+            raise Problem("conflict", f"partner {other.id} is already named {other.name[:200]!r}")
     partner_id = new_id("partner")
     await connection.execute(
         sa.insert(partners).values(
@@ -298,6 +330,9 @@ async def create_site(
     connection: AsyncConnection, partner_id: str, name: str, overrides: SiteOverrides, now: datetime
 ) -> Row:
     await check_frameworks(connection, overrides.frameworks)
+    name = _readable(name)
+    await get_partner(connection, partner_id, lock=True)  # one new name at a time
+    await check_site_name_free(connection, partner_id, name)
     site_id = new_id("site")
     await connection.execute(
         sa.insert(sites).values(

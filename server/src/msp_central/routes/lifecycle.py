@@ -42,6 +42,7 @@ from msp_central.pagination import Keyset, fetch_page, page_request, page_respon
 from msp_central.problems import Problem
 from msp_central.queries import (
     api_key_out,
+    check_site_name_free,
     get_partner,
     get_site,
     issue_api_key,
@@ -124,6 +125,8 @@ async def rename_site(request: web.Request) -> web.Response:
         site = await get_site(connection, site_id, holder.partner_id, lock=True)
         require_active(site, "renaming")
         if body.name != site.name:
+            await get_partner(connection, site.partner_id, lock=True)
+            await check_site_name_free(connection, site.partner_id, body.name, renaming=site_id)
             await connection.execute(
                 sa.update(sites).where(sites.c.id == site_id).values(name=body.name)
             )
