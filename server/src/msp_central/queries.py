@@ -98,7 +98,7 @@ async def check_site_name_free(
 
 async def create_partner(connection: AsyncConnection, name: str, now: datetime) -> tuple[Row, str]:
     """A partner with empty defaults, and its first API key (returned once).
-    The name is refused when another partner's reads the same."""
+    The name is refused when another partner's name reads the same."""
     name = _readable(name)
     key_of_name = name_key(name)
     for other in await connection.execute(sa.select(partners.c.id, partners.c.name)):
