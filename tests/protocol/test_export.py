@@ -297,7 +297,8 @@ def revocation_list(cutoff: int, serial: str = SERIAL) -> Envelope:
 
 def tamper_entry_changed(log: Log) -> Log:
     # Still a canonical entry at its index: only the root at the next
-    # checkpoint (size 8) tells, so the block 4..7 is named.
+    # checkpoint (size 8) tells, so the block 4..7 is named, and no entry
+    # of it (the export cannot tell which one changed).
     changed = log.entries[6].replace(b'"n":6', b'"n":7')
     assert changed != log.entries[6]
     return replace(log, entries=[*log.entries[:6], changed, *log.entries[7:]])
@@ -409,7 +410,7 @@ def evidence_by_unknown_key(log: Log) -> Log:
 
 
 ATTACKS: list[tuple[Callable[[Log], Log], tuple[str, ...], int | None]] = [
-    (tamper_entry_changed, ("bad-checkpoint",), 4),
+    (tamper_entry_changed, ("bad-checkpoint",), None),
     (tamper_entry_not_canonical, ("malformed-json",), 6),
     (tamper_remove_entry, ("bad-log-entry",), 6),
     (tamper_reorder_entries, ("bad-log-entry",), 6),
@@ -461,7 +462,10 @@ def test_attack_is_refused(
 @pytest.mark.parametrize(
     ("attack", "message"),
     [
-        (tamper_entry_changed, "entries 4..7 do not match the checkpoint of size 8"),
+        (
+            tamper_entry_changed,
+            "entries 4..7 do not match the checkpoint of size 8: one of them was changed",
+        ),
         (tamper_remove_entry, "entry 6: carries index 7"),
         (
             tamper_truncate_tail,
@@ -508,9 +512,14 @@ def test_any_single_byte_change_of_an_entry_fails(data: st.DataObject) -> None:
     )
     assert not result.ok
     assert result.value is not None
-    first_bad = result.value.first_bad_index
-    assert first_bad is not None
-    assert first_bad <= index
+    # The changed entry is named, or else the block that holds it: never
+    # an entry that may be untouched.
+    report = result.value
+    if report.first_bad_index is not None:
+        assert report.first_bad_index == index
+    else:
+        assert report.bad_range is not None
+        assert report.bad_range[0] <= index <= report.bad_range[1]
 
 
 # --- parsing ----------------------------------------------------------------------
@@ -820,6 +829,35 @@ def test_cli_names_the_first_bad_entry(
         f"audit export of appliance {APPLIANCE}: NOT VERIFIED (first bad entry: 6)",
         "  bad-log-entry: entry 6: carries index 7",
     ]
+
+
+def test_a_changed_entry_is_named_only_when_proven(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint after every entry pins a change to its entry; one every
+    four entries only to the block, and the report says the block, never an
+    entry of it that may be untouched (entry 1 changed is not "entry 0")."""
+    for every, expected, line in [
+        (1, (6, None), "first bad entry: 6"),
+        (CHECKPOINT_EVERY, (None, (4, 7)), "a changed entry among 4..7"),
+    ]:
+        report = check_audit_export(
+            tamper_entry_changed(make_log(every=every)).export(), CENTRAL, at=AUDIT_AT
+        ).value
+        assert report is not None
+        assert (report.first_bad_index, report.bad_range) == expected
+        path = tmp_path / f"changed-{every}.json"
+        path.write_bytes(tamper_entry_changed(make_log(every=every)).export())
+        status, out, _ = run_main([*KEY, str(path)], capsys)
+        assert status == 1
+        assert out[0] == f"audit export of appliance {APPLIANCE}: NOT VERIFIED ({line})"
+    first_two = make_log(every=2)
+    changed = first_two.entries[1].replace(b'"n":1', b'"n":2')
+    assert changed != first_two.entries[1]
+    tampered = replace(first_two, entries=[first_two.entries[0], changed, *first_two.entries[2:]])
+    report = check_audit_export(tampered.export(), CENTRAL, at=AUDIT_AT).value
+    assert report is not None
+    assert (report.first_bad_index, report.bad_range) == (None, (0, 1))
 
 
 def test_cli_json_report(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -126,11 +126,14 @@ class AuditExportReport:
 
     On failure, ``problem`` is the first failure's message and
     ``first_bad_index`` the lowest entry index known to be wrong: the entry
-    that does not parse at its position, the first of the block of entries
-    whose root does not match a checkpoint (the change lies in that block),
-    the first missing, unsigned or post-revocation entry, or else the first
-    entry no valid checkpoint vouches for. None when no entry is at fault
-    (a forged receipt, say).
+    that does not parse at its position, the one entry a checkpoint covers
+    beyond the last that matched when the roots differ, the first missing,
+    unsigned or post-revocation entry, or else the first entry no valid
+    checkpoint vouches for. None when no entry is proven at fault (a forged
+    receipt, say). When a checkpoint's root does not match and it covers
+    several entries beyond the last matching one, the export cannot tell
+    which of them changed: ``bad_range`` is that block (first, last), and
+    ``first_bad_index`` names an entry only if another check proves one.
     """
 
     appliance_id: str
@@ -143,6 +146,7 @@ class AuditExportReport:
     evidence: int
     first_bad_index: int | None = None
     problem: str | None = None
+    bad_range: tuple[int, int] | None = None
 
     @property
     def verified(self) -> bool:
@@ -159,6 +163,7 @@ class AuditExportReport:
             "signed_after_expiry": list(self.signed_after_expiry),
             "evidence": self.evidence,
             "first_bad_index": self.first_bad_index,
+            "bad_range": list(self.bad_range) if self.bad_range else None,
             "problem": self.problem,
         }
 
@@ -295,6 +300,9 @@ class _AuditCheck:
         self.signed: dict[int, VerifiedCheckpoint] = {}  # by size
         self.valid: set[int] = set()  # sizes of signed checkpoints within their cutoff
         self.checkpoint_failed = False
+        # The block of entries a mismatching checkpoint covers past the last
+        # match: one of them changed, which one the export cannot tell.
+        self.bad_range: tuple[int, int] | None = None
         self.beyond: list[int] = []  # sizes of signed checkpoints beyond the entries
         self.key_ids: dict[str, None] = {}  # in order of first use
         self.after_expiry: list[int] = []
@@ -512,12 +520,16 @@ class _AuditCheck:
                     self.check_recorded(evidence, record)
                 if target is not None and target[0] == index + 1:
                     if target[1].checkpoint.root_bytes != replay.root():
+                        self.bad_range = (matched, index)
                         self.fail(
                             CheckpointError(
-                                f"entries {matched}..{index} do not match the checkpoint of "
-                                f"size {index + 1}: an entry was changed"
+                                f"entry {index} does not match the checkpoint of size "
+                                f"{index + 1}: it was changed"
+                                if matched == index
+                                else f"entries {matched}..{index} do not match the checkpoint "
+                                f"of size {index + 1}: one of them was changed"
                             ),
-                            matched,
+                            matched if matched == index else None,
                         )
                         return matched
                     matched = index + 1
@@ -566,7 +578,7 @@ class _AuditCheck:
         first_bad: int | None = None
         if self.bad_indices:
             first_bad = min(self.bad_indices)
-        elif self.failures:
+        elif self.failures and self.bad_range is None:
             covered = max((size for size in self.valid if size <= matched), default=0)
             first_bad = covered if covered < self.size else None
         report = AuditExportReport(
@@ -580,6 +592,7 @@ class _AuditCheck:
             evidence=len(self.evidence_at) - self.evidence_unrecorded,
             first_bad_index=first_bad,
             problem=self.failures[0].message if self.failures else None,
+            bad_range=self.bad_range if first_bad is None else None,
         )
         # The report travels with the failures: it is what names the first
         # bad entry (Result.unwrap still raises the first failure).

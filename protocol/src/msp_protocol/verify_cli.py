@@ -275,11 +275,12 @@ def _human_report(path: Path, outcome: Outcome) -> list[str]:
 def _audit_lines(report: AuditExportReport, verified: bool) -> list[str]:
     title = f"audit export of appliance {report.appliance_id}"
     if not verified:
-        where = (
-            f" (first bad entry: {report.first_bad_index})"
-            if report.first_bad_index is not None
-            else ""
-        )
+        where = ""
+        if report.first_bad_index is not None:
+            where = f" (first bad entry: {report.first_bad_index})"
+        elif report.bad_range is not None:
+            first, last = report.bad_range
+            where = f" (a changed entry among {first}..{last})"
         return [f"{title}: NOT VERIFIED{where}"]
     lines = [
         f"{title}: verified",
