@@ -251,9 +251,11 @@ class CentralLogReport:
     by kind. On failure, ``problem`` is the first failure's message and
     ``first_bad_index`` the lowest entry index known to be wrong: the entry
     that does not parse or sits out of place, the first missing entry of a
-    truncated tail, the first unsigned entry, or 0 when the entries do not
-    match the root (one checkpoint cannot say where the change is) or when
-    the checkpoint did not verify (no signature vouches for any entry).
+    truncated tail, the first unsigned entry, or 0 when the checkpoint did
+    not verify (no signature vouches for any entry). When the entries do not
+    match the checkpoint's root, one checkpoint cannot say which changed:
+    ``bad_range`` is then the entries it covers (first, last), and no entry
+    is named unless it covers only one.
     """
 
     exported_at: datetime
@@ -264,6 +266,7 @@ class CentralLogReport:
     kinds: dict[str, int]
     first_bad_index: int | None = None
     problem: str | None = None
+    bad_range: tuple[int, int] | None = None
 
     @property
     def verified(self) -> bool:
@@ -280,6 +283,7 @@ class CentralLogReport:
             ),
             "kinds": dict(self.kinds),
             "first_bad_index": self.first_bad_index,
+            "bad_range": list(self.bad_range) if self.bad_range else None,
             "problem": self.problem,
         }
 
@@ -377,6 +381,7 @@ def check_central_log_export(
     kinds: dict[str, int] = {}
     target = verified.checkpoint if verified is not None else None
     size = len(export.entries)
+    changed_among: tuple[int, int] | None = None
     try:
         for index, text in enumerate(export.entries):  # (3)
             record = replay.add(b64decode(text, what=f"entry {index}"))
@@ -389,10 +394,13 @@ def check_central_log_export(
                 failures.append(
                     CheckpointError(
                         f"entries 0..{index} do not match the checkpoint of size "
-                        f"{target.size}: an entry was changed"
+                        f"{target.size}: one of them was changed"
                     )
                 )
-                bad.append(0)
+                if index == 0:
+                    bad.append(0)
+                else:
+                    changed_among = (0, index)
                 target = None
     except (MalformedError, VerificationError) as exc:
         failures.append(exc)
@@ -428,6 +436,7 @@ def check_central_log_export(
         kinds=dict(sorted(kinds.items())),
         first_bad_index=min(bad) if bad else None,
         problem=failures[0].message if failures else None,
+        bad_range=changed_among if not bad else None,
     )
     # The report travels with the failures (Result.unwrap still raises the
     # first one).

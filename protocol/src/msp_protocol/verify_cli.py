@@ -272,16 +272,20 @@ def _human_report(path: Path, outcome: Outcome) -> list[str]:
     return lines
 
 
+def _where(first_bad: int | None, bad_range: tuple[int, int] | None) -> str:
+    """Where a log export went wrong: the entry proven bad, or the entries
+    one of which changed when the export cannot tell which."""
+    if first_bad is not None:
+        return f" (first bad entry: {first_bad})"
+    if bad_range is not None:
+        return f" (a changed entry among {bad_range[0]}..{bad_range[1]})"
+    return ""
+
+
 def _audit_lines(report: AuditExportReport, verified: bool) -> list[str]:
     title = f"audit export of appliance {report.appliance_id}"
     if not verified:
-        where = ""
-        if report.first_bad_index is not None:
-            where = f" (first bad entry: {report.first_bad_index})"
-        elif report.bad_range is not None:
-            first, last = report.bad_range
-            where = f" (a changed entry among {first}..{last})"
-        return [f"{title}: NOT VERIFIED{where}"]
+        return [f"{title}: NOT VERIFIED{_where(report.first_bad_index, report.bad_range)}"]
     lines = [
         f"{title}: verified",
         f"  {_count(report.size, 'entry', 'entries')}, all covered by "
@@ -393,12 +397,7 @@ def _package_lines(report: AuditorPackageReport, verified: bool) -> list[str]:
 def _central_log_lines(report: CentralLogReport, verified: bool) -> list[str]:
     title = "central log export" + (f" of key {report.key_id}" if report.key_id else "")
     if not verified:
-        where = (
-            f" (first bad entry: {report.first_bad_index})"
-            if report.first_bad_index is not None
-            else ""
-        )
-        return [f"{title}: NOT VERIFIED{where}"]
+        return [f"{title}: NOT VERIFIED{_where(report.first_bad_index, report.bad_range)}"]
     checkpoint_ts = format_time(report.checkpoint_ts) if report.checkpoint_ts else "?"
     kinds = ", ".join(f"{kind} {count}" for kind, count in report.kinds.items())
     return [
