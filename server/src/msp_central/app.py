@@ -21,7 +21,6 @@ from msp_central.db.engine import create_engine, dispose, write
 from msp_central.db.migrate import check_current, upgrade
 from msp_central.db.tables import request_nonces
 from msp_central.notifier import Notifier
-from msp_central.openapi import routes as openapi_routes
 from msp_central.problems import Problem, problem_response
 from msp_central.routes.appliances import routes as appliance_routes
 from msp_central.routes.audit_logs import routes as audit_log_routes
@@ -153,7 +152,6 @@ def create_app(
         manual_routes,
         notification_routes,
         appliance_routes,
-        openapi_routes,
     ):
         app.add_routes(table)
     return app

@@ -11,15 +11,12 @@ from __future__ import annotations
 from functools import cache
 from typing import Any, get_args
 
-from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from msp_central import __version__
 from msp_central import api_models as m
-from msp_central.problems import Problem
 from msp_protocol.bundle import Escalation, Severity
-from msp_protocol.canonical import canonicalize
 from msp_protocol.central_log import CentralLogExport, CentralRecordProof
 from msp_protocol.dsse import Envelope
 from msp_protocol.evidence import CheckResult
@@ -463,15 +460,3 @@ def document() -> dict[str, Any]:
         },
         "paths": paths,
     }
-
-
-routes = web.RouteTableDef()
-
-
-@routes.get("/api/v1/openapi.json")
-async def serve_document(request: web.Request) -> web.Response:
-    if request.query:  # it declares none (msp_central.params cannot be imported here)
-        raise Problem(
-            "malformed-query", f"unknown query parameter {next(iter(request.query))[:32]!r}"
-        )
-    return web.Response(body=canonicalize(document()), content_type="application/json")

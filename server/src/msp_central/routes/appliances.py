@@ -683,7 +683,8 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
                 connection, service, caller, sync.checkpoint
             )
             revocations = await revocation_list(connection)
-            generation, state = await _witness_state(connection, caller.appliance_id)
+            witnessed = await _witness_state(connection, caller.appliance_id)
+            generation, state = witnessed.generation, witnessed.state
             stored = await _stored_leaves(
                 connection, caller.appliance_id, generation, sync, state.size
             )
@@ -723,7 +724,6 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
         late = delegation.signed_after_expiry or not any(
             start - skew <= signed_at <= end + skew for start, end in windows
         )
-        witnessed = _Witnessed(generation, state)
         if await _commit(service, caller, witnessed, outcome, receipt, cert_row.serial, late, now):
             return json_response(SyncResponse(size=outcome.state.size, receipt=receipt))
     raise Problem("conflict", "the log kept changing during this sync; retry")
@@ -741,20 +741,21 @@ async def _key_windows(
     return [(row.not_before, row.not_after) for row in rows]
 
 
-async def _witness_state(
-    connection: AsyncConnection, appliance_id: str
-) -> tuple[int, WitnessState]:
+async def _witness_state(connection: AsyncConnection, appliance_id: str) -> _Witnessed:
     """The generation of the log being witnessed and its witness state."""
     log = (
         await connection.execute(
             sa.select(audit_logs).where(audit_logs.c.appliance_id == appliance_id)
         )
     ).one()
-    return int(log.generation), WitnessState(
-        size=int(log.size),
-        root=log.root,
-        nodes=tuple(log.nodes),
-        checkpoint_sha256=log.checkpoint_sha256,
+    return _Witnessed(
+        int(log.generation),
+        WitnessState(
+            size=int(log.size),
+            root=log.root,
+            nodes=tuple(log.nodes),
+            checkpoint_sha256=log.checkpoint_sha256,
+        ),
     )
 
 

@@ -1,5 +1,6 @@
-"""Signed evidence and exports for partners and auditors, and the central
-public key an auditor verifies them with."""
+"""Signed evidence and exports for partners and auditors, and the two
+public documents: the central key an auditor verifies them with and the
+OpenAPI description of the API."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from msp_central.context import central, download
 from msp_central.db.engine import read_only
 from msp_central.db.tables import appliances
 from msp_central.exports import audit_export, evidence_export
+from msp_central.openapi import document
 from msp_central.packages import auditor_package, package_request
 from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import get_partner, get_site
+from msp_protocol.canonical import canonicalize
 from msp_protocol.encoding import parse_time
 from msp_protocol.errors import MalformedError
 
@@ -31,6 +34,12 @@ CENTRAL_KEY_PATH = "/.well-known/msp-central-key"
 async def central_key(request: web.Request) -> web.Response:
     checked_query(request)  # none declared: any is refused
     return web.Response(text=central(request).root.verify_key.hex + "\n", content_type="text/plain")
+
+
+@routes.get("/api/v1/openapi.json")
+async def serve_document(request: web.Request) -> web.Response:
+    checked_query(request)  # none declared: any is refused
+    return web.Response(body=canonicalize(document()), content_type="application/json")
 
 
 @routes.get("/api/v1/sites/{site_id}/evidence/{appliance_id}/{bundle_id}")
