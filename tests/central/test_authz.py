@@ -25,6 +25,7 @@ import jsonschema
 import pytest
 import sqlalchemy as sa
 
+from msp_central.console.accounts import create_user
 from msp_central.db.tables import api_keys
 from msp_central.openapi import ADMIN, ANY_KEY, APPLIANCE, NONE, OPERATIONS, PARTNER
 from msp_protocol.bundle import Escalation
@@ -190,6 +191,15 @@ ROWS = [
     row("POST",   "/api/v1/api-keys",                                  MISSING,   BAD_KEY,     FORBIDDEN,  CREATED,         MISSING,         MISSING,  CREATED),
     row("POST",   "/api/v1/api-keys/{key_id}/rotate",                  MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  CREATED),
     row("DELETE", "/api/v1/api-keys/{key_id}",                         MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("GET",    "/api/v1/me",                                        MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    # A key has no sessions to end: only a console user may call it.
+    row("DELETE", "/api/v1/me/sessions",                               MISSING,   BAD_KEY,     FORBIDDEN,  FORBIDDEN,       MISSING,         MISSING,  FORBIDDEN),
+    row("GET",    "/api/v1/users",                                     MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("PATCH",  "/api/v1/users/{user_id}",                           MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
+    row("DELETE", "/api/v1/users/{user_id}",                           MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  NO_CONTENT),
+    row("GET",    "/api/v1/user-invites",                              MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("POST",   "/api/v1/user-invites",                              MISSING,   BAD_KEY,     FORBIDDEN,  CREATED,         MISSING,         MISSING,  CREATED),
+    row("DELETE", "/api/v1/user-invites/{invite_id}",                  MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("POST",   "/api/v1/sites/{site_id}/appliances/{appliance_id}/decommission",   MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("DELETE", "/api/v1/sites/{site_id}",                           MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
 ]
@@ -228,6 +238,8 @@ class World:
     channel_id: str  # partner A's webhook channel
     token_id: str  # an unused enrollment token of site
     key_id: str  # a second API key of partner A
+    user_id: str  # an editor of partner A's console
+    invite_id: str  # an unused invitation of partner A
 
     def ids_of_a(self) -> set[str]:
         assert self.partner.partner_id
@@ -242,6 +254,8 @@ class World:
             self.escalation_id,
             self.bundle_id,
             self.channel_id,
+            self.user_id,
+            self.invite_id,
         }
 
     def ids_of_b(self) -> set[str]:
@@ -332,6 +346,23 @@ async def build_world(harness: Harness) -> World:
         await partner.request("POST", f"/api/v1/sites/{site}/enrollment-tokens", {}), 201
     )
     key = expect_status(await partner.request("POST", "/api/v1/api-keys", {"name": "ci"}), 201)
+    async with harness.engine.begin() as connection:
+        assert partner.partner_id
+        user_id = await create_user(
+            connection,
+            partner_id=partner.partner_id,
+            email="editor@acme.example",
+            password="correct horse battery staple",
+            role="editor",
+            actor="test",
+            now=harness.clock(),
+        )
+    invite = expect_status(
+        await partner.request(
+            "POST", "/api/v1/user-invites", {"email": "later@acme.example", "role": "viewer"}
+        ),
+        201,
+    )
     return World(
         harness=harness,
         admin=admin,
@@ -354,6 +385,8 @@ async def build_world(harness: Harness) -> World:
         channel_id=channel.body["channel"]["id"],
         token_id=token.body["id"],
         key_id=key.body["key"]["id"],
+        user_id=user_id,
+        invite_id=invite.body["invite"]["id"],
     )
 
 
@@ -430,6 +463,8 @@ BODIES: dict[str, Body] = {
     "PATCH /api/v1/sites/{site_id}": lambda w, o: {"name": "Clinic North"},
     "POST /api/v1/api-keys": lambda w, o: {"name": "backup job"},
     "POST /api/v1/api-keys/{key_id}/rotate": lambda w, o: {"overlap_minutes": 30},
+    "PATCH /api/v1/users/{user_id}": lambda w, o: {"role": "viewer"},
+    "POST /api/v1/user-invites": lambda w, o: {"email": "new.person@example.com", "role": "editor"},
     "POST /api/v1/sites/{site_id}/appliances/{appliance_id}/decommission": lambda w, o: {
         "reason": "replaced"
     },
@@ -720,6 +755,14 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
         {d["channel_id"] for d in b["items"]}, {w.channel_id}
     ),
     "DELETE /api/v1/notification-channels/{channel_id}": lambda w, b: _check_eq(b, b""),
+    "GET /api/v1/me": lambda w, b: _check_eq((b["kind"], b["role"], b["partner_id"]), ("key", "admin", w.partner.partner_id)),
+    "DELETE /api/v1/me/sessions": lambda w, b: _check_eq(b["code"], "forbidden"),
+    "GET /api/v1/users": lambda w, b: _check_eq(w.user_id in _ids(b["items"]), True),
+    "PATCH /api/v1/users/{user_id}": lambda w, b: _check_eq((b["id"], b["role"]), (w.user_id, "viewer")),
+    "DELETE /api/v1/users/{user_id}": lambda w, b: _check_eq(b, b""),
+    "GET /api/v1/user-invites": lambda w, b: _check_eq(w.invite_id in _ids(b["items"]), True),
+    "POST /api/v1/user-invites": lambda w, b: _check_eq((b["invite"]["role"], b["link"].split("#")[1][:8], b["emailed"]), ("editor", "msp_inv_", False)),
+    "DELETE /api/v1/user-invites/{invite_id}": lambda w, b: _check_eq((b["id"], b["state"]), (w.invite_id, "revoked")),
     "POST /api/v1/appliances/{appliance_id}/certificates": _check_renewed,
     "GET /api/v1/revocations": _check_revocations,
     "POST /api/v1/appliances/{appliance_id}/heartbeat": _check_heartbeat,
@@ -815,6 +858,8 @@ async def send(world: World, caller: str, row: Row) -> Reply:
         channel_id=world.channel_id,
         token_id=world.token_id,
         key_id=world.key_id,
+        user_id=world.user_id,
+        invite_id=world.invite_id,
     )
     make_body = BODIES.get(row.label)
     body = dumps(make_body(world, owner)) if make_body else None

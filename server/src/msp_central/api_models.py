@@ -737,3 +737,70 @@ class Problem(Body):
     detail: str
     code: str
     instance: str | None = None
+
+
+# --- console users ------------------------------------------------------------------------
+
+Role = Literal["viewer", "editor", "admin"]
+
+
+class Me(Body):
+    """Who is asking: a console user, or an API key (which acts as an admin
+    of its partner)."""
+
+    kind: Literal["user", "key"]
+    partner_id: str
+    partner_name: str
+    role: Role
+    user_id: str | None
+    email: str | None
+    totp_enabled: bool | None
+
+
+class UserOut(Body):
+    id: str
+    email: str
+    role: Role
+    totp_enabled: bool
+    created_at: datetime
+    created_by: str
+
+
+class UserPage(Body):
+    items: list[UserOut]
+    next_cursor: str | None
+
+
+class UserUpdate(Body):
+    role: Role
+
+
+class InviteCreate(Body):
+    email: Annotated[str, StringConstraints(strict=True, min_length=3, max_length=254)]
+    role: Role
+
+
+class InviteOut(Body):
+    id: str
+    email: str
+    role: Role
+    created_at: datetime
+    created_by: str
+    expires_at: datetime
+    state: Literal["pending", "used", "expired", "revoked"]
+
+
+class InvitePage(Body):
+    items: list[InviteOut]
+    next_cursor: str | None
+
+
+class InviteCreated(Body):
+    invite: InviteOut
+    # The one-time link: shown once, and e-mailed when the server has SMTP.
+    link: str
+    emailed: bool
+
+
+class SessionsEnded(Body):
+    ended: int

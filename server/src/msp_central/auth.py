@@ -1,10 +1,16 @@
-"""Who is asking: partners and admins by bearer key, appliances by RFC 9421.
+"""Who is asking: partners and admins by bearer key, partner users by
+console session, appliances by RFC 9421.
 
 Every handler calls one of :func:`require_partner`, :func:`require_admin` or
 :func:`require_appliance` first, and scopes every query by what it returns
 (a partner sees only its own sites; an appliance acts only as itself). Once
 the caller is known, each also checks the query string against the
 operation's declared parameters (:mod:`msp_central.params`).
+
+A console user acts for their partner within their role (viewer, editor,
+admin: :mod:`msp_central.console.accounts`), and a state-changing request
+made with a session must carry its CSRF token. An API key acts as an admin
+of its partner.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.engine import Connection
 
+from msp_central.console.accounts import Need, allows
+from msp_central.console.sessions import SAFE_METHODS, check_csrf, load_session, session_secret
 from msp_central.context import central
 from msp_central.db.engine import insert_ignore_sync, read_only, run_write, write
 from msp_central.db.tables import api_keys, appliances, certificates, request_nonces, sites
@@ -37,11 +45,17 @@ class KeyHolder:
     partner_id: str | None
     key_prefix: str
     key_id: str
+    # Set when a console user signed in asks (key_prefix and key_id are then
+    # empty): who, and with which role.
+    user_id: str | None = None
+    user_role: str | None = None
 
 
 async def _bearer(request: web.Request) -> KeyHolder:
     header = request.headers.get("Authorization")
     if not header:
+        if session_secret(request) is not None:
+            return await _session_user(request)
         raise Problem(
             "missing-credentials", "an Authorization: Bearer <api key> header is required"
         )
@@ -66,10 +80,33 @@ async def _bearer(request: web.Request) -> KeyHolder:
     return KeyHolder(row.role, row.partner_id, row.prefix, row.id)
 
 
-async def require_partner(request: web.Request) -> KeyHolder:
+async def _session_user(request: web.Request) -> KeyHolder:
+    """The console user whose session cookie came with the request; a
+    state-changing request must also carry the session's CSRF token."""
+    session = await load_session(request)
+    if session is None:
+        raise Problem("session-expired", "the console session has ended; sign in again")
+    if request.method not in SAFE_METHODS:
+        check_csrf(request, session, None)
+    return KeyHolder(
+        "partner", session.partner_id, "", "", user_id=session.user_id, user_role=session.role
+    )
+
+
+async def require_partner(request: web.Request, need: Need | None = None) -> KeyHolder:
+    """A partner's key, or one of its console users whose role allows
+    ``need`` (by default: reading for GET and HEAD, editing otherwise)."""
     holder = await _bearer(request)
     if holder.role != "partner" or holder.partner_id is None:
         raise Problem("forbidden", "this endpoint is for partner keys")
+    if holder.user_role is not None:
+        need = need or ("read" if request.method in SAFE_METHODS else "edit")
+        if not allows(holder.user_role, need):
+            raise Problem(
+                "forbidden",
+                f"a {holder.user_role} may not do this; it needs the "
+                f"{'admin' if need == 'admin' else 'editor'} role",
+            )
     checked_query(request)
     return holder
 

@@ -52,9 +52,12 @@ CLI_ACTOR: Final = "cli"
 
 def actor_of(holder: KeyHolder) -> str:
     """Who acted, as entries name them: the key's role, partner and prefix
-    (the prefix names the key without being usable)."""
+    (the prefix names the key without being usable), or the partner's
+    console user."""
     if holder.role == "admin":
         return f"admin/key:{holder.key_prefix}"
+    if holder.user_id is not None:
+        return f"partner:{holder.partner_id}/user:{holder.user_id}"
     return f"partner:{holder.partner_id}/key:{holder.key_prefix}"
 
 

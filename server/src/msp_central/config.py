@@ -92,6 +92,23 @@ class Settings(BaseSettings):
     smtp_password_file: Path | None = None
     smtp_starttls: bool = True
 
+    # The partner console: a session ends after this long without a request,
+    # and in any case this long after sign-in; an invitation link lapses.
+    console_idle_minutes: Annotated[int, Field(ge=1, le=24 * 60)] = 30
+    console_session_hours: Annotated[int, Field(ge=1, le=24 * 30)] = 12
+    console_invite_hours: Annotated[int, Field(ge=1, le=24 * 30)] = 72
+    # Failed sign-ins: one address from one source is refused (429) after
+    # this many within the window; any one source after
+    # login_source_failures; an account with login_alert_failures failures
+    # (from anywhere) raises a security alert for its partner.
+    login_window_minutes: Annotated[int, Field(ge=1, le=24 * 60)] = 15
+    login_account_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    login_source_failures: Annotated[int, Field(ge=1, le=100000)] = 50
+    login_alert_failures: Annotated[int, Field(ge=1, le=100000)] = 10
+    # Reverse proxies whose X-Forwarded-For names the real client (the last
+    # address it added). Requests from anyone else are taken at their address.
+    trusted_proxies: list[str] = []
+
     @field_validator("public_url")
     @classmethod
     def _no_trailing_slash(cls, value: str | None) -> str | None:

@@ -51,20 +51,28 @@ def record_event(
     *,
     kind: str,
     key: str,
-    site_id: str,
+    site_id: str | None,
     appliance_id: str | None,
     payload: dict[str, Any],
     now: datetime,
     only_channel: str | None = None,
+    partner_id: str | None = None,
 ) -> str | None:
-    """Record an event of the site's partner and its pending deliveries;
-    returns the event id, or None when the occurrence was already recorded
-    (or the site is unknown: nobody to tell)."""
-    site = connection.execute(
-        sa.select(sites.c.partner_id, sites.c.name).where(sites.c.id == site_id)
-    ).first()
-    if site is None:
-        return None
+    """Record an event of the site's partner (or, for an event of no site,
+    of ``partner_id``) and its pending deliveries; returns the event id, or
+    None when the occurrence was already recorded (or the site is unknown:
+    nobody to tell)."""
+    if site_id is None:
+        if partner_id is None:
+            return None
+        owner, site_name = partner_id, None
+    else:
+        found = connection.execute(
+            sa.select(sites.c.partner_id, sites.c.name).where(sites.c.id == site_id)
+        ).first()
+        if found is None:
+            return None
+        owner, site_name = found.partner_id, found.name
     event_id = new_id("evt")
     inserted = insert_ignore_sync(
         connection,
@@ -73,17 +81,17 @@ def record_event(
             "id": event_id,
             "event_key": key[:200],
             "kind": kind,
-            "partner_id": site.partner_id,
+            "partner_id": owner,
             "site_id": site_id,
             "appliance_id": appliance_id,
-            "payload": {"site_name": site.name, **payload},
+            "payload": {"site_name": site_name, **payload} if site_name else dict(payload),
             "created_at": now,
         },
     )
     if not inserted:
         return None
     query = sa.select(notification_channels.c.id, notification_channels.c.events).where(
-        notification_channels.c.partner_id == site.partner_id,
+        notification_channels.c.partner_id == owner,
         notification_channels.c.enabled.is_(True),
         notification_channels.c.deleted_at.is_(None),
     )
@@ -145,16 +153,17 @@ def alert_event(
     code: str,
     detail: str,
     now: datetime,
+    partner_id: str | None = None,
 ) -> str | None:
-    """The event of a newly stored security alert (one of no site has no
-    partner to tell)."""
-    if site_id is None:
-        return None
+    """The event of a newly stored security alert: of its site's partner,
+    or of ``partner_id`` for an alert about the partner's own accounts (an
+    alert of neither has nobody to tell)."""
     return record_event(
         connection,
         kind="security.alert",
         key=f"security.alert:{alert_id}",
         site_id=site_id,
+        partner_id=partner_id,
         appliance_id=appliance_id,
         payload={"alert_id": alert_id, "code": code, "detail": detail[:500]},
         now=now,

@@ -411,6 +411,8 @@ def _summary(row: Any) -> str:
     if row.kind == "escalation.urgent":
         return f"Urgent escalation ({data.get('severity')}) at {site}: {data.get('title')}"
     if row.kind == "security.alert":
+        if row.site_id is None:
+            return f"Security alert for your partner account: {data.get('code')}"
         return f"Security alert at {site}: {data.get('code')}"
     return f"Test notification for {site}"
 
@@ -427,13 +429,18 @@ def _email(row: Any, sender: str) -> EmailMessage:
     message.set_content(
         f"{_summary(row)}.\n\n"
         f"What happened: {row.kind}\n"
-        f"Site: {row.payload.get('site_name') or ''} ({row.site_id})\n"
+        f"Site: {row.payload.get('site_name') or ''} ({row.site_id or '-'})\n"
         f"Appliance: {row.appliance_id or '-'}\n"
         f"When: {row.created_at.isoformat()}\n\n"
         f"What to do: {_WHAT_TO_DO.get(row.kind, '')}\n\n"
         f"Details:\n{details}\n"
     )
     return message
+
+
+def send_mail(settings: Settings, message: EmailMessage) -> None:
+    """Send one message through the configured SMTP server (blocking)."""
+    _send_mail(settings, settings.smtp_password(), message)
 
 
 def _send_mail(settings: Settings, password: str | None, message: EmailMessage) -> None:

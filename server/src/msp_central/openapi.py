@@ -25,9 +25,12 @@ from msp_protocol.package import AuditorPackage
 from msp_protocol.sync import SyncRequest, SyncResponse
 
 Security = list[dict[str, list[str]]]
-PARTNER: Security = [{"partnerKey": []}]
+# A partner's console user (session cookie; state-changing calls also send
+# the session's CSRF token) may call what a partner key may, within the
+# user's role.
+PARTNER: Security = [{"partnerKey": []}, {"consoleSession": []}]
 ADMIN: Security = [{"adminKey": []}]
-ANY_KEY: Security = [{"partnerKey": []}, {"adminKey": []}]
+ANY_KEY: Security = [{"partnerKey": []}, {"adminKey": []}, {"consoleSession": []}]
 APPLIANCE: Security = [{"httpSignature": []}]
 NONE: Security = []
 
@@ -73,6 +76,14 @@ OPERATIONS: list[
     ("post", "/api/v1/api-keys", "Another API key for the partner (shown once)", PARTNER, m.ApiKeyCreate, {201: m.ApiKeyCreated}),
     ("post", "/api/v1/api-keys/{key_id}/rotate", "A new key replacing this one, which keeps working for the overlap", PARTNER, m.ApiKeyRotate, {201: m.ApiKeyRotated}),
     ("delete", "/api/v1/api-keys/{key_id}", "Revoke an API key now (never the partner's last active key)", PARTNER, None, {200: m.ApiKeyOut}),
+    ("get", "/api/v1/me", "Who is asking: a console user or an API key, its partner and role", PARTNER, None, {200: m.Me}),
+    ("delete", "/api/v1/me/sessions", "Sign the asking console user out everywhere", PARTNER, None, {200: m.SessionsEnded}),
+    ("get", "/api/v1/users", "The partner's console users and their roles", PARTNER, None, {200: m.UserPage}),
+    ("patch", "/api/v1/users/{user_id}", "Give a user another role (admins only; the last admin stays one)", PARTNER, m.UserUpdate, {200: m.UserOut}),
+    ("delete", "/api/v1/users/{user_id}", "Remove a user and end their sessions (admins only)", PARTNER, None, {204: None}),
+    ("get", "/api/v1/user-invites", "The partner's invitations and their state (admins only)", PARTNER, None, {200: m.InvitePage}),
+    ("post", "/api/v1/user-invites", "Invite someone with a role: a one-time link, e-mailed when SMTP is set up", PARTNER, m.InviteCreate, {201: m.InviteCreated}),
+    ("delete", "/api/v1/user-invites/{invite_id}", "Withdraw an unused invitation (admins only)", PARTNER, None, {200: m.InviteOut}),
     ("get", "/api/v1/sites/{site_id}/appliances", "A site's appliances and their state, a page at a time", PARTNER, None, {200: m.AppliancePage}),
     ("get", "/api/v1/appliances", "The appliances of all the partner's sites and their state, a page at a time", PARTNER, None, {200: m.AppliancePage}),
     ("get", "/api/v1/sites/{site_id}/evidence", "A site's evidence bundles, newest first, a page at a time", PARTNER, None, {200: m.EvidencePage}),
@@ -258,6 +269,8 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
     ],
     ("get", "/api/v1/sites/{site_id}/enrollment-tokens"): PAGE_PARAMETERS,
     ("get", "/api/v1/api-keys"): PAGE_PARAMETERS,
+    ("get", "/api/v1/users"): PAGE_PARAMETERS,
+    ("get", "/api/v1/user-invites"): PAGE_PARAMETERS,
     ("get", "/api/v1/sites/{site_id}/posture"): [_FRAMEWORK_FILTER],
     ("get", "/api/v1/sites/{site_id}/posture/oscal"): [_FRAMEWORK_FILTER],
     ("get", "/api/v1/sites/{site_id}/auditor-package"): [
@@ -450,6 +463,17 @@ def document() -> dict[str, Any]:
                     "description": "A partner API key",
                 },
                 "adminKey": {"type": "http", "scheme": "bearer", "description": "An admin API key"},
+                "consoleSession": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "__Host-msp-session",
+                    "description": (
+                        "A partner user's console session (msp-session over plain HTTP on "
+                        "loopback). State-changing calls must also send the session's CSRF "
+                        "token in X-CSRF-Token; the user's role (viewer, editor, admin) "
+                        "limits what they may change."
+                    ),
+                },
                 "httpSignature": {
                     "type": "apiKey",
                     "in": "header",

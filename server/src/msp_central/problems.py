@@ -82,6 +82,10 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     # notifications
     "bad-webhook-url": (400, "The webhook URL is not an http(s) URL"),
     "smtp-not-configured": (409, "The server has no SMTP server to send e-mail through"),
+    # The partner console's sessions.
+    "session-expired": (401, "The console session has ended; sign in again"),
+    "csrf-failed": (403, "The request did not come from the console's own page"),
+    "too-many-attempts": (429, "Too many failed attempts; wait before trying again"),
 }
 
 
@@ -126,6 +130,8 @@ def problem_response(problem: Problem, instance: str | None = None) -> web.Respo
     headers = {}
     if problem.code in ("missing-credentials", "bad-credentials"):
         headers["WWW-Authenticate"] = 'Bearer realm="msp-central"'
+    if isinstance(problem.extra.get("retry_after"), int):
+        headers["Retry-After"] = str(problem.extra["retry_after"])
     return web.Response(
         status=problem.status, body=canonicalize(body), content_type=CONTENT_TYPE, headers=headers
     )

@@ -334,6 +334,9 @@ security_alerts = Table(
     Column("code", String(64), nullable=False),
     Column("detail", Text, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # An alert about the partner's own account (repeated failed sign-ins),
+    # not about a site: the partner it concerns.
+    Column("partner_id", String(ID), nullable=True, index=True),
 )
 
 # One row per generation of an appliance's log after the first: who approved
@@ -506,4 +509,69 @@ Index(
     "ix_notification_deliveries_created",
     notification_deliveries.c.created_at,
     notification_deliveries.c.id,
+)
+
+
+# --- the partner console: people, their invitations, sessions and failed sign-ins
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("partner_id", String(ID), ForeignKey("partners.id"), nullable=False, index=True),
+    # Lower-cased; one account per address across partners (it is the login).
+    Column("email", String(254), nullable=False, unique=True),
+    # Argon2id, in the PHC string format argon2-cffi writes.
+    Column("password_hash", String(256), nullable=False),
+    Column("role", String(16), nullable=False),  # admin | editor | viewer
+    # TOTP (RFC 6238) base32 secret: pending until a first code confirms it.
+    Column("totp_secret", String(64), nullable=True),
+    Column("totp_enabled", Boolean, nullable=False),
+    # The last time step a code was accepted for: a code is used once.
+    Column("totp_last_step", BigInteger, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("created_by", String(128), nullable=False),
+    Column("removed_at", UTCDateTime, nullable=True),
+)
+
+user_invites = Table(
+    "user_invites",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("partner_id", String(ID), ForeignKey("partners.id"), nullable=False, index=True),
+    Column("email", String(254), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("created_by", String(128), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("used_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+user_sessions = Table(
+    "user_sessions",
+    metadata,
+    # SHA-256 of the cookie's 256-bit secret: a stolen table opens nothing.
+    Column("id_sha256", String(64), primary_key=True),
+    Column("user_id", String(ID), ForeignKey("users.id"), nullable=False, index=True),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),  # absolute expiry
+    # Password accepted, TOTP code still to come: such a session opens nothing.
+    Column("second_factor_pending", Boolean, nullable=False),
+    Column("source", String(64), nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("email", String(254), nullable=False),
+    Column("source", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_login_failures_email_created_at", "email", "created_at"),
+    Index("ix_login_failures_source_created_at", "source", "created_at"),
 )

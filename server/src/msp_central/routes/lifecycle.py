@@ -381,7 +381,7 @@ async def _own_key(connection: AsyncConnection, holder: KeyHolder, key_id: str) 
 @routes.get("/api/v1/api-keys")
 async def list_keys(request: web.Request) -> web.Response:
     """The partner's API keys, oldest first, revoked ones included."""
-    holder = await require_partner(request)
+    holder = await require_partner(request, "admin")
     service = central(request)
     page = page_request(request, KEYS)
     async with read_only(service.engine) as connection:
@@ -394,7 +394,7 @@ async def list_keys(request: web.Request) -> web.Response:
 @routes.post("/api/v1/api-keys")
 async def create_key(request: web.Request) -> web.Response:
     """Another key for the partner (for an automation); shown once."""
-    holder = await require_partner(request)
+    holder = await require_partner(request, "admin")
     body = parse_body(await read_body(request), ApiKeyCreate, request)
     service = central(request)
     now = service.clock()
@@ -424,7 +424,7 @@ async def create_key(request: web.Request) -> web.Response:
 async def rotate_key(request: web.Request) -> web.Response:
     """A new key of the same name and role; the old one keeps working for
     ``overlap_minutes`` so the automations using it can switch."""
-    holder = await require_partner(request)
+    holder = await require_partner(request, "admin")
     body = parse_body(await read_body(request), ApiKeyRotate, request)
     service = central(request)
     now = service.clock()
@@ -469,7 +469,7 @@ async def rotate_key(request: web.Request) -> web.Response:
 async def revoke_key(request: web.Request) -> web.Response:
     """Revoke a key now. The partner's last active key cannot be revoked:
     nothing could then act for the partner."""
-    holder = await require_partner(request)
+    holder = await require_partner(request, "admin")
     service = central(request)
     now = service.clock()
     key_id = request.match_info["key_id"]

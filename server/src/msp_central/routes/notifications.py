@@ -111,7 +111,7 @@ async def list_channels(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/notification-channels")
 async def create_channel(request: web.Request) -> web.Response:
-    holder = await require_partner(request)
+    holder = await require_partner(request, "admin")
     service = central(request)
     body = parse_body(await read_body(request), ChannelCreate, request)
     secret: str | None = None
@@ -183,7 +183,7 @@ async def get_channel(request: web.Request) -> web.Response:
 
 @routes.delete("/api/v1/notification-channels/{channel_id}")
 async def delete_channel(request: web.Request) -> web.Response:
-    holder = await require_partner(request)
+    holder = await require_partner(request, "admin")
     service = central(request)
     now = service.clock()
     async with write(service.engine) as connection:
@@ -207,7 +207,7 @@ async def delete_channel(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/notification-channels/{channel_id}/test")
 async def test_channel(request: web.Request) -> web.Response:
-    holder = await require_partner(request)
+    holder = await require_partner(request, "admin")
     service = central(request)
     now = service.clock()
     async with write(service.engine) as connection:

@@ -659,7 +659,11 @@ async def list_alerts(request: web.Request) -> web.Response:
     page = page_request(request, _ALERT_ORDER)
     filters = checked_query(request)
     query = sa.select(security_alerts).where(
-        security_alerts.c.site_id.in_(_partner_sites(holder)),
+        sa.or_(
+            security_alerts.c.site_id.in_(_partner_sites(holder)),
+            # Alerts about the partner's own accounts (failed sign-ins).
+            security_alerts.c.partner_id == holder.partner_id,
+        ),
         *_equal(
             filters,
             site_id=security_alerts.c.site_id,
