@@ -30,17 +30,21 @@ POSTGRES_URL = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")
-def postgres_admin_url(pytestconfig: pytest.Config) -> Iterator[str]:
+def postgres_admin_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """The admin URL (database ``postgres``) of the PostgreSQL server every
     test that needs one shares: the configured server if it answers, else a
-    throw-away cluster that lives as long as the session. Only a machine
-    without PostgreSQL at all fails the session, saying what to install."""
+    throw-away cluster that lives as long as the session.
+
+    Only a machine without PostgreSQL at all fails: the first test that needs
+    it errors with one line saying what to install, and the session stops
+    there rather than repeating that line for every such test."""
     with contextlib.ExitStack() as stack:
         try:
             url = stack.enter_context(postgres.server())
         except postgres.PostgresNotInstalled as error:
-            pytest.exit(str(error), returncode=pytest.ExitCode.TESTS_FAILED)
-        pytestconfig.stash[POSTGRES_URL] = url
+            request.session.shouldstop = str(error)
+            raise pytest.fail.Exception(str(error), pytrace=False) from None
+        request.config.stash[POSTGRES_URL] = url
         yield url
 
 
