@@ -3,7 +3,8 @@
 Each backend is migrated once per session (a real ``alembic upgrade``);
 each test then gets a clean copy: a copied SQLite file, or the PostgreSQL
 test database with every non-catalogue table truncated. PostgreSQL is the
-server on 127.0.0.1:5432; if it is down these tests fail, never skip.
+session's server (``postgres_admin_url``: the running one, else a throw-away
+cluster); these tests never skip.
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def postgres_url(postgres_admin_url: str) -> Iterator[str]:
     name = f"msp_central_test_{os.getpid()}"
-    url = asyncio.run(create_pg_database(name))
+    url = asyncio.run(create_pg_database(name, postgres_admin_url))
     asyncio.run(_migrate(url))
     yield url
 
-    asyncio.run(drop_pg_database(name))
+    asyncio.run(drop_pg_database(name, postgres_admin_url))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

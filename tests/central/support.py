@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +31,12 @@ from msp_protocol.keys import SigningKey
 from msp_protocol.log import EntryRecord, genesis_entry, make_checkpoint, make_entry
 from msp_protocol.merkle import LeafHashTree, TreeState, consistency_proof
 from msp_protocol.sync import SyncRequest
+from tests.postgres import configured_url
 
 ROOT = SigningKey(b"\x07" * 32)
-PG_ADMIN_URL = os.environ.get(
-    "MSP_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-)
+# The configured server, for callers outside a test session (the benchmarks);
+# tests pass the session's ``postgres_admin_url``, which may be a throw-away one.
+PG_ADMIN_URL = configured_url()
 
 
 async def _as_admin(admin_url: str, *statements: str) -> None:

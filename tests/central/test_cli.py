@@ -36,10 +36,8 @@ from msp_central.db.migrate import head_revision
 from msp_protocol.delegation import DelegationCertificate, Scope, make_delegation_request
 from msp_protocol.dsse import Envelope
 from msp_protocol.keys import SigningKey
+from tests.central.support import create_pg_database, drop_pg_database
 
-PG_ADMIN_URL = os.environ.get(
-    "MSP_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-)
 TIMEOUT = 60
 
 
@@ -427,12 +425,12 @@ def test_serve_enroll_revoke_and_stop(
 # --- bad input and configuration -------------------------------------------------------
 
 
-def test_bad_input_is_one_line(tmp_path: Path) -> None:
+def test_bad_input_is_one_line(tmp_path: Path, postgres_admin_url: str) -> None:
     (tmp_path / "bad.toml").write_text("state_dir = [unclosed\n")
     (tmp_path / "bad.json").write_text('{"state_dir": ')
     (tmp_path / "unknown.toml").write_text('state_dir = "x"\nlisten_port = 1\n')
     sd = ("--state-dir", tmp_path / "state")
-    missing_db = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/msp_central_cli_{os.getpid()}_missing"
+    missing_db = postgres_admin_url.rsplit("/", 1)[0] + f"/msp_central_cli_{os.getpid()}_missing"
     results = cli_all(
         tmp_path,
         ["--config", tmp_path / "bad.toml", "keys", "show"],
@@ -494,25 +492,13 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
 # --- PostgreSQL -------------------------------------------------------------------------
 
 
-async def _admin(*statements: str) -> None:
-    admin = create_engine(PG_ADMIN_URL)
-    try:
-        async with admin.connect() as plain:
-            connection = await plain.execution_options(isolation_level="AUTOCOMMIT")
-            for statement in statements:
-                await connection.execute(sa.text(statement))
-    finally:
-        await admin.dispose()
-
-
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def pg_url(postgres_admin_url: str) -> Iterator[str]:
     name = f"msp_central_cli_{os.getpid()}_happy"
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"'))
     try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        yield asyncio.run(create_pg_database(name, postgres_admin_url))
     finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(drop_pg_database(name, postgres_admin_url))
 
 
 def test_postgresql_happy_path(pg_url: str, tmp_path: Path) -> None:

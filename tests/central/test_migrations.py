@@ -120,10 +120,11 @@ def blank_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'steps.db'}"
         return
+    admin_url: str = request.getfixturevalue("postgres_admin_url")
     name = f"msp_central_steps_{os.getpid()}"
-    yield asyncio.run(create_pg_database(name))
+    yield asyncio.run(create_pg_database(name, admin_url))
 
-    asyncio.run(drop_pg_database(name))
+    asyncio.run(drop_pg_database(name, admin_url))
 
 
 async def _to_revision(url: str, revision: str, *, down: bool = False) -> None:
