@@ -755,14 +755,23 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
         {d["channel_id"] for d in b["items"]}, {w.channel_id}
     ),
     "DELETE /api/v1/notification-channels/{channel_id}": lambda w, b: _check_eq(b, b""),
-    "GET /api/v1/me": lambda w, b: _check_eq((b["kind"], b["role"], b["partner_id"]), ("key", "admin", w.partner.partner_id)),
+    "GET /api/v1/me": lambda w, b: _check_eq(
+        (b["kind"], b["role"], b["partner_id"]), ("key", "admin", w.partner.partner_id)
+    ),
     "DELETE /api/v1/me/sessions": lambda w, b: _check_eq(b["code"], "forbidden"),
     "GET /api/v1/users": lambda w, b: _check_eq(w.user_id in _ids(b["items"]), True),
-    "PATCH /api/v1/users/{user_id}": lambda w, b: _check_eq((b["id"], b["role"]), (w.user_id, "viewer")),
+    "PATCH /api/v1/users/{user_id}": lambda w, b: _check_eq(
+        (b["id"], b["role"]), (w.user_id, "viewer")
+    ),
     "DELETE /api/v1/users/{user_id}": lambda w, b: _check_eq(b, b""),
     "GET /api/v1/user-invites": lambda w, b: _check_eq(w.invite_id in _ids(b["items"]), True),
-    "POST /api/v1/user-invites": lambda w, b: _check_eq((b["invite"]["role"], b["link"].split("#")[1][:8], b["emailed"]), ("editor", "msp_inv_", False)),
-    "DELETE /api/v1/user-invites/{invite_id}": lambda w, b: _check_eq((b["id"], b["state"]), (w.invite_id, "revoked")),
+    "POST /api/v1/user-invites": lambda w, b: _check_eq(
+        (b["invite"]["role"], b["link"].split("#")[1][:8], b["emailed"]),
+        ("editor", "msp_inv_", False),
+    ),
+    "DELETE /api/v1/user-invites/{invite_id}": lambda w, b: _check_eq(
+        (b["id"], b["state"]), (w.invite_id, "revoked")
+    ),
     "POST /api/v1/appliances/{appliance_id}/certificates": _check_renewed,
     "GET /api/v1/revocations": _check_revocations,
     "POST /api/v1/appliances/{appliance_id}/heartbeat": _check_heartbeat,

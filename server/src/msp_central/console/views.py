@@ -83,13 +83,17 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     environment.globals["static"] = static_url
+    environment.globals["has_static"] = lambda name: _STATIC.joinpath(name).is_file()
     environment.globals["pages"] = PAGES
     return environment
 
 
 @cache
 def _digest(name: str) -> str:
-    return hashlib.sha256(_STATIC.joinpath(name).read_bytes()).hexdigest()[:12]
+    target = _STATIC.joinpath(name)
+    if not target.is_file():
+        return "missing"  # answered with a 404 when asked for
+    return hashlib.sha256(target.read_bytes()).hexdigest()[:12]
 
 
 def static_url(name: str) -> str:
