@@ -49,12 +49,16 @@ def test_sign_in_out_and_the_pages_need_it(console: Console) -> None:
     expect(page).to_have_url(re.compile(r"/console/posture$"))
     expect(page.get_by_role("link", name=email)).to_be_visible()
     cookie = next(c for c in page.context.cookies() if "msp-session" in c["name"])
-    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert cookie["httpOnly"]
+    assert cookie["sameSite"] == "Strict"
     # Plain HTTP on loopback: not Secure (a browser would drop it), plainly named.
-    assert cookie["name"] == "msp-session" and not cookie["secure"]
+    assert cookie["name"] == "msp-session"
+    assert not cookie["secure"]
 
     me = _api(page, "GET", "/api/v1/me")
-    assert me["status"] == 200 and me["body"]["email"] == email and me["body"]["role"] == "editor"
+    assert me["status"] == 200
+    assert me["body"]["email"] == email
+    assert me["body"]["role"] == "editor"
     page.get_by_role("button", name="Sign out", exact=True).click()
     expect(page.get_by_role("status")).to_contain_text("signed out")
     assert _api(page, "GET", "/api/v1/me", csrf=False)["status"] == 401
@@ -118,7 +122,8 @@ def test_an_invitation_makes_an_account_once(console: Console) -> None:
         form={"token": link.split("#")[1], "password": "short", "confirm": "short"},
         headers={"Origin": console.url},
     )
-    assert sent.status == 400 and "at least 12" in sent.text()
+    assert sent.status == 400
+    assert "at least 12" in sent.text()
     newcomer.get_by_label("New password").fill("a long and memorable passphrase")
     newcomer.get_by_label("The same password again").fill("a long and memorable passphrase")
     newcomer.get_by_role("button", name="Create my account").click()
@@ -208,7 +213,8 @@ def test_repeated_failures_are_throttled_and_raise_an_alert(
         max_redirects=0,
     )
     # Even the right password waits: the guesser cannot tell.
-    assert response.status == 429 and int(response.headers["retry-after"]) > 0
+    assert response.status == 429
+    assert int(response.headers["retry-after"]) > 0
     # A neighbour behind the same address, another account: not locked out.
     console.sign_in(page, console.user("viewer"))
     expect(page).to_have_url(re.compile(r"/console/compliance$"))
