@@ -34,7 +34,8 @@ import aiohttp
 
 from msp_agent.audit import verify_database
 from msp_agent.central import CentralRejected, CentralUnavailable
-from msp_agent.config import AgentSettings, ConfigError, check_central_url, load_settings
+from msp_agent.central_url import normalize_central_url
+from msp_agent.config import AgentSettings, ConfigError, load_settings
 from msp_agent.export import ExportError, export_audit, verify_evidence_file
 from msp_agent.http_client import HttpCentralClient
 from msp_agent.keys import (
@@ -173,7 +174,7 @@ def _enroll(args: argparse.Namespace, settings: AgentSettings) -> int:
         server = settings.require_central_url()
     else:
         try:
-            server = check_central_url(args.server)
+            server = normalize_central_url(args.server)
         except ValueError as exc:
             raise CommandError(f"--server {args.server[:80]!r}: {exc}", EXIT_USAGE) from None
     token = _token(args)

@@ -17,7 +17,6 @@ from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, StringConstraints, ValidationError, field_validator
 from pydantic_settings import (
@@ -27,6 +26,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from msp_agent.central_url import normalize_central_url
 from msp_protocol.errors import ProtocolError
 from msp_protocol.keys import VerifyKey
 
@@ -48,7 +48,8 @@ class ConfigError(Exception):
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MSP_AGENT_", extra="forbid", frozen=True)
 
-    # The central server (its /api/v1 lives below this URL) and its pinned
+    # The central server (its /api/v1 lives below this URL, normalised as
+    # msp_agent.central_url says) and its pinned
     # root public key (hex), which every certificate and bundle must chain to.
     central_url: str | None = None
     central_public_key: str | None = None
@@ -100,7 +101,8 @@ class AgentSettings(BaseSettings):
     @field_validator("central_url")
     @classmethod
     def _central_url(cls, value: str | None) -> str | None:
-        return None if value is None else check_central_url(value)
+        # Normalised once, here: the client signs and sends this very string.
+        return None if value is None else normalize_central_url(value)
 
     @field_validator("central_public_key")
     @classmethod
@@ -163,23 +165,6 @@ class AgentSettings(BaseSettings):
             and self.twilio_from
             and self.on_call_numbers
         )
-
-
-def check_central_url(value: str) -> str:
-    """The central server's URL without a trailing slash: http or https, a
-    host, nothing after the path. Raises ValueError saying what is wrong."""
-    try:
-        url = urlsplit(value.strip())
-        url.port  # noqa: B018 (parsing the port raises on a bad one)
-    except ValueError:
-        raise ValueError("is not a URL") from None
-    if url.scheme not in ("http", "https"):
-        raise ValueError("must be an http:// or https:// URL")
-    if not url.hostname:
-        raise ValueError("has no host name")
-    if url.query or url.fragment or url.username or url.password:
-        raise ValueError("must not carry a query, a fragment or credentials")
-    return url.geturl().rstrip("/")
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> AgentSettings:

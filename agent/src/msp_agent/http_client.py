@@ -13,6 +13,12 @@ the components expect:
 The appliance holds no bearer secret: each request is signed by the key
 ``signing_key()`` returns at that moment, so a rotation takes effect on the
 next request.
+
+The signature covers the request's URL (RFC 9421 ``@target-uri``), which the
+server rebuilds from what arrived. So the URL is built once from the
+normalised base URL (:mod:`msp_agent.central_url`), signed as that string and
+sent as those bytes: the HTTP library is told it is already encoded and must
+not rewrite it.
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ from typing import Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
+from pydantic import TypeAdapter, ValidationError
+from yarl import URL
 
 from msp_agent.central import CentralRejected, CentralUnavailable, FetchedBundle
+from msp_agent.central_url import normalize_central_url
 from msp_agent.connectivity import Connectivity
 from msp_protocol.bundle import BundleKind, Escalation
 from msp_protocol.dsse import Envelope
+from msp_protocol.encoding import Identifier
 from msp_protocol.errors import MalformedError
 from msp_protocol.httpsig import sign_request
 from msp_protocol.keys import SigningKey
@@ -46,6 +56,7 @@ RETRYABLE_REFUSALS = frozenset(
     {"stale-signature", "future-signature", "stale-request", "replayed-nonce"}
 )
 CLOCK_REFUSALS = frozenset({"stale-signature", "future-signature", "stale-request"})
+_IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 
 
 class HttpCentralClient:
@@ -59,7 +70,9 @@ class HttpCentralClient:
         timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
         connectivity: Connectivity | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        # Normally already normalised (the settings are); doing it again
+        # costs nothing and makes "signed as sent" hold for any caller.
+        self.base_url = normalize_central_url(base_url)
         self.session = session
         self.signing_key = signing_key
         self.appliance_id = appliance_id
@@ -101,7 +114,7 @@ class HttpCentralClient:
                 "POST", "/api/v1/enroll", {**document, "token": enrollment_token}, signed=False
             )
             answer = _json(body)
-            self.appliance_id = str(answer.get("appliance_id"))
+            self.appliance_id = _appliance_id(answer.get("appliance_id"))
         else:
             answer = _json(
                 await self._call("POST", f"{self._appliance_path()}/certificates", document)
@@ -146,6 +159,8 @@ class HttpCentralClient:
         signed: bool = True,
     ) -> tuple[int, CIMultiDict[str], bytes]:
         body = b"" if value is None else _encode(value)
+        # The signed string and the request line are the same bytes: ``path``
+        # is built from identifiers that need no escaping.
         url = self.base_url + path
         headers = dict(extra)
         if body:
@@ -154,7 +169,11 @@ class HttpCentralClient:
             headers.update(sign_request(self.signing_key(), method, url, body=body))
         try:
             async with self.session.request(
-                method, url, data=body or None, headers=headers, timeout=self.timeout
+                method,
+                URL(url, encoded=True),
+                data=body or None,
+                headers=headers,
+                timeout=self.timeout,
             ) as response:
                 payload = await response.read()
                 status, answer_headers = response.status, CIMultiDict(response.headers)
@@ -182,6 +201,15 @@ class HttpCentralClient:
             raise rejection
         self.connectivity.answered()
         return status, answer_headers, payload
+
+
+def _appliance_id(value: Any) -> str:
+    """The id enrollment assigned. It becomes part of every later request
+    path, sent as is, so it must be an identifier (nothing to escape)."""
+    try:
+        return _IDENTIFIER.validate_python(value)
+    except ValidationError:
+        raise CentralUnavailable("central server sent no usable appliance id") from None
 
 
 def _encode(value: Any) -> bytes:
