@@ -67,6 +67,32 @@ async def _posture_and_audit_export_verify(guide: str, port: int, tmp_path: Path
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+async def _console_signs_in(guide: str, port: int) -> None:
+    """The console user the guide prints signs in at the console URL it prints."""
+    url = re.search(r"^partner console +(\S+)", guide, re.M)
+    email = re.search(r"^  sign in as +(\S+)", guide, re.M)
+    password = re.search(r"^  password +(\S+)", guide, re.M)
+    assert url, guide
+    assert email, guide
+    assert password, guide
+    assert url[1] == f"http://127.0.0.1:{port}/console/"
+    origin = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+        async with session.get(url[1]) as response:
+            assert response.status == 200
+            assert "Sign in" in await response.text()
+        form = {"email": email[1], "password": password[1], "next": "/console/compliance"}
+        async with session.post(
+            f"{origin}/console/sign-in", data=form, headers={"Origin": origin}
+        ) as response:
+            assert response.status == 200
+            assert str(response.url).endswith("/console/compliance")
+        async with session.get(f"{origin}/api/v1/me") as response:
+            assert response.status == 200
+            me = await response.json()
+    assert (me["email"], me["role"]) == (email[1], "admin")
+
+
 async def test_the_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     output = tmp_path / "demo.out"
@@ -98,6 +124,7 @@ async def test_the_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
         guide = output.read_text()
         assert f"http://127.0.0.1:{port}" in guide
         assert "partner API key   mspk_" in guide
+        await _console_signs_in(guide, port)
 
         def witnessed(number: int) -> bool:
             try:

@@ -28,6 +28,7 @@ from msp_central.api_models import SiteOverrides
 from msp_central.app import create_app
 from msp_central.central_log import CLI_ACTOR, central_log_export, record, record_revocation
 from msp_central.config import ConfigError, Settings, load_settings
+from msp_central.console.accounts import create_invite, normalise_email
 from msp_central.context import load_root_key, write_root_key
 from msp_central.db.engine import create_engine, read_only
 from msp_central.db.migrate import DatabaseVersionError, check_current, upgrade
@@ -38,6 +39,7 @@ from msp_central.db.tables import (
     enrollment_tokens,
     partners,
     sites,
+    users,
 )
 from msp_central.demo import DemoError, run_demo
 from msp_central.exports import audit_export
@@ -56,6 +58,7 @@ from msp_central.queries import (
     revoke_certificate,
     token_out,
 )
+from msp_central.routes.users import invite_link
 from msp_protocol.encoding import format_time, parse_time, utc_now
 from msp_protocol.errors import MalformedError
 
@@ -143,6 +146,21 @@ def _parser() -> argparse.ArgumentParser:
     key_create.add_argument("--name", default="", help="what the key is for")
     key_revoke = key.add_parser("revoke", help="revoke an API key now")
     key_revoke.add_argument("key_id")
+
+    user = commands.add_parser("user", help="console users").add_subparsers(
+        dest="action", required=True
+    )
+    user_invite = user.add_parser(
+        "invite", help="invite someone to a partner's console; prints the one-time link"
+    )
+    user_invite.add_argument("--partner", required=True)
+    user_invite.add_argument("--email", required=True)
+    user_invite.add_argument("--role", choices=("admin", "editor", "viewer"), default="admin")
+    user_invite.add_argument(
+        "--url", help="the console's address as users reach it (default: public_url, or host:port)"
+    )
+    user_list = user.add_parser("list", help="console users and their roles")
+    user_list.add_argument("--partner", help="only this partner's users")
 
     appliance = commands.add_parser("appliance", help="appliances").add_subparsers(
         dest="action", required=True
@@ -367,6 +385,67 @@ def run(argv: list[str] | None = None) -> int:
                 return {"partner_id": row.id, "name": row.name, "api_key": key}
 
             _print(asyncio.run(_with_db(settings, partner)))
+        case "user", "invite":
+            base = args.url or settings.public_url or f"http://{settings.host}:{settings.port}"
+            base = base.rstrip("/")
+            if not base.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"--url {base[:80]}: an http(s) URL such as https://central.example"
+                )
+
+            async def invite(connection: AsyncConnection) -> dict[str, Any]:
+                await get_partner(connection, args.partner)
+                invite_id, token, expires = await create_invite(
+                    connection,
+                    partner_id=args.partner,
+                    email=args.email,
+                    role=args.role,
+                    actor=CLI_ACTOR,
+                    now=now,
+                    lifetime=timedelta(hours=settings.console_invite_hours),
+                )
+                await _record(
+                    connection,
+                    settings,
+                    now,
+                    "user.invited",
+                    {
+                        "invite_id": invite_id,
+                        "email": normalise_email(args.email),
+                        "role": args.role,
+                    },
+                    partner_id=args.partner,
+                )
+                return {
+                    "invite_id": invite_id,
+                    "link": invite_link(base, token),
+                    "expires_at": format_time(expires),
+                }
+
+            _print(asyncio.run(_with_db(settings, invite)))
+        case "user", "list":
+
+            async def people(connection: AsyncConnection) -> dict[str, Any]:
+                query = sa.select(users).where(users.c.removed_at.is_(None))
+                if args.partner:
+                    query = query.where(users.c.partner_id == args.partner)
+                rows = (await connection.execute(query.order_by(users.c.created_at))).all()
+                return {
+                    "columns": ["user", "partner", "email", "role", "two-factor", "created"],
+                    "rows": [
+                        [
+                            r.id,
+                            r.partner_id,
+                            r.email,
+                            r.role,
+                            "on" if r.totp_enabled else "off",
+                            _when(r.created_at),
+                        ]
+                        for r in rows
+                    ],
+                }
+
+            _table(asyncio.run(_with_db(settings, people, reading=True)))
         case "admin-key", "create":
 
             async def admin(connection: AsyncConnection) -> dict[str, Any]:

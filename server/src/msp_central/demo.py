@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 from datetime import timedelta
@@ -31,6 +32,7 @@ from msp_central.api_models import SiteOverrides
 from msp_central.app import create_app
 from msp_central.catalogue import Tier
 from msp_central.config import Settings
+from msp_central.console.accounts import create_user
 from msp_central.context import load_root_key, write_root_key
 from msp_central.db.engine import create_engine
 from msp_central.db.migrate import upgrade
@@ -43,6 +45,7 @@ from msp_central.queries import (
 from msp_protocol.encoding import utc_now
 
 DEMO_FILE = "demo.json"
+DEMO_USER = "admin@demo-msp.example"
 
 
 class DemoError(Exception):
@@ -71,6 +74,19 @@ async def _prepare(settings: Settings, root_dir: Path, agents: int) -> dict[str,
                     now,
                 )
                 state = {"partner_id": partner.id, "api_key": api_key, "site_id": site.id}
+            if "console_email" not in state:
+                # The demo's console user: an admin, so every page can be tried.
+                password = secrets.token_urlsafe(12)
+                await create_user(
+                    connection,
+                    partner_id=state["partner_id"],
+                    email=DEMO_USER,
+                    password=password,
+                    role="admin",
+                    actor="demo",
+                    now=now,
+                )
+                state |= {"console_email": DEMO_USER, "console_password": password}
             for number in range(1, agents + 1):
                 agent_dir = root_dir / f"agent-{number}"
                 token_file = agent_dir / "enrollment-token"
@@ -219,6 +235,9 @@ def _print_guide(
     key, site = state["api_key"], state["site_id"]
     lines = [
         "",
+        f"partner console   {url}/console/",
+        f"  sign in as      {state['console_email']}",
+        f"  password        {state['console_password']}",
         f"central server    {url}  (API description: {url}/api/v1/openapi.json)",
         f"partner API key   {key}",
         f"central key       {public_key}  (also in {show(key_file)}, "
