@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, WithJsonSchema
 
 from msp_central.catalogue import Tier
 from msp_central.names import readable_name
@@ -19,7 +19,18 @@ from msp_protocol.bundle import Severity
 from msp_protocol.dsse import Envelope
 from msp_protocol.encoding import Timestamp
 
-FrameworkId = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-z0-9][a-z0-9_]{0,31}$")]
+# The catalogue's ten frameworks (a test holds this to the catalogue the
+# migrations load). The document names them, so a client knows which ids
+# the server takes; the server checks them against the catalogue itself
+# (and says "unknown framework ..." of any other).
+FRAMEWORK_IDS = (
+    "hipaa", "soc2", "pci_dss", "nist_csf", "nist_800_171", "sox", "gdpr", "cmmc", "iso_27001", "cis"
+)  # fmt: skip
+FrameworkId = Annotated[
+    str,
+    StringConstraints(strict=True, pattern=r"^[a-z0-9][a-z0-9_]{0,31}$"),
+    WithJsonSchema({"type": "string", "enum": list(FRAMEWORK_IDS)}),
+]
 Industry = Literal[
     "healthcare", "finance", "technology", "defence", "government", "education", "retail", "legal"
 ]

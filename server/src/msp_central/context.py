@@ -77,6 +77,21 @@ def parse_json_object(
         raise Problem("malformed-json", str(exc)) from None
     if not isinstance(value, dict):
         raise Problem("malformed-document", "request body is not a JSON object")
+    return whole_numbers(value)
+
+
+def whole_numbers(value: Any) -> Any:
+    """``value`` with every whole float within ±2^53 made an int. JSON has
+    one kind of number and JSON Schema's ``integer`` is any number without
+    a fraction, so ``{"hours": 497.0}`` means 497. Beyond 2^53 a float is
+    no longer exact and stays a float (the parser refuses most of those;
+    1e21 and up it keeps, as floats)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(item) for item in value]
     return value
 
 
