@@ -11,7 +11,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 from msp_central.catalogue import Tier
 from msp_central.names import readable_name
@@ -24,7 +32,8 @@ from msp_protocol.encoding import Timestamp
 # the server takes; the server checks them against the catalogue itself
 # (and says "unknown framework ..." of any other).
 FRAMEWORK_IDS = (
-    "hipaa", "soc2", "pci_dss", "nist_csf", "nist_800_171", "sox", "gdpr", "cmmc", "iso_27001", "cis"
+    "hipaa", "soc2", "pci_dss", "nist_csf", "nist_800_171",
+    "sox", "gdpr", "cmmc", "iso_27001", "cis",
 )  # fmt: skip
 FrameworkId = Annotated[
     str,

@@ -77,7 +77,8 @@ def parse_json_object(
         raise Problem("malformed-json", str(exc)) from None
     if not isinstance(value, dict):
         raise Problem("malformed-document", "request body is not a JSON object")
-    return whole_numbers(value)
+    whole: dict[str, Any] = whole_numbers(value)
+    return whole
 
 
 def whole_numbers(value: Any) -> Any:
