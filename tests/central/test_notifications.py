@@ -534,3 +534,31 @@ async def test_delivery_pages_follow_their_cursor(start: Start, receiver_url: An
     assert len(ids) == 3
     bad = await partner.request("GET", "/api/v1/notification-deliveries?state=lost")
     assert (bad.status, bad.code) == (400, "malformed-query")
+
+
+async def test_an_invitation_is_e_mailed_when_smtp_is_set_up(
+    start: Start, mailbox: tuple[Mailbox, int]
+) -> None:
+    harness = await start()
+    partner = await harness.partner()
+    reply = await partner.request(
+        "POST", "/api/v1/user-invites", {"email": "Tech@Clinic.example", "role": "editor"}
+    )
+    assert reply.status == 201, reply.body
+    assert reply.body["emailed"] is True
+    box = mailbox[0]
+    (message,) = box.messages
+    assert message["To"] == "tech@clinic.example"
+    assert "invited" in str(message["Subject"])
+    body = message.get_payload(decode=True).decode()
+    assert reply.body["link"] in body
+    assert "as editor" in body
+
+    # Without SMTP, the link is only in the answer.
+    plain = await start(smtp=False)
+    other = await plain.partner("Beta MSP")
+    reply = await other.request(
+        "POST", "/api/v1/user-invites", {"email": "x@beta.example", "role": "viewer"}
+    )
+    assert reply.body["emailed"] is False
+    assert len(box.messages) == 1
