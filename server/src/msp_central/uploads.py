@@ -40,6 +40,7 @@ class UploadSlots:
         self.wait = settings.large_body_wait_seconds
         # Created without a running loop; asyncio binds it on first use.
         self._slots = asyncio.Semaphore(settings.max_large_bodies)
+        self.held = 0  # slots taken now
 
     def is_large(self, request: web.Request) -> bool:
         declared = request.content_length
@@ -58,9 +59,11 @@ class UploadSlots:
                 await self._slots.acquire()
         except TimeoutError:
             raise NoSlot from None
+        self.held += 1
         try:
             yield
         finally:
+            self.held -= 1
             self._slots.release()
 
 
