@@ -91,12 +91,16 @@ def check_content_digest(header: str, body: bytes) -> None:
 
     Other algorithms present beside sha-256 are ignored; sha-256 is required.
     """
-    members = parse_dictionary(header)
-    digest = members.get("sha-256")
+    if not hmac.compare_digest(_sha256_digest(header), hashlib.sha256(body).digest()):
+        raise ContentDigestError("Content-Digest does not match the body")
+
+
+def _sha256_digest(header: str) -> bytes:
+    """The sha-256 member of a Content-Digest field value."""
+    digest = parse_dictionary(header).get("sha-256")
     if not isinstance(digest, Item) or not isinstance(digest.value, bytes):
         raise SignatureHeaderError("Content-Digest has no sha-256 byte sequence")
-    if not hmac.compare_digest(digest.value, hashlib.sha256(body).digest()):
-        raise ContentDigestError("Content-Digest does not match the body")
+    return digest.value
 
 
 # --- RFC 9421 §2: components and the signature base -------------------------------
@@ -294,26 +298,30 @@ class PendingRequest:
     nonce: str
 
 
-def inspect_request(
+def inspect_headers(
     request: HttpRequest,
-    body: bytes,
     *,
+    has_body: bool,
     now: datetime | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> PendingRequest:
-    """Profile checks that need no key and no state.
+    """The profile checks (1)-(4) and the header half of (5), which need
+    neither key, state nor body: a server runs them before it reads a body,
+    so that an unsigned or stale request costs it no more than its headers.
 
     (1) the two signature fields exist and parse, with our label — malformed input;
     (2) @method and @target-uri are covered, and content-digest whenever there
-        is a body — a signature that leaves the method, URL or body free to change;
+        is a body (``has_body``) — a signature that leaves the method, URL or
+        body free to change;
     (3) created, nonce and keyid are present, alg if present is ed25519, no
         unknown parameters — algorithm confusion, unbounded replay;
     (4) created is no older than the limit and not in the future (with skew);
         expires, if present, has not passed — replay of old captures;
-    (5) the body matches its Content-Digest — a body changed after signing.
+    (5a) with a body, or content-digest covered, the Content-Digest field is
+        there and holds a sha-256 byte sequence.
     """
     parsed = parse_signature(request, label=LABEL, limits=limits)  # (1)
-    required = ["@method", "@target-uri"] + (["content-digest"] if body else [])  # (2)
+    required = ["@method", "@target-uri"] + (["content-digest"] if has_body else [])  # (2)
     missing = [name for name in required if name not in parsed.components]
     if missing:
         raise MissingComponentError(f"signature does not cover {', '.join(missing)}")
@@ -340,12 +348,39 @@ def inspect_request(
     expires = parsed.param("expires")
     if expires is not None and (type(expires) is not int or expires < moment):
         raise StaleSignatureError("signature has expired")
-    digest_field = request.field("content-digest")  # (5)
-    if body or "content-digest" in parsed.components:
-        if digest_field is None:
-            raise MissingComponentError("request with a body has no Content-Digest")
-        check_content_digest(digest_field, body)
+    if has_body or "content-digest" in parsed.components:  # (5a)
+        _sha256_digest(_digest_field(request))
     return PendingRequest(parsed, request, keyid, created, nonce)
+
+
+def check_body(pending: PendingRequest, body: bytes) -> None:
+    """(5) the body matches its Content-Digest — a body changed after signing.
+
+    Run on every request once its body is read, whatever
+    :func:`inspect_headers` was told about the body beforehand."""
+    if body or "content-digest" in pending.parsed.components:
+        check_content_digest(_digest_field(pending.request), body)
+
+
+def _digest_field(request: HttpRequest) -> str:
+    digest_field = request.field("content-digest")
+    if digest_field is None:
+        raise MissingComponentError("request with a body has no Content-Digest")
+    return digest_field
+
+
+def inspect_request(
+    request: HttpRequest,
+    body: bytes,
+    *,
+    now: datetime | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> PendingRequest:
+    """Profile checks that need no key and no state: (1)-(4) of
+    :func:`inspect_headers` for this body, then (5) :func:`check_body`."""
+    pending = inspect_headers(request, has_body=bool(body), now=now, limits=limits)
+    check_body(pending, body)
+    return pending
 
 
 def _authenticate(pending: PendingRequest, key: VerifyKey | None) -> None:
@@ -388,6 +423,24 @@ def verify_request(
     return _accept(pending, nonce_seen(pending.key_id, pending.nonce, pending.created))
 
 
+async def averify_headers(
+    request: HttpRequest,
+    *,
+    has_body: bool,
+    resolve_key: Callable[[str], Awaitable[VerifyKey | None]],
+    now: datetime | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> PendingRequest:
+    """Steps (1)-(4), (5a), (6) and (7) of an appliance request, from its
+    headers alone: the signature base covers the Content-Digest field, not
+    the body, so an unsigned, stale or forged request is refused before a
+    byte of its body is read. Nothing is recorded (no nonce): the caller
+    reads the body and then runs :func:`averify_request` in full."""
+    pending = inspect_headers(request, has_body=has_body, now=now, limits=limits)
+    _authenticate(pending, await resolve_key(pending.key_id))
+    return pending
+
+
 async def averify_request(
     request: HttpRequest,
     body: bytes,
@@ -407,9 +460,12 @@ __all__ = [
     "AuthenticatedRequest",
     "HttpRequest",
     "ParsedSignature",
+    "averify_headers",
     "averify_request",
+    "check_body",
     "check_content_digest",
     "content_digest",
+    "inspect_headers",
     "inspect_request",
     "parse_signature",
     "sign_message",

@@ -26,14 +26,19 @@ from sqlalchemy.engine import Connection
 
 from msp_central.console.accounts import Need, allows
 from msp_central.console.sessions import SAFE_METHODS, check_csrf, load_session, session_secret
-from msp_central.context import central
+from msp_central.context import Central, central
 from msp_central.db.engine import insert_ignore_sync, read_only, run_write, write
 from msp_central.db.tables import api_keys, appliances, certificates, request_nonces, sites
 from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_protocol.delegation import token_digest
 from msp_protocol.errors import ProtocolError
-from msp_protocol.httpsig import AuthenticatedRequest, HttpRequest, averify_request
+from msp_protocol.httpsig import (
+    AuthenticatedRequest,
+    HttpRequest,
+    averify_headers,
+    averify_request,
+)
 from msp_protocol.keys import VerifyKey
 
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]{1,256}")
@@ -148,6 +153,91 @@ def target_uri(request: web.Request) -> str:
     return str(request.url)
 
 
+async def _current_key(service: Central, key_id: str) -> tuple[Any, bool]:
+    """The certificate row through which ``key_id`` speaks for its appliance,
+    and whether using it promotes a rotation; (None, False) for any other key.
+
+    The key speaks for its appliance if it holds the current certificate, or
+    a rotation from the current one that it has not used yet (from its first
+    accepted request on, it is current). A key replaced by a rotation, and
+    any older certificate of the key, no longer count."""
+    async with read_only(service.engine) as connection:
+        rows = (
+            await connection.execute(
+                sa.select(
+                    certificates.c.serial,
+                    certificates.c.subject_key,
+                    certificates.c.revoked_at,
+                    certificates.c.replaces,
+                    certificates.c.purpose,
+                    appliances.c.id.label("appliance_id"),
+                    appliances.c.site_id,
+                    appliances.c.revoked_at.label("appliance_revoked_at"),
+                    appliances.c.current_serial,
+                    sites.c.partner_id,
+                )
+                .join(appliances, appliances.c.id == certificates.c.appliance_id)
+                .join(sites, sites.c.id == appliances.c.site_id)
+                .where(certificates.c.key_id == key_id)
+            )
+        ).all()
+    row = next((r for r in rows if r.serial == r.current_serial), None)
+    if row is not None:
+        return row, False
+    row = next((r for r in rows if r.purpose == "rotate" and r.replaces == r.current_serial), None)
+    return row, row is not None
+
+
+def _is_revoked(row: Any) -> bool:
+    return row.revoked_at is not None or row.appliance_revoked_at is not None
+
+
+def declares_body(request: web.Request) -> bool:
+    """Whether the request says it carries a body (a Content-Length above 0).
+    A chunked body of unknown length counts as none here: its digest is then
+    required, as for any body, by the full check once it is read."""
+    return bool(request.content_length)
+
+
+async def precheck_appliance(
+    request: web.Request, *, appliance_id: str | None = None, allow_revoked: bool = False
+) -> None:
+    """Refuse a request from its headers alone, before its body is read:
+    the signature fields parse, are fresh and cover what they must, a
+    declared body has a Content-Digest field, the key is current for the
+    appliance ``appliance_id`` names, and the signature over the headers
+    verifies (:func:`msp_protocol.httpsig.averify_headers`). Nothing is
+    recorded: :func:`require_appliance` runs every check again, the digest
+    and the nonce included, once the body is in (the key may have been
+    revoked while it arrived)."""
+    service = central(request)
+    found: dict[str, Any] = {}
+
+    async def resolve_key(key_id: str) -> VerifyKey | None:
+        row, _promote = await _current_key(service, key_id)
+        if row is None:
+            return None
+        found["row"] = row
+        return VerifyKey.from_hex(row.subject_key)
+
+    http = HttpRequest.build(request.method, target_uri(request), request.headers.items())
+    try:
+        await averify_headers(
+            http,
+            has_body=declares_body(request),
+            resolve_key=resolve_key,
+            now=service.clock(),
+            limits=service.limits,
+        )
+    except ProtocolError as exc:
+        raise Problem.from_protocol(exc) from None
+    row = found["row"]
+    if appliance_id is not None and appliance_id != str(row.appliance_id):
+        raise Problem("wrong-appliance", "the request is signed by another appliance's key")
+    if _is_revoked(row) and not allow_revoked:
+        raise Problem("appliance-revoked", f"certificate {row.serial} is revoked")
+
+
 async def require_appliance(
     request: web.Request,
     body: bytes,
@@ -169,38 +259,10 @@ async def require_appliance(
     found: dict[str, Any] = {}
 
     async def resolve_key(key_id: str) -> VerifyKey | None:
-        async with read_only(service.engine) as connection:
-            rows = (
-                await connection.execute(
-                    sa.select(
-                        certificates.c.serial,
-                        certificates.c.subject_key,
-                        certificates.c.revoked_at,
-                        certificates.c.replaces,
-                        certificates.c.purpose,
-                        appliances.c.id.label("appliance_id"),
-                        appliances.c.site_id,
-                        appliances.c.revoked_at.label("appliance_revoked_at"),
-                        appliances.c.current_serial,
-                        sites.c.partner_id,
-                    )
-                    .join(appliances, appliances.c.id == certificates.c.appliance_id)
-                    .join(sites, sites.c.id == appliances.c.site_id)
-                    .where(certificates.c.key_id == key_id)
-                )
-            ).all()
-        # The key speaks for its appliance if it holds the current certificate,
-        # or a rotation from the current one that it has not used yet (from
-        # its first accepted request on, it is current). A key replaced by a
-        # rotation, and any older certificate of the key, no longer count.
-        row = next((r for r in rows if r.serial == r.current_serial), None)
+        row, promote = await _current_key(service, key_id)
         if row is None:
-            row = next(
-                (r for r in rows if r.purpose == "rotate" and r.replaces == r.current_serial),
-                None,
-            )
-            if row is None:
-                return None
+            return None
+        if promote:
             found["promote"] = row
         found["row"] = row
         return VerifyKey.from_hex(row.subject_key)
@@ -232,7 +294,7 @@ async def require_appliance(
         partner_id=str(row.partner_id),
         serial=str(row.serial),
         key_id=signature.key_id,
-        revoked=row.revoked_at is not None or row.appliance_revoked_at is not None,
+        revoked=_is_revoked(row),
         signature=signature,
     )
     if appliance_id is not None and appliance_id != caller.appliance_id:

@@ -21,7 +21,6 @@ from typing import Any, NoReturn
 
 import sqlalchemy as sa
 import sqlalchemy.exc
-from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from msp_central.api_models import SiteOverrides
@@ -59,6 +58,7 @@ from msp_central.queries import (
     token_out,
 )
 from msp_central.routes.users import invite_link
+from msp_central.serving import install_redaction, serve
 from msp_protocol.encoding import format_time, parse_time, utc_now
 from msp_protocol.errors import MalformedError
 
@@ -257,11 +257,12 @@ async def _upgrade(settings: Settings) -> str:
 
 
 def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    web.run_app(
+    # Not web.run_app: its runner answers requests that do not parse as
+    # text/plain echoing them (serving.ProblemAppRunner).
+    serve(
         create_app(settings, root=load_root_key(settings.key_file)),
         host=settings.host,
         port=settings.port,
-        print=None,
         shutdown_timeout=10,
         reuse_port=reuse_port,
     )
@@ -269,6 +270,8 @@ def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # No credential reaches the log, whatever a request carried.
+    install_redaction()
     # Alembic announces its context at INFO whenever the revision is read
     # (check_current): only a migration is worth a line.
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -109,6 +109,15 @@ class Settings(BaseSettings):
     # address it added). Requests from anyone else are taken at their address.
     trusted_proxies: list[str] = []
 
+    # Request bodies above large_body_bytes (or chunked, of unknown length)
+    # are handled at most max_large_bodies at a time per server process; one
+    # that finds no slot within large_body_wait_seconds is answered 503 with
+    # Retry-After. Each holds a body up to its route's limit (an audit batch:
+    # max_sync_body_bytes) while it is checked.
+    large_body_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
+    max_large_bodies: Annotated[int, Field(ge=1, le=1024)] = 8
+    large_body_wait_seconds: Annotated[float, Field(gt=0, le=60)] = 2
+
     @field_validator("public_url")
     @classmethod
     def _no_trailing_slash(cls, value: str | None) -> str | None:

@@ -29,6 +29,8 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "malformed-document": (400, "The request body is not a valid document"),
     "malformed-query": (400, "A query parameter is not valid"),
     "body-too-large": (413, "The request body is too large"),
+    "header-too-large": (431, "A request line or header field is too large"),
+    "server-busy": (503, "The server is busy; retry later"),
     "unsupported-media-type": (415, "The request body must be application/json"),
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "Method not allowed"),

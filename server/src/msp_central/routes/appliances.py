@@ -31,7 +31,7 @@ from msp_central.api_models import (
     HeartbeatIn,
     HeartbeatOut,
 )
-from msp_central.auth import Appliance, commit_nonce, record_nonce, require_appliance
+from msp_central.auth import Appliance, commit_nonce, record_nonce
 from msp_central.catalogue import Tier
 from msp_central.context import (
     Central,
@@ -73,6 +73,7 @@ from msp_central.queries import (
     record_alert,
     revocation_list,
 )
+from msp_central.uploads import signed_body
 from msp_protocol.bundle import BundleKind, ConfigBundle, Escalation, sign_bundle
 from msp_protocol.canonical import canonicalize
 from msp_protocol.delegation import (
@@ -104,6 +105,11 @@ from msp_protocol.sync import (
 )
 
 routes = web.RouteTableDef()
+
+
+def _small(service: Central) -> int:
+    """The body limit of every appliance route but sync and evidence."""
+    return service.settings.max_body_bytes
 
 
 async def _alert(service: Central, caller: Appliance, code: str, detail: str) -> None:
@@ -249,14 +255,13 @@ async def enroll(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/v1/appliances/{appliance_id}/certificates")
-async def renew_or_rotate(request: web.Request) -> web.Response:
+@signed_body(_small)
+async def renew_or_rotate(request: web.Request, caller: Appliance, raw: bytes) -> web.Response:
     """Renew (same key, new window) or rotate (new key, signed by both). The
     HTTP request is signed by the current key; so is the delegation request.
     A certificate that expired while the appliance was offline may still be
     renewed: the key was never revoked, and it proves possession."""
     service = central(request)
-    raw = await read_body(request)
-    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
     body = parse_body(raw, CertificateIn, request)
     try:
         asked = DelegationRequest.from_wire(unverified_payload(body.request, limits=service.limits))
@@ -375,11 +380,11 @@ async def _record_request_nonce(
 
 
 @routes.get("/api/v1/revocations")
-async def get_revocations(request: web.Request) -> web.Response:
+@signed_body(_small, allow_revoked=True)
+async def get_revocations(request: web.Request, _caller: Appliance, _raw: bytes) -> web.Response:
     """The signed revocation list. A revoked appliance may fetch it: that is
     how it learns to stop signing."""
     service = central(request)
-    await require_appliance(request, await read_body(request), allow_revoked=True)
     async with read_only(service.engine) as connection:
         current = await current_revocations(connection)
     if current is None:
@@ -399,10 +404,9 @@ async def get_revocations(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/v1/appliances/{appliance_id}/heartbeat")
-async def heartbeat(request: web.Request) -> web.Response:
+@signed_body(_small)
+async def heartbeat(request: web.Request, caller: Appliance, raw: bytes) -> web.Response:
     service = central(request)
-    raw = await read_body(request)
-    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
     beat = parse_body(raw, HeartbeatIn, request)
     now = service.clock()
     async with write(service.engine) as connection:
@@ -509,14 +513,12 @@ async def bundle_content(
 
 
 @routes.get("/api/v1/appliances/{appliance_id}/bundles/{kind}")
-async def get_bundle(request: web.Request) -> web.Response:
+@signed_body(_small)
+async def get_bundle(request: web.Request, caller: Appliance, _raw: bytes) -> web.Response:
     """The appliance's current signed bundle of ``kind``. A new version is
     signed when the content changed or the last one passed half its life;
     versions only go up. ``If-None-Match`` with the current ETag gets 304."""
     service = central(request)
-    caller = await require_appliance(
-        request, await read_body(request), appliance_id=request.match_info["appliance_id"]
-    )
     try:
         kind = BundleKind(request.match_info["kind"])
     except ValueError:
@@ -624,17 +626,14 @@ async def _signer_delegation(
 
 
 @routes.post("/api/v1/appliances/{appliance_id}/audit/sync")
-async def audit_sync(request: web.Request) -> web.Response:
+@signed_body(lambda service: service.settings.max_sync_body_bytes, defer_nonce=True)
+async def audit_sync(request: web.Request, caller: Appliance, raw: bytes) -> web.Response:
     """Witness a batch of the appliance's audit log (design §4): check it
     against what was witnessed, store entries and checkpoint atomically and
     answer with a receipt. 409 ``stale-size`` tells the appliance where the
     server's log ends; any verification failure is a 422 and a security
     alert, and stores nothing."""
     service = central(request)
-    raw = await read_body(request, service.settings.max_sync_body_bytes)
-    caller = await require_appliance(
-        request, raw, appliance_id=request.match_info["appliance_id"], defer_nonce=True
-    )
     try:
         sync = _parse_sync(raw, request)
     except Problem:
@@ -966,14 +965,13 @@ def _records_bundle(entry: LogEntry, bundle_id: str, digest: str) -> bool:
 
 
 @routes.post("/api/v1/appliances/{appliance_id}/evidence")
-async def submit_evidence(request: web.Request) -> web.Response:
+@signed_body(lambda service: service.limits.max_evidence_bytes * 2)
+async def submit_evidence(request: web.Request, caller: Appliance, raw: bytes) -> web.Response:
     """Store a signed evidence bundle (idempotent by bundle id). The signer's
     certificate must grant the evidence scope and cover the bundle's log
     position; when the bundle's audit entry is already witnessed, it must
     record this very bundle."""
     service = central(request)
-    raw = await read_body(request, service.limits.max_evidence_bytes * 2)
-    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
     envelope = parse_body(raw, Envelope, request)
     try:
         return await _store_evidence(service, caller, envelope)
@@ -1096,11 +1094,10 @@ async def _evidence_in_log(
 
 
 @routes.post("/api/v1/appliances/{appliance_id}/escalations")
-async def escalate(request: web.Request) -> web.Response:
+@signed_body(_small)
+async def escalate(request: web.Request, caller: Appliance, raw: bytes) -> web.Response:
     """Store an urgent escalation (idempotent by escalation id)."""
     service = central(request)
-    raw = await read_body(request)
-    caller = await require_appliance(request, raw, appliance_id=request.match_info["appliance_id"])
     escalation = parse_body(raw, Escalation, request)
     if escalation.appliance_id != caller.appliance_id or escalation.site_id != caller.site_id:
         raise Problem("wrong-subject", "the escalation names another appliance or site")
