@@ -4,8 +4,8 @@
 import { copy, dialog, h, showError } from "../console.js";
 
 const STATES = {
-  active: ["●", "Active"], expiring: ["⧗", "Expiring"], revoked: ["–", "Revoked"],
-  pending: ["…", "Pending"], used: ["✓", "Accepted"], expired: ["⧗", "Expired"],
+  active: ["●", "Active"], expiring: ["◐", "Expiring"], revoked: ["–", "Revoked"],
+  pending: ["…", "Pending"], used: ["✓", "Accepted"], expired: ["×", "Expired"],
   on: ["✓", "On"], off: ["–", "Off"],
 };
 

@@ -30,6 +30,29 @@ function adminsOnly(what, ask, error) {
       : null);
 }
 
+/**
+ * Who did something, as the central log names them: a user of the partner
+ * by e-mail once the users are read, an API key by its first characters,
+ * an operator's key as such. `users` resolves to the users read.
+ */
+function actor(text, users) {
+  if (!text) return h("span", { class: "muted" }, "—");
+  const key = /(?:^|\/)key:([\w-]+)$/.exec(text);
+  if (key) return h("span", {}, text.startsWith("admin/") ? "server operator, key " : "API key ", h("code", {}, `${key[1]}…`));
+  const user = /\/user:([\w-]+)$/.exec(text);
+  const span = h("span", { class: "mono", title: text }, user ? "a user no longer listed" : text);
+  if (user) {
+    users.then((list) => {
+      const found = list.find((u) => u.id === user[1]);
+      if (found) {
+        span.textContent = found.email;
+        span.classList.remove("mono");
+      }
+    });
+  }
+  return span;
+}
+
 /** A stat for the summary row: a number and its noun (one or many). */
 function stat(one, many, id) {
   const value = h("span", { class: "value", id }, "…");
@@ -77,6 +100,8 @@ run(async (root) => {
       `Your role (${me.role}) can only read this list: admins invite people, change roles and remove users.`));
   }
   const loadedUsers = [];
+  let usersReadNow;
+  const usersRead = new Promise((resolve) => { usersReadNow = resolve; });
   let moreUsers = false;
   const roleCell = (user) => {
     if (!admin) return h("span", { class: `role role-${user.role}` }, user.role);
@@ -106,7 +131,7 @@ run(async (root) => {
       { label: "Role", cell: roleCell },
       { label: "Two-factor", cell: (u) => stateBadge(u.totp_enabled ? "on" : "off") },
       { label: "Added", cell: (u) => time(u.created_at) },
-      { label: "Added by", cell: (u) => h("span", { class: "mono" }, u.created_by) },
+      { label: "Added by", cell: (u) => actor(u.created_by, usersRead) },
       ...(admin ? [{ label: "Actions", cell: (u) => u.email === me.email
         ? h("span", { class: "muted" }, "—")
         : h("button", { type: "button", class: "danger", onclick: () => removeUser(u) }, h("span", {}, "Remove"),
@@ -120,6 +145,7 @@ run(async (root) => {
     loadedUsers.push(...page.items);
     moreUsers = Boolean(page.next_cursor);
     refreshUserStats();
+    usersReadNow(loadedUsers);
     return page;
   });
   usersCard.append(usersList);
@@ -187,6 +213,7 @@ run(async (root) => {
     columns: [
       { label: "E-mail", cell: (i) => i.email },
       { label: "Role", cell: (i) => i.role },
+      { label: "Invited by", cell: (i) => actor(i.created_by, usersRead) },
       { label: "State", cell: (i) => stateBadge(i.state) },
       { label: "Sent", cell: (i) => time(i.created_at) },
       { label: "Expires", cell: (i) => time(i.expires_at) },
@@ -250,8 +277,8 @@ run(async (root) => {
       { label: "Starts with", cell: (k) => h("code", {}, `${k.prefix}…`) },
       { label: "State", cell: (k) => [stateBadge(k.state), k.state === "expiring" ? [" until ", time(k.revoked_at)] : null] },
       { label: "Created", cell: (k) => time(k.created_at) },
-      { label: "Created by", cell: (k) => h("span", { class: "mono" }, k.created_by || "—") },
-      { label: "Actions", cell: (k) => k.state === "revoked" ? h("span", { class: "muted" }, "—") : h("span", { class: "row" },
+      { label: "Created by", cell: (k) => actor(k.created_by, usersRead) },
+      { label: "Actions", cell: (k) => k.state === "revoked" ? h("span", { class: "muted" }, "—") : h("span", { class: "row actions" },
         h("button", { type: "button", onclick: () => rotate(k) }, "Rotate", h("span", { class: "visually-hidden" }, ` ${keyName(k)}`)),
         k.state === "active"
           ? h("button", { type: "button", class: "danger", onclick: () => revoke(k) }, "Revoke", h("span", { class: "visually-hidden" }, ` ${keyName(k)}`))
