@@ -112,6 +112,8 @@ def test_a_package_downloaded_from_the_page_verifies_and_bad_periods_are_named(
     name = f"auditor-package-{site_id}-{today.isoformat()}.json"
     command = page.locator(".codeblock code").inner_text()
     assert command == f"msp-verify --central-key-file central.pub {name}"
+    expect(page.locator("#package-summary")).to_contain_text("HIPAA Security Rule")
+    expect(page.locator("#package-summary")).to_contain_text("7 days")
     expect(page.locator("#what-it-checks")).to_contain_text("certified")
     console.check_accessible(page)
     console.screenshot(page, "auditors")

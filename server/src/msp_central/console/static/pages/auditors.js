@@ -124,15 +124,13 @@ function sitePicker({ onchange }) {
 }
 
 run(async (root) => {
-  const [frameworks, keyText] = await Promise.all([
-    api("/api/v1/frameworks"),
-    fetch(KEY_PATH, { credentials: "same-origin" }).then((r) => {
-      if (!r.ok) throw new Error(`the central key could not be read (HTTP ${r.status})`);
-      return r.text();
-    }),
-  ]);
-  const frameworkName = new Map(frameworks.map((f) => [f.id, f.name]));
-  const centralKey = keyText.trim();
+  const keyText = fetch(KEY_PATH, { credentials: "same-origin" }).then((r) => {
+    if (!r.ok) throw new Error(`the central key could not be read (HTTP ${r.status})`);
+    return r.text();
+  });
+  // Framework names only label the choices: the catalogue (every control of
+  // every framework) is read beside the page, never holding it up.
+  const frameworkName = new Map();
   const today = new Date();
   const linkParams = params();
 
@@ -146,7 +144,7 @@ run(async (root) => {
     value: linkParams.get("to") || isoDay(today) });
   const problem = h("p", { class: "warning", role: "alert", hidden: true });
   const download = h("a", { class: "button primary", id: "download", download: "" }, "Download the auditor package");
-  const summary = h("dl", { class: "facts" });
+  const summary = h("dl", { class: "facts", id: "package-summary" });
   const verifyCommand = codeBlock("the msp-verify command", "");
   const fileName = h("code", {});
 
@@ -226,6 +224,7 @@ run(async (root) => {
   });
   for (const input of [framework, from, to]) input.addEventListener("change", update);
 
+  const centralKey = (await keyText).trim();
   const id = await keyId(centralKey);
   const keyCard = h("section", { class: "card", "aria-labelledby": "key-heading" },
     h("h2", { id: "key-heading" }, "The central server's public key"),
@@ -273,6 +272,13 @@ run(async (root) => {
           + "or a summary that does not follow from it, makes the check fail.")),
       keyCard));
 
+  api("/api/v1/frameworks").then((frameworks) => {
+    for (const f of frameworks) frameworkName.set(f.id, f.name);
+    for (const option of framework.options) {
+      if (frameworkName.has(option.value)) option.textContent = frameworkName.get(option.value);
+    }
+    update();
+  }).catch(() => {}); // the ids stand in for the names
   await picker.ready;
   if (linkParams.get("site")) await picker.choose(linkParams.get("site")).catch(() => {});
   update();
