@@ -117,6 +117,9 @@ def test_a_package_downloaded_from_the_page_verifies_and_bad_periods_are_named(
     expect(page.locator("#what-it-checks")).to_contain_text("certified")
     console.check_accessible(page)
     console.screenshot(page, "auditors")
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.set_viewport_size({"width": 1366, "height": 768})
 
     with page.expect_download() as package_download:
         download.click()

@@ -105,6 +105,9 @@ def test_an_admin_invites_changes_a_role_and_removes_a_user(console: Console) ->
     stranger.get_by_role("button", name="Create my account").click()
     expect(stranger.get_by_role("alert")).to_contain_text("unknown, used")
     console.screenshot(page, "users")
+    # At a phone's width the tables scroll inside themselves, not the page.
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
 
 
 def test_api_keys_are_shown_once_and_only_admins_manage(console: Console) -> None:
@@ -160,6 +163,8 @@ def test_api_keys_are_shown_once_and_only_admins_manage(console: Console) -> Non
     expect(confirm).to_be_hidden()
     assert _status(page, "/api/v1/sites", console.partner.key) == 200
     console.screenshot(page, "users-keys")
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
 
     # An editor reads the users, and is told why the rest is not theirs.
     page = console.signed_in("editor")
