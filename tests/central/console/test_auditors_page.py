@@ -132,6 +132,11 @@ def test_a_package_downloaded_from_the_page_verifies_and_bad_periods_are_named(
     verified = _verify(command, tmp_path)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "verified" in verified.stdout
+    # The same with the key given on the command line, as the page also shows.
+    inline = page.locator("#verify-inline").inner_text()
+    assert inline == f"msp-verify --central-key {shown} {name}"
+    verified = _verify(inline, tmp_path)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
     # The same command on an edited package fails, and says why.
     package["summary"]["controls"][0]["state"] = (

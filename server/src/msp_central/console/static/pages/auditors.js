@@ -131,6 +131,7 @@ run(async (root) => {
   // Framework names only label the choices: the catalogue (every control of
   // every framework) is read beside the page, never holding it up.
   const frameworkName = new Map();
+  let centralKey = "";
   const today = new Date();
   const linkParams = params();
 
@@ -147,6 +148,7 @@ run(async (root) => {
   const summary = h("dl", { class: "facts", id: "package-summary" });
   const verifyCommand = codeBlock("the msp-verify command", "");
   const fileName = h("code", {});
+  const inlineCommand = h("code", { id: "verify-inline" });
 
   const picker = sitePicker({
     onchange(chosen) {
@@ -199,6 +201,7 @@ run(async (root) => {
       replace(summary);
       verifyCommand.setText(`msp-verify --central-key-file ${KEY_FILE} auditor-package-SITE-DAY.json`);
       fileName.textContent = "auditor-package-SITE-DAY.json";
+      inlineCommand.textContent = `msp-verify --central-key ${centralKey || "HEX"} auditor-package-SITE-DAY.json`;
       return;
     }
     const chosen = framework.value ? [framework.value] : site.effective.frameworks;
@@ -212,6 +215,7 @@ run(async (root) => {
     const name = `auditor-package-${site.id}-${p.fileDay}.json`;
     fileName.textContent = name;
     verifyCommand.setText(`msp-verify --central-key-file ${KEY_FILE} ${name}`);
+    inlineCommand.textContent = `msp-verify --central-key ${centralKey} ${name}`;
     replace(summary,
       h("dt", {}, "Site"), h("dd", {}, site.name),
       h("dt", {}, chosen.length === 1 ? "Framework" : "Frameworks"),
@@ -224,7 +228,7 @@ run(async (root) => {
   });
   for (const input of [framework, from, to]) input.addEventListener("change", update);
 
-  const centralKey = (await keyText).trim();
+  centralKey = (await keyText).trim();
   const id = await keyId(centralKey);
   const keyCard = h("section", { class: "card", "aria-labelledby": "key-heading" },
     h("h2", { id: "key-heading" }, "The central server's public key"),
@@ -262,6 +266,7 @@ run(async (root) => {
         h("p", {}, "With ", h("code", {}, "msp-verify"), " (part of the ", h("code", {}, "msp-protocol"),
           " Python package: ", h("code", {}, "pip install ./protocol"), " from the project's source), in the folder holding both files:"),
         verifyCommand,
+        h("p", { class: "hint" }, "Or with the key itself rather than its file: ", inlineCommand),
         h("p", { class: "hint" }, "Exit status 0: verified; 1: verification failed, with one line per problem; 2: the command was used wrongly. ",
           "Add ", h("code", {}, "--json"), " for a machine-readable report."),
         h("h3", {}, "What the auditor checks"),
