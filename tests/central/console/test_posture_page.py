@@ -156,7 +156,7 @@ def test_posture_across_sites_a_site_its_evidence_and_trend(console: Console) ->
     expect(sites.get_by_role("row")).to_have_count(4)
     harbor = sites.get_by_role("row").filter(has_text="Harbor Dental")
     expect(harbor).to_contain_text("Failing")
-    expect(harbor.get_by_role("link", name=re.compile(r"^\d+%$"))).to_have_count(2)
+    expect(harbor.get_by_role("link", name=re.compile(r"^\d+%: "))).to_have_count(2)
     page.get_by_label("Show", exact=True).select_option("failing")
     expect(sites.get_by_role("row")).to_have_count(3)
     expect(sites).not_to_contain_text("Lakeview")
@@ -182,6 +182,17 @@ def test_posture_across_sites_a_site_its_evidence_and_trend(console: Console) ->
     passing = page.get_by_role("table", name=re.compile("passing controls"))
     expect(passing.get_by_role("row").first).to_be_visible()
 
+    # The trend: a chart with a name, and the same numbers by day.
+    chart = page.get_by_role("img", name=re.compile(r"HIPAA.*Northside Clinic, last 90 days"))
+    expect(chart).to_be_visible()
+    page.get_by_text("The numbers by day").click()
+    numbers = page.get_by_role("table", name=re.compile("day by day"))
+    expect(numbers.get_by_role("row")).to_have_count(91)
+    # Newest first: today fails two controls; three days ago all passed.
+    expect(numbers.get_by_role("row").nth(1).get_by_role("cell").nth(2)).to_have_text("2")
+    expect(numbers.get_by_role("row").nth(4).get_by_role("cell").nth(0)).to_have_text("100%")
+    console.check_accessible(page)
+
     # The evidence behind it, from the signed bundle itself.
     row.get_by_role("button", name=f"Open evidence for {HIPAA_AUTH}").click()
     dialog = page.get_by_role("dialog", name=f"Evidence for {HIPAA_AUTH}")
@@ -206,16 +217,6 @@ def test_posture_across_sites_a_site_its_evidence_and_trend(console: Console) ->
     expect(dialog).to_have_count(0)
     expect(row.get_by_role("button", name=f"Open evidence for {HIPAA_AUTH}")).to_be_focused()
 
-    # The trend: a chart with a name, and the same numbers by day.
-    chart = page.get_by_role("img", name=re.compile(r"HIPAA.*Northside Clinic, last 90 days"))
-    expect(chart).to_be_visible()
-    page.get_by_text("The numbers by day").click()
-    numbers = page.get_by_role("table", name=re.compile("day by day"))
-    expect(numbers.get_by_role("row")).to_have_count(91)
-    # Newest first: today fails two controls; three days ago all passed.
-    expect(numbers.get_by_role("row").nth(1).get_by_role("cell").nth(2)).to_have_text("2")
-    expect(numbers.get_by_role("row").nth(4).get_by_role("cell").nth(0)).to_have_text("100%")
-    console.check_accessible(page)
     console.screenshot(page, "posture-site")
 
     # A deep link to the other framework of a site.
@@ -224,3 +225,7 @@ def test_posture_across_sites_a_site_its_evidence_and_trend(console: Console) ->
     pci = page.get_by_role("table", name=re.compile("failing controls"))
     expect(pci.get_by_role("rowheader", name=re.compile(re.escape(PCI_AUDIT)))).to_be_visible()
     expect(pci).to_contain_text("clock off by 12 s")
+
+    # A site that is not the partner's: the API's refusal, shown.
+    console.open(page, "/console/posture?site=site-of-someone-else")
+    expect(page.get_by_role("alert")).to_contain_text("not-found")

@@ -4,7 +4,7 @@
 // signed evidence behind each, and its 90-day trend (two calls); a bundle is
 // read only when its dialog is opened.
 
-import { api, badge, barChart, h, params, query, replace, run, setParams, table, time, ago } from "../console.js";
+import { api, badge, barChart, h, params, query, replace, run, setParams, table, time } from "../console.js";
 import { series, trendChart, trendTable } from "./posture-chart.js";
 import { openEvidence } from "./posture-evidence.js";
 
@@ -21,6 +21,8 @@ const GROUPS = [
 ];
 const RANK = Object.fromEntries(GROUPS.flatMap((g, i) => g.states.map((s) => [s, i])));
 const SCORED = ["passing", "failing", "error", "stale"];
+// Groups shown folded: many controls, nothing to act on in the list itself.
+const FOLDED = new Set(["manual", "not_applicable"]);
 
 run(async (root) => {
   const wanted = params();
@@ -63,6 +65,19 @@ const VERDICT = {
   compliant: () => badge("compliant"),
   incomplete: () => badge("stale", "Incomplete"),
 };
+
+/** How long before `reference` (the time of evaluation, the server's clock)
+ * `iso` was: "3 hours earlier" reads right even if the browser's clock is off. */
+function before(iso, reference) {
+  const seconds = Math.max(0, (new Date(reference) - new Date(iso)) / 1000);
+  for (const [unit, size] of [["day", 86400], ["hour", 3600], ["minute", 60]]) {
+    if (seconds >= size) {
+      const n = Math.floor(seconds / size);
+      return `${n} ${unit}${n === 1 ? "" : "s"} before evaluation`;
+    }
+  }
+  return "at evaluation";
+}
 
 function stat(label, value, extra) {
   return h("li", {}, h("span", { class: "value" }, value), label, extra ? h("span", { class: "hint" }, " ", extra) : null);
@@ -149,7 +164,9 @@ function siteList(sites, rollups, verdicts) {
     const found = site.frameworks.find((f) => f.framework_id === id);
     if (!found) return h("span", { class: "muted" }, "not used");
     const problems = found.counts.failing + found.counts.error;
-    return [siteLink(site.site_id, percent(found.score), id),
+    const link = siteLink(site.site_id, percent(found.score), id);
+    link.setAttribute("aria-label", `${percent(found.score)}: ${found.name} at ${site.name}`);
+    return [link,
       problems ? h("span", { class: "hint" }, ` · ${problems} failing`) : null];
   };
   const columns = [
@@ -268,7 +285,7 @@ function frameworkView(siteId, posture, framework) {
     { label: "Control", cell: (c) => [h("code", {}, c.control_id), h("span", { class: "control-title" }, c.title)] },
     { label: "State", cell: stateBadge },
     { label: "Evidence", cell: evidenceCell },
-    { label: "Collected", cell: (c) => c.evidence ? h("span", { class: "stack" }, time(c.evidence.collected_at), h("span", { class: "hint" }, ago(c.evidence.collected_at))) : "–" },
+    { label: "Collected", cell: (c) => c.evidence ? h("span", { class: "stack" }, time(c.evidence.collected_at), h("span", { class: "hint" }, before(c.evidence.collected_at, posture.evaluated_at))) : "–" },
     { label: "Appliance", cell: (c) => c.evidence ? h("code", {}, c.evidence.appliance_id) : "–" },
     {
       label: "Signed bundle",
@@ -293,9 +310,12 @@ function frameworkView(siteId, posture, framework) {
     replace(holder, GROUPS.map((group) => {
       const rows = sorted.filter((c) => group.states.includes(c.state));
       if (!rows.length) return null;
+      const list = table({ caption: `${framework.name}: ${group.title.toLowerCase()} controls`, columns, rows });
       return h("section", { class: `control-group group-${group.states[0]}` },
         h("h3", {}, `${group.title} (${rows.length})`),
-        table({ caption: `${framework.name}: ${group.title.toLowerCase()} controls`, columns, rows }));
+        FOLDED.has(group.states[0])
+          ? h("details", {}, h("summary", {}, `Show the ${rows.length} controls`), list)
+          : list);
     }));
   };
   grouped.addEventListener("change", render);
