@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 
-from playwright.sync_api import expect
+from playwright.sync_api import Locator, expect
 
 from tests.central.console.conftest import Console
 from tests.central.support import ApplianceClient, KeyClient
@@ -39,7 +39,9 @@ async def _site(partner: KeyClient, name: str, frameworks: list[str]) -> str:
     return str(reply.body["id"])
 
 
-async def _checks(partner: KeyClient, frameworks: list[str]) -> dict[str, dict[str, tuple[str, ...]]]:
+async def _checks(
+    partner: KeyClient, frameworks: list[str]
+) -> dict[str, dict[str, tuple[str, ...]]]:
     """Each basic-tier check and the controls of ``frameworks`` it evidences
     (what the appliance signs into its bundles)."""
     runbooks = await partner.request("GET", "/api/v1/runbooks")
@@ -102,7 +104,9 @@ async def _seed(console: Console) -> World:
             console.clock.advance(timedelta(days=1))
         for site, (appliance, checks) in fleet.items():
             broken = site == northside and day >= HISTORY_DAYS - 2
-            await _round(appliance, checks, {"ssh_password_login_disabled": SSH_REASON} if broken else {})
+            await _round(
+                appliance, checks, {"ssh_password_login_disabled": SSH_REASON} if broken else {}
+            )
     console.clock.advance(timedelta(hours=9, minutes=20))
     # Today: Northside fails both, Harbor's clock drifts, Lakeview is fine.
     appliance, checks = fleet[northside]
@@ -124,6 +128,12 @@ async def _seed(console: Console) -> World:
     )
 
 
+def _row(table: Locator, control: str) -> Locator:
+    """The table's row of a control (its row header starts with the id)."""
+    header = table.page.get_by_role("rowheader", name=re.compile("^" + re.escape(control)))
+    return table.get_by_role("row").filter(has=header)
+
+
 def test_posture_across_sites_a_site_its_evidence_and_trend(console: Console) -> None:
     world = console.run(_seed(console))
     page = console.signed_in("viewer")
@@ -135,9 +145,7 @@ def test_posture_across_sites_a_site_its_evidence_and_trend(console: Console) ->
     expect(stats.get_by_role("listitem").filter(has_text="Sites compliant")).to_contain_text("of 3")
 
     # The failing controls: the audit control fails at two sites, linked.
-    audit = page.get_by_role("table", name=re.compile("Controls failing")).get_by_role("row").filter(
-        has=page.get_by_role("rowheader", name=re.compile(re.escape(HIPAA_AUDIT)))
-    )
+    audit = _row(page.get_by_role("table", name=re.compile("Controls failing")), HIPAA_AUDIT)
     expect(audit).to_have_count(1)
     cells = audit.get_by_role("cell")
     expect(cells.nth(0)).to_have_text(re.compile("HIPAA"))
@@ -145,9 +153,7 @@ def test_posture_across_sites_a_site_its_evidence_and_trend(console: Console) ->
     expect(audit.get_by_role("link", name="Northside Clinic")).to_be_visible()
     expect(audit.get_by_role("link", name="Harbor Dental")).to_be_visible()
     expect(audit).to_contain_text("clock off by 12 s")
-    auth = page.get_by_role("table", name=re.compile("Controls failing")).get_by_role("row").filter(
-        has=page.get_by_role("rowheader", name=re.compile(re.escape(HIPAA_AUTH)))
-    )
+    auth = _row(page.get_by_role("table", name=re.compile("Controls failing")), HIPAA_AUTH)
     expect(auth.get_by_role("cell").nth(1)).to_have_text("1")
     expect(auth.get_by_role("link")).to_have_count(1)
 
@@ -171,9 +177,7 @@ def test_posture_across_sites_a_site_its_evidence_and_trend(console: Console) ->
     expect(page.get_by_role("heading", name="Northside Clinic")).to_be_visible()
     failing = page.get_by_role("table", name=re.compile("failing controls"))
     expect(failing.get_by_role("row")).to_have_count(3)  # header, audit, auth
-    row = failing.get_by_role("row").filter(
-        has=page.get_by_role("rowheader", name=re.compile(re.escape(HIPAA_AUTH)))
-    )
+    row = _row(failing, HIPAA_AUTH)
     expect(row).to_contain_text("Failing")
     expect(row).to_contain_text(SSH_REASON)
     expect(row).to_contain_text(world.appliance)
