@@ -203,7 +203,9 @@ def test_appliances_tokens_and_decommissioning(console: Console) -> None:
     expect(_row(page, target)).to_contain_text("Decommissioned")
     expect(page.get_by_role("button", name=re.compile("^Decommission "))).to_have_count(0)
     listed = console.run(
-        console.partner.request("GET", f"/api/v1/appliances?site_id={fleet.site}&decommissioned=true")
+        console.partner.request(
+            "GET", f"/api/v1/appliances?site_id={fleet.site}&decommissioned=true"
+        )
     )
     assert [item["id"] for item in listed.body["items"]] == [target]
 
@@ -224,7 +226,9 @@ def test_all_sites_show_more_and_a_viewer(console: Console) -> None:
     # 52 in all, 50 a page.
     expect(listed.locator("tbody tr")).to_have_count(50)
     expect(page.get_by_text("Counted over the 50 appliances loaded so far")).to_be_visible()
-    expect(listed.get_by_text("Harbor Pediatrics").or_(listed.get_by_text("Metro Hospital")).first).to_be_visible()
+    expect(
+        listed.get_by_text("Harbor Pediatrics").or_(listed.get_by_text("Metro Hospital")).first
+    ).to_be_visible()
     page.get_by_role("button", name="Show more").click()
     expect(listed.locator("tbody tr")).to_have_count(52)
     expect(page.get_by_text("52 appliances in all.")).to_be_visible()
