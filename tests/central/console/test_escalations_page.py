@@ -175,16 +175,12 @@ def test_acknowledge_filters_and_show_more(console: Console) -> None:
     ack.get_by_role("button", name="Cancel").click()
     expect(escalations.locator("tbody tr")).to_have_count(PAGE)
 
-
-def test_a_viewer_reads_only(console: Console) -> None:
-    console.run(_seed(console.harness, console.partner))
-    page = console.signed_in("viewer")
+    # Signed in as a viewer, the page says so and every acknowledge is disabled.
     console.open(page, "/console/escalations?severity=high")
     expect(page.get_by_text("Your role (viewer) can only read")).to_be_visible()
     buttons = _escalations(page).get_by_role("button", name=re.compile("^Acknowledge"))
     expect(buttons).to_have_count(PAGE)
-    for index in range(PAGE):
-        expect(buttons.nth(index)).to_be_disabled()
+    expect(buttons.and_(page.locator(":enabled"))).to_have_count(0)
     console.check_accessible(page)
     page.set_viewport_size({"width": 390, "height": 844})
     width = page.evaluate("document.documentElement.scrollWidth")

@@ -9,7 +9,7 @@ import {
 } from "../console.js";
 import { sitePicker, siteLabel, siteName } from "./appliances-sites.js";
 
-const LIMIT = 50;
+const LIMIT = 25;
 const TOKEN_LIMIT = 10;
 const SOON_DAYS = 14;
 const DAY = 86400 * 1000;
