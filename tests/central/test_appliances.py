@@ -460,3 +460,31 @@ async def test_a_sync_shows_the_appliance_online(harness: Harness) -> None:
     harness.clock.advance(timedelta(minutes=2))
     (state,) = (await partner.request("GET", path)).body["items"]
     assert state["status"] == "offline"
+
+
+async def test_the_list_names_each_appliances_failing_checks(harness: Harness) -> None:
+    """A check is failing while its newest bundle (by log position) failed
+    or erred; a later pass clears it."""
+    partner = await harness.partner()
+    appliance = await harness.enroll(partner)
+    other = await harness.enroll(partner, appliance.site_id)
+    for owner, check, result in [
+        (appliance, "time_sync", "fail"),
+        (appliance, "time_sync", "pass"),
+        (appliance, "backup", "pass"),
+        (appliance, "backup", "fail"),
+        (appliance, "disk_encryption", "error"),
+        (appliance, "firewall", "not_applicable"),
+        (other, "firewall", "fail"),
+    ]:
+        reply = await owner.push(owner.sign_bundle(check_id=check, result=result))
+        assert reply.status == 201, reply.body
+    listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")
+    failing = {item["id"]: item["failing_checks"] for item in listed.body["items"]}
+    assert failing == {
+        appliance.appliance_id: ["backup", "disk_encryption"],
+        other.appliance_id: ["firewall"],
+    }
+    fresh = await harness.enroll(partner)
+    listed = await partner.request("GET", f"/api/v1/appliances?site_id={fresh.site_id}")
+    assert [item["failing_checks"] for item in listed.body["items"]] == [[]]

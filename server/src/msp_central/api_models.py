@@ -335,6 +335,9 @@ class ApplianceOut(Body):
     certificate_serial: str | None
     certificate_not_after: datetime | None
     heartbeat: dict[str, object] | None
+    # The checks whose newest bundle from this appliance failed or erred,
+    # sorted: what needs looking at, without reading the evidence list.
+    failing_checks: list[str]
 
 
 class AppliancePage(Body):

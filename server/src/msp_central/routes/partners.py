@@ -13,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from msp_central.api_models import (
     AcknowledgeIn,
@@ -462,6 +463,7 @@ async def _appliance_page(request: web.Request, scope: sa.ColumnElement[bool]) -
                 )
             ).all()
         )
+        failing = await _failing_checks(connection, [row.id for row in rows])
     items = []
     for row in rows:
         status, seen = row_status(row, now, service.settings)
@@ -481,9 +483,50 @@ async def _appliance_page(request: web.Request, scope: sa.ColumnElement[bool]) -
                 certificate_serial=row.current_serial,
                 certificate_not_after=row.not_after,
                 heartbeat=row.heartbeat,
+                failing_checks=failing.get(row.id, []),
             )
         )
     return page_response(request, items, cursor)
+
+
+async def _failing_checks(
+    connection: AsyncConnection, appliance_ids: list[str]
+) -> dict[str, list[str]]:
+    """Per appliance of a page, the checks whose newest bundle (by log
+    position, as posture reads it; contradicted bundles left out) failed or
+    erred. One query over the page's appliances only."""
+    if not appliance_ids:
+        return {}
+    newest = sa.func.row_number().over(
+        partition_by=(evidence.c.appliance_id, evidence.c.check_id),
+        order_by=(
+            evidence.c.log_generation.desc(),
+            evidence.c.log_index.desc(),
+            evidence.c.bundle_id.desc(),
+        ),
+    )
+    ranked = (
+        sa.select(
+            evidence.c.appliance_id,
+            evidence.c.check_id,
+            evidence.c.result,
+            newest.label("newest"),
+        )
+        .where(
+            evidence.c.appliance_id.in_(appliance_ids),
+            sa.or_(evidence.c.in_log.is_(None), evidence.c.in_log.is_(True)),
+        )
+        .subquery()
+    )
+    rows = await connection.execute(
+        sa.select(ranked.c.appliance_id, ranked.c.check_id)
+        .where(ranked.c.newest == 1, ranked.c.result.in_(("fail", "error")))
+        .order_by(ranked.c.appliance_id, ranked.c.check_id)
+    )
+    found: dict[str, list[str]] = {}
+    for appliance_id, check_id in rows.all():
+        found.setdefault(appliance_id, []).append(check_id)
+    return found
 
 
 @routes.get("/api/v1/sites/{site_id}/appliances")
