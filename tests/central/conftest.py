@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -26,6 +27,8 @@ from msp_central.db.engine import create_engine
 from msp_central.db.migrate import upgrade
 from msp_central.db.tables import metadata
 from tests.central.support import ROOT, Clock, Harness, create_pg_database, drop_pg_database
+
+T = TypeVar("T")
 
 CATALOGUE = {
     "frameworks",
@@ -45,21 +48,29 @@ async def _migrate(url: str) -> None:
         await engine.dispose()
 
 
+def _run_apart(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` in a thread of its own: while the console's browser
+    tests run, Playwright's synchronous driver keeps an event loop marked as
+    running in the main thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "central.db"
-    asyncio.run(_migrate(f"sqlite+aiosqlite:///{path}"))
+    _run_apart(_migrate(f"sqlite+aiosqlite:///{path}"))
     return path
 
 
 @pytest.fixture(scope="session")
 def postgres_url(postgres_admin_url: str) -> Iterator[str]:
     name = f"msp_central_test_{os.getpid()}"
-    url = asyncio.run(create_pg_database(name, postgres_admin_url))
-    asyncio.run(_migrate(url))
+    url = _run_apart(create_pg_database(name, postgres_admin_url))
+    _run_apart(_migrate(url))
     yield url
 
-    asyncio.run(drop_pg_database(name, postgres_admin_url))
+    _run_apart(drop_pg_database(name, postgres_admin_url))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -69,7 +80,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template
         shutil.copy(sqlite_template, path)
         return f"sqlite+aiosqlite:///{path}"
     url: str = request.getfixturevalue("postgres_url")
-    asyncio.run(_truncate(url))
+    _run_apart(_truncate(url))
     return url
 
 
