@@ -621,11 +621,23 @@ async def test_framework_usage(harness: Harness) -> None:
     assert reply.status == 200, reply.body
     usage = reply.body
     assert usage["site_count"] == 4
+    inherited = {"industry": "partner", "tier": "partner", "frameworks": "partner"}
+    own = {**inherited, "frameworks": "site"}
     assert usage["sites"] == [
-        {"site_id": inherits["id"], "name": "Inherits", "frameworks": ["hipaa", "nist_csf"]},
-        {"site_id": card["id"], "name": "Card", "frameworks": ["pci_dss"]},
-        {"site_id": none["id"], "name": "None", "frameworks": []},
-        {"site_id": mixed["id"], "name": "Mixed", "frameworks": ["soc2", "hipaa"]},
+        {
+            "site_id": inherits["id"],
+            "name": "Inherits",
+            "frameworks": ["hipaa", "nist_csf"],
+            "sources": inherited,
+        },
+        {"site_id": card["id"], "name": "Card", "frameworks": ["pci_dss"], "sources": own},
+        {
+            "site_id": none["id"],
+            "name": "None",
+            "frameworks": [],
+            "sources": {**own, "tier": "site"},
+        },
+        {"site_id": mixed["id"], "name": "Mixed", "frameworks": ["soc2", "hipaa"], "sources": own},
     ]
     assert [f["framework"] for f in usage["frameworks"]] == FRAMEWORK_IDS
     by_id = {f["framework"]: f for f in usage["frameworks"]}

@@ -29,11 +29,13 @@ from msp_central.api_models import (
     PartnerDefaults,
     PartnerOut,
     RevokeIn,
+    Setting,
     SettingsWarning,
     SiteCreate,
     SiteFrameworks,
     SiteOut,
     SiteOverrides,
+    Source,
     TokenCreate,
     TokenOut,
 )
@@ -350,6 +352,16 @@ async def get_effective(request: web.Request) -> web.Response:
         return json_response(await effective_config(connection, site, partner))
 
 
+def _sources(site: sa.Row[Any]) -> dict[Setting, Source]:
+    """Which of a site's settings are its own and which the partner's
+    defaults (the rule of :func:`msp_central.queries.effective_config`)."""
+    return {
+        "industry": "site" if site.industry else "partner",
+        "tier": "site" if site.tier else "partner",
+        "frameworks": "site" if site.frameworks is not None else "partner",
+    }
+
+
 @routes.get("/api/v1/framework-usage")
 async def framework_usage(request: web.Request) -> web.Response:
     """Which frameworks each of the partner's sites runs, and how many sites
@@ -369,7 +381,14 @@ async def framework_usage(request: web.Request) -> web.Response:
     per_site = []
     for site in rows:
         chosen = list(site.frameworks if site.frameworks is not None else partner.frameworks)
-        per_site.append(SiteFrameworks(site_id=site.id, name=site.name, frameworks=chosen))
+        per_site.append(
+            SiteFrameworks(
+                site_id=site.id,
+                name=site.name,
+                frameworks=chosen,
+                sources=_sources(site),
+            )
+        )
         for framework in chosen:
             users[framework].append(site.id)
     return json_response(
