@@ -173,6 +173,19 @@ def test_presets_are_previewed_then_applied_and_sites_override(console: Console)
     expect(dialog.get_by_role("alert")).to_contain_text("(conflict)")
     console.check_accessible(page)
 
+    dialog.get_by_role("button", name="Close").click()
+
+    # Saving defaults with no framework is allowed, with the API's warning.
+    defaults_form = page.get_by_role("region", name="Partner defaults")
+    chosen = defaults_form.get_by_role("group", name="Frameworks")
+    for name in ("SOX", "PCI DSS", "SOC 2"):
+        chosen.get_by_label(name, exact=True).uncheck()
+    defaults_form.get_by_role("button", name="Save defaults").click()
+    expect(defaults_form.get_by_role("status").first).to_contain_text("Defaults saved")
+    expect(defaults_form).to_contain_text("no framework is selected")
+    expect(_usage_row(page, "PCI DSS").get_by_role("cell").first).to_have_text("1")
+    assert _get(console, console.partner, "/api/v1/partner")["defaults"]["frameworks"] == []
+
 
 def test_a_viewer_reads_but_cannot_change(console: Console) -> None:
     ids = _seed(console)
@@ -192,9 +205,7 @@ def test_a_viewer_reads_but_cannot_change(console: Console) -> None:
     preview.get_by_role("button", name="Cancel").click()
 
     dialog = _open_site(page, "Corner Bistro")
-    expect(dialog.locator('dd[data-setting="frameworks"]')).to_contain_text(
-        "PCI DSS site override"
-    )
+    expect(dialog.locator('dd[data-setting="frameworks"]')).to_contain_text("PCI DSS site override")
     expect(dialog.get_by_role("button", name="Save site settings")).to_be_disabled()
     console.check_accessible(page)
 
