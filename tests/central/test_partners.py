@@ -664,6 +664,20 @@ async def test_framework_usage(harness: Harness) -> None:
     assert by_id["hipaa"]["sites"] == [mixed["id"]]
     assert by_id["nist_csf"]["site_count"] == 0
 
+    # A decommissioned site runs nothing: it leaves the usage.
+    gone = await partner.request("DELETE", f"/api/v1/sites/{card['id']}")
+    assert gone.status == 200, gone.body
+    usage = (await partner.request("GET", "/api/v1/framework-usage")).body
+    assert usage["site_count"] == 3
+    assert card["id"] not in {s["site_id"] for s in usage["sites"]}
+    by_id = {f["framework"]: f for f in usage["frameworks"]}
+    assert by_id["pci_dss"] == {
+        "framework": "pci_dss",
+        "name": "PCI DSS",
+        "site_count": 0,
+        "sites": [],
+    }
+
     # The other partner sees only its own three sites.
     theirs = (await other.request("GET", "/api/v1/framework-usage")).body
     assert theirs["site_count"] == 3

@@ -364,8 +364,8 @@ def _sources(site: sa.Row[Any]) -> dict[Setting, Source]:
 
 @routes.get("/api/v1/framework-usage")
 async def framework_usage(request: web.Request) -> web.Response:
-    """Which frameworks each of the partner's sites runs, and how many sites
-    use each framework."""
+    """Which frameworks each of the partner's sites in service runs, and how
+    many sites use each framework (a decommissioned site runs nothing)."""
     holder = await require_partner(request)
     async with read_only(central(request).engine) as connection:
         partner = await get_partner(connection, _partner_id(holder))
@@ -373,7 +373,7 @@ async def framework_usage(request: web.Request) -> web.Response:
         rows = (
             await connection.execute(
                 sa.select(sites)
-                .where(sites.c.partner_id == partner.id)
+                .where(sites.c.partner_id == partner.id, sites.c.decommissioned_at.is_(None))
                 .order_by(sites.c.created_at)
             )
         ).all()
