@@ -25,7 +25,7 @@ export function warningList(warnings) {
 export function tierRadios(name, value) {
   return h("div", { class: "checks" }, TIERS.map(([id, label, hint]) =>
     h("label", {}, h("input", { type: "radio", name, value: id, checked: value === id }),
-      label, h("span", { class: "muted" }, `— ${hint}`))));
+      h("span", {}, label, h("span", { class: "muted" }, ` — ${hint}`)))));
 }
 
 /** One checkbox per framework, those in `chosen` ticked. */

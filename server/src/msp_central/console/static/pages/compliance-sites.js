@@ -52,7 +52,7 @@ function settingFieldset(state, site, setting, label) {
     valueControl(state, setting, start, valueId));
   const radios = h("div", { class: "checks modes" },
     h("label", {}, h("input", { type: "radio", name, value: "inherit", checked: !overriding }),
-      "Inherit from partner defaults", h("span", { class: "muted" }, ` (${inherited})`)),
+      h("span", {}, "Inherit from partner defaults", h("span", { class: "muted" }, ` (${inherited})`))),
     h("label", {}, h("input", { type: "radio", name, value: "override", checked: overriding }), "Override"));
   radios.addEventListener("change", () => {
     control.disabled = radios.querySelector("input:checked").value !== "override";
