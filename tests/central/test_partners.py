@@ -621,11 +621,23 @@ async def test_framework_usage(harness: Harness) -> None:
     assert reply.status == 200, reply.body
     usage = reply.body
     assert usage["site_count"] == 4
+    inherited = {"industry": "partner", "tier": "partner", "frameworks": "partner"}
+    own = {**inherited, "frameworks": "site"}
     assert usage["sites"] == [
-        {"site_id": inherits["id"], "name": "Inherits", "frameworks": ["hipaa", "nist_csf"]},
-        {"site_id": card["id"], "name": "Card", "frameworks": ["pci_dss"]},
-        {"site_id": none["id"], "name": "None", "frameworks": []},
-        {"site_id": mixed["id"], "name": "Mixed", "frameworks": ["soc2", "hipaa"]},
+        {
+            "site_id": inherits["id"],
+            "name": "Inherits",
+            "frameworks": ["hipaa", "nist_csf"],
+            "sources": inherited,
+        },
+        {"site_id": card["id"], "name": "Card", "frameworks": ["pci_dss"], "sources": own},
+        {
+            "site_id": none["id"],
+            "name": "None",
+            "frameworks": [],
+            "sources": {**own, "tier": "site"},
+        },
+        {"site_id": mixed["id"], "name": "Mixed", "frameworks": ["soc2", "hipaa"], "sources": own},
     ]
     assert [f["framework"] for f in usage["frameworks"]] == FRAMEWORK_IDS
     by_id = {f["framework"]: f for f in usage["frameworks"]}
@@ -651,6 +663,20 @@ async def test_framework_usage(harness: Harness) -> None:
     assert by_id["iso_27001"]["sites"] == [inherits["id"]]
     assert by_id["hipaa"]["sites"] == [mixed["id"]]
     assert by_id["nist_csf"]["site_count"] == 0
+
+    # A decommissioned site runs nothing: it leaves the usage.
+    gone = await partner.request("DELETE", f"/api/v1/sites/{card['id']}")
+    assert gone.status == 200, gone.body
+    usage = (await partner.request("GET", "/api/v1/framework-usage")).body
+    assert usage["site_count"] == 3
+    assert card["id"] not in {s["site_id"] for s in usage["sites"]}
+    by_id = {f["framework"]: f for f in usage["frameworks"]}
+    assert by_id["pci_dss"] == {
+        "framework": "pci_dss",
+        "name": "PCI DSS",
+        "site_count": 0,
+        "sites": [],
+    }
 
     # The other partner sees only its own three sites.
     theirs = (await other.request("GET", "/api/v1/framework-usage")).body

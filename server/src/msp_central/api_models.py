@@ -145,6 +145,7 @@ class SiteCreate(Body):
 
 
 Source = Literal["partner", "site"]
+Setting = Literal["industry", "tier", "frameworks"]
 
 
 class EffectiveConfig(Body):
@@ -153,7 +154,7 @@ class EffectiveConfig(Body):
     tier: Tier
     frameworks: list[str]
     runbooks: list[str]
-    sources: dict[Literal["industry", "tier", "frameworks"], Source]
+    sources: dict[Setting, Source]
 
 
 class SiteOut(Body):
@@ -188,6 +189,10 @@ class SiteFrameworks(Body):
     site_id: str
     name: str
     frameworks: list[str]
+    # Where each effective setting comes from, as in EffectiveConfig: a
+    # change of the partner's defaults reaches the sites whose setting is
+    # "partner" (what the console previews before applying a preset).
+    sources: dict[Setting, Source]
 
 
 class FrameworkUsage(Body):

@@ -63,7 +63,7 @@ OPERATIONS: list[
     ("put", "/api/v1/sites/{site_id}/overrides", "Set a site's overrides", PARTNER, m.SiteOverrides, {200: m.SiteOut}),
     ("post", "/api/v1/sites/{site_id}/apply-preset", "Override a site with a preset", PARTNER, m.ApplyPreset, {200: m.SiteOut}),
     ("get", "/api/v1/sites/{site_id}/effective-config", "A site's effective configuration", PARTNER, None, {200: m.EffectiveConfig}),
-    ("get", "/api/v1/framework-usage", "Framework usage across the partner's sites", PARTNER, None, {200: m.FrameworkUsage}),
+    ("get", "/api/v1/framework-usage", "Framework usage across the partner's sites in service", PARTNER, None, {200: m.FrameworkUsage}),
     ("post", "/api/v1/sites/{site_id}/enrollment-tokens", "A one-time enrollment token", PARTNER, m.TokenCreate, {201: m.TokenOut}),
     ("get", "/api/v1/sites/{site_id}/enrollment-tokens", "A site's enrollment tokens and their state (never their secrets)", PARTNER, None, {200: m.EnrollmentTokenPage}),
     ("delete", "/api/v1/sites/{site_id}/enrollment-tokens/{token_id}", "Revoke an enrollment token not used yet", PARTNER, None, {200: m.EnrollmentTokenOut}),

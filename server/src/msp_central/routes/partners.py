@@ -30,11 +30,13 @@ from msp_central.api_models import (
     PartnerDefaults,
     PartnerOut,
     RevokeIn,
+    Setting,
     SettingsWarning,
     SiteCreate,
     SiteFrameworks,
     SiteOut,
     SiteOverrides,
+    Source,
     TokenCreate,
     TokenOut,
 )
@@ -351,10 +353,20 @@ async def get_effective(request: web.Request) -> web.Response:
         return json_response(await effective_config(connection, site, partner))
 
 
+def _sources(site: sa.Row[Any]) -> dict[Setting, Source]:
+    """Which of a site's settings are its own and which the partner's
+    defaults (the rule of :func:`msp_central.queries.effective_config`)."""
+    return {
+        "industry": "site" if site.industry else "partner",
+        "tier": "site" if site.tier else "partner",
+        "frameworks": "site" if site.frameworks is not None else "partner",
+    }
+
+
 @routes.get("/api/v1/framework-usage")
 async def framework_usage(request: web.Request) -> web.Response:
-    """Which frameworks each of the partner's sites runs, and how many sites
-    use each framework."""
+    """Which frameworks each of the partner's sites in service runs, and how
+    many sites use each framework (a decommissioned site runs nothing)."""
     holder = await require_partner(request)
     async with read_only(central(request).engine) as connection:
         partner = await get_partner(connection, _partner_id(holder))
@@ -362,7 +374,7 @@ async def framework_usage(request: web.Request) -> web.Response:
         rows = (
             await connection.execute(
                 sa.select(sites)
-                .where(sites.c.partner_id == partner.id)
+                .where(sites.c.partner_id == partner.id, sites.c.decommissioned_at.is_(None))
                 .order_by(sites.c.created_at)
             )
         ).all()
@@ -370,7 +382,14 @@ async def framework_usage(request: web.Request) -> web.Response:
     per_site = []
     for site in rows:
         chosen = list(site.frameworks if site.frameworks is not None else partner.frameworks)
-        per_site.append(SiteFrameworks(site_id=site.id, name=site.name, frameworks=chosen))
+        per_site.append(
+            SiteFrameworks(
+                site_id=site.id,
+                name=site.name,
+                frameworks=chosen,
+                sources=_sources(site),
+            )
+        )
         for framework in chosen:
             users[framework].append(site.id)
     return json_response(
