@@ -52,6 +52,7 @@ from msp_central.posture import (
     site_catalogue,
     site_freshness,
     trend,
+    with_envelopes,
 )
 from msp_central.problems import Problem
 from msp_central.queries import Row, get_partner, get_site
@@ -239,7 +240,9 @@ async def partner_posture(request: web.Request) -> web.Response:
         catalogues = {
             row.id: await _catalogue_of(connection, row, partner, cache) for row in site_rows
         }
-        latest = await latest_evidence(connection, site_ids, with_envelopes=True)
+        # Without envelopes: only the failing controls' bundles are shown
+        # with their reason, and those are read after evaluating.
+        latest = await latest_evidence(connection, site_ids)
         freshness = await site_freshness(connection, site_ids)
         attached = await site_attachments(connection, site_ids)
 
@@ -285,6 +288,14 @@ async def partner_posture(request: web.Request) -> web.Response:
             )
         )
     ordered = sorted(failing.items(), key=lambda item: (-len(item[1]), item[0]))
+    async with read_only(service.engine) as connection:
+        shown = await with_envelopes(
+            connection, (seen for found in failing.values() for _, seen in found if seen)
+        )
+
+    def signed(seen: Observation | None) -> Observation | None:
+        return shown.get((seen.appliance_id, seen.bundle_id), seen) if seen else None
+
     return json_response(
         PartnerPostureOut(
             evaluated_at=now,
@@ -297,7 +308,9 @@ async def partner_posture(request: web.Request) -> web.Response:
                     title=titles[framework_id, control_id],
                     site_count=len(found),
                     sites=[
-                        SiteStateOut(site_id=site.id, name=site.name, evidence=evidence_out(seen))
+                        SiteStateOut(
+                            site_id=site.id, name=site.name, evidence=evidence_out(signed(seen))
+                        )
                         for site, seen in found
                     ],
                 )
