@@ -42,6 +42,7 @@ from msp_central.posture import (
     FrameworkPosture,
     Observation,
     SiteCatalogue,
+    catalogue_reader,
     day_ends,
     evaluate,
     evidence_since,
@@ -52,7 +53,6 @@ from msp_central.posture import (
     site_catalogue,
     site_freshness,
     trend,
-    with_envelopes,
 )
 from msp_central.problems import Problem
 from msp_central.queries import Row, get_partner, get_site
@@ -236,13 +236,20 @@ async def partner_posture(request: web.Request) -> web.Response:
             )
         ).all()
         site_ids = [row.id for row in site_rows]
+        part_of = await catalogue_reader(connection)
         cache: dict[tuple[tuple[str, ...], str], SiteCatalogue] = {}
-        catalogues = {
-            row.id: await _catalogue_of(connection, row, partner, cache) for row in site_rows
-        }
-        # Without envelopes: only the failing controls' bundles are shown
-        # with their reason, and those are read after evaluating.
-        latest = await latest_evidence(connection, site_ids)
+        catalogues = {}
+        for row in site_rows:
+            chosen = tuple(row.frameworks if row.frameworks is not None else partner.frameworks)
+            tier = row.tier or partner.tier
+            if (chosen, tier) not in cache:
+                cache[chosen, tier] = part_of(chosen, Tier(tier))
+            catalogues[row.id] = cache[chosen, tier]
+        # Only failing controls are shown with their bundle's reason: only
+        # failed bundles' envelopes are read.
+        latest = await latest_evidence(
+            connection, site_ids, with_envelopes=True, envelopes_of=frozenset({"fail"})
+        )
         freshness = await site_freshness(connection, site_ids)
         attached = await site_attachments(connection, site_ids)
 
@@ -288,14 +295,6 @@ async def partner_posture(request: web.Request) -> web.Response:
             )
         )
     ordered = sorted(failing.items(), key=lambda item: (-len(item[1]), item[0]))
-    async with read_only(service.engine) as connection:
-        shown = await with_envelopes(
-            connection, (seen for found in failing.values() for _, seen in found if seen)
-        )
-
-    def signed(seen: Observation | None) -> Observation | None:
-        return shown.get((seen.appliance_id, seen.bundle_id), seen) if seen else None
-
     return json_response(
         PartnerPostureOut(
             evaluated_at=now,
@@ -308,9 +307,7 @@ async def partner_posture(request: web.Request) -> web.Response:
                     title=titles[framework_id, control_id],
                     site_count=len(found),
                     sites=[
-                        SiteStateOut(
-                            site_id=site.id, name=site.name, evidence=evidence_out(signed(seen))
-                        )
+                        SiteStateOut(site_id=site.id, name=site.name, evidence=evidence_out(seen))
                         for site, seen in found
                     ],
                 )
