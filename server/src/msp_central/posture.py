@@ -32,7 +32,7 @@ framework selection (settings are not versioned; evidence is).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
@@ -347,48 +347,59 @@ async def site_catalogue(
     connection: AsyncConnection, framework_ids: Sequence[str], tier: Tier
 ) -> SiteCatalogue:
     """The controls of ``framework_ids`` and which checks of ``tier`` cover each."""
+    return (await catalogue_reader(connection))(framework_ids, tier)
+
+
+async def catalogue_reader(
+    connection: AsyncConnection,
+) -> Callable[[Sequence[str], Tier], SiteCatalogue]:
+    """The whole catalogue read once (three small queries), and a function
+    giving any site's part of it: an answer about many sites with different
+    selections would otherwise query the catalogue once per selection."""
     framework_rows = (
         await connection.execute(
-            sa.select(frameworks.c.id, frameworks.c.name)
-            .where(frameworks.c.id.in_(list(framework_ids)))
-            .order_by(frameworks.c.position)
+            sa.select(frameworks.c.id, frameworks.c.name).order_by(frameworks.c.position)
         )
     ).all()
-    control_rows = (
+    control_rows = (await connection.execute(sa.select(controls))).all()
+    mapping_rows = (
         await connection.execute(
-            sa.select(controls)
-            .where(controls.c.framework_id.in_(list(framework_ids)))
-            .order_by(controls.c.position)
+            sa.select(
+                control_runbook_mapping.c.framework_id,
+                control_runbook_mapping.c.control_id,
+                runbooks.c.check_name,
+                runbooks.c.tier,
+            ).join(runbooks, runbooks.c.id == control_runbook_mapping.c.runbook_id)
         )
     ).all()
-    mapping_query = (
-        sa.select(
-            control_runbook_mapping.c.framework_id,
-            control_runbook_mapping.c.control_id,
-            runbooks.c.check_name,
-        )
-        .join(runbooks, runbooks.c.id == control_runbook_mapping.c.runbook_id)
-        .where(control_runbook_mapping.c.framework_id.in_(list(framework_ids)))
-    )
-    if tier == Tier.BASIC:
-        mapping_query = mapping_query.where(runbooks.c.tier == Tier.BASIC.value)
-    covered: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for row in (await connection.execute(mapping_query)).all():
-        covered[row.framework_id, row.control_id].add(row.check_name)
     order = {row.id: i for i, row in enumerate(framework_rows)}
-    ordered = sorted(control_rows, key=lambda row: (order[row.framework_id], row.position))
-    return SiteCatalogue(
-        frameworks={row.id: row.name for row in framework_rows},
-        controls=tuple(
-            CatalogueControl(
-                row.framework_id,
-                row.control_id,
-                row.title,
-                frozenset(covered.get((row.framework_id, row.control_id), ())),
-            )
-            for row in ordered
-        ),
+    names = {row.id: row.name for row in framework_rows}
+    ordered = sorted(
+        (row for row in control_rows if row.framework_id in order),
+        key=lambda row: (order[row.framework_id], row.position),
     )
+
+    def part(framework_ids: Sequence[str], tier: Tier) -> SiteCatalogue:
+        chosen = set(framework_ids)
+        covered: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for row in mapping_rows:
+            if row.framework_id in chosen and (tier != Tier.BASIC or row.tier == Tier.BASIC):
+                covered[row.framework_id, row.control_id].add(row.check_name)
+        return SiteCatalogue(
+            frameworks={fid: name for fid, name in names.items() if fid in chosen},
+            controls=tuple(
+                CatalogueControl(
+                    row.framework_id,
+                    row.control_id,
+                    row.title,
+                    frozenset(covered.get((row.framework_id, row.control_id), ())),
+                )
+                for row in ordered
+                if row.framework_id in chosen
+            ),
+        )
+
+    return part
 
 
 async def site_freshness(connection: AsyncConnection, site_ids: Sequence[str]) -> Freshness:
@@ -452,11 +463,18 @@ async def latest_evidence(
     *,
     before: datetime | None = None,
     with_envelopes: bool = False,
+    envelopes_of: frozenset[str] | None = None,
 ) -> dict[str, list[Observation]]:
     """Per site, the newest bundle of each (appliance, check) pair (collected
-    at or before ``before`` when given)."""
+    at or before ``before`` when given), with their signed envelopes when
+    ``with_envelopes`` (for the reason shown beside each): ``envelopes_of``
+    limits those to bundles of these results, for an answer that shows the
+    reason of a few (the partner roll-up shows only failing controls)."""
     # Newest by log position, the appliance's own order: a clock that jumped
-    # ahead once must not freeze a check's state.
+    # ahead once must not freeze a check's state. Ranked on the key columns
+    # alone, which ix_evidence_latest holds: the bundles that lose (nearly
+    # all of a partner's million) are never read from the table, only the
+    # winners are, by primary key.
     newest = sa.func.row_number().over(
         partition_by=(evidence.c.appliance_id, evidence.c.check_id),
         order_by=(
@@ -465,16 +483,36 @@ async def latest_evidence(
             evidence.c.bundle_id.desc(),
         ),
     )
-    columns: list[Any] = [*_COLUMNS, newest.label("newest")]
-    if with_envelopes:
-        columns.append(evidence.c.envelope)
-    inner = sa.select(*columns).where(evidence.c.site_id.in_(list(site_ids)), _NOT_CONTRADICTED)
+    inner = sa.select(evidence.c.appliance_id, evidence.c.bundle_id, newest.label("newest")).where(
+        evidence.c.site_id.in_(list(site_ids)), _NOT_CONTRADICTED
+    )
     if before is not None:
         inner = inner.where(evidence.c.collected_at <= before)
     ranked = inner.subquery()
-    rows = (await connection.execute(sa.select(ranked).where(ranked.c.newest == 1))).all()
+    columns: list[Any] = list(_COLUMNS)
+    if with_envelopes and envelopes_of is not None:
+        columns.append(
+            sa.case(
+                (evidence.c.result.in_(sorted(envelopes_of)), evidence.c.envelope),
+                else_=sa.null(),
+            ).label("envelope")
+        )
+    elif with_envelopes:
+        columns.append(evidence.c.envelope)
+    query = (
+        sa.select(*columns)
+        .join_from(
+            evidence,
+            ranked,
+            sa.and_(
+                evidence.c.appliance_id == ranked.c.appliance_id,
+                evidence.c.bundle_id == ranked.c.bundle_id,
+            ),
+        )
+        .where(ranked.c.newest == 1)
+    )
     found: dict[str, list[Observation]] = defaultdict(list)
-    for row in rows:
+    for row in (await connection.execute(query)).all():
         found[row.site_id].append(_observation(row, row.envelope if with_envelopes else None))
     return found
 

@@ -234,17 +234,28 @@ def overrides_of(site: Row) -> SiteOverrides:
     )
 
 
-async def effective_config(connection: AsyncConnection, site: Row, partner: Row) -> EffectiveConfig:
+async def effective_config(
+    connection: AsyncConnection,
+    site: Row,
+    partner: Row,
+    tier_runbooks: dict[Tier, list[str]] | None = None,
+) -> EffectiveConfig:
     """The settings a site runs with: each one the site's override if it has
-    one, else the partner's default."""
+    one, else the partner's default. ``tier_runbooks`` memoises the runbooks
+    of each tier across the sites of one answer (a page of sites would
+    otherwise read them once per site)."""
     tier = Tier(site.tier or partner.tier)
     chosen_frameworks = site.frameworks if site.frameworks is not None else partner.frameworks
+    if tier_runbooks is None:
+        tier_runbooks = {}
+    if tier not in tier_runbooks:
+        tier_runbooks[tier] = await runbooks_for_tier(connection, tier)
     return EffectiveConfig(
         site_id=site.id,
         industry=site.industry or partner.industry,
         tier=tier,
         frameworks=list(chosen_frameworks),
-        runbooks=await runbooks_for_tier(connection, tier),
+        runbooks=list(tier_runbooks[tier]),
         sources={
             "industry": "site" if site.industry else "partner",
             "tier": "site" if site.tier else "partner",
@@ -253,7 +264,12 @@ async def effective_config(connection: AsyncConnection, site: Row, partner: Row)
     )
 
 
-async def site_out(connection: AsyncConnection, site: Row, partner: Row | None = None) -> SiteOut:
+async def site_out(
+    connection: AsyncConnection,
+    site: Row,
+    partner: Row | None = None,
+    tier_runbooks: dict[Tier, list[str]] | None = None,
+) -> SiteOut:
     partner = partner or await get_partner(connection, site.partner_id)
     return SiteOut(
         id=site.id,
@@ -261,7 +277,7 @@ async def site_out(connection: AsyncConnection, site: Row, partner: Row | None =
         name=site.name,
         created_at=site.created_at,
         overrides=overrides_of(site),
-        effective=await effective_config(connection, site, partner),
+        effective=await effective_config(connection, site, partner, tier_runbooks),
         decommissioned_at=site.decommissioned_at,
     )
 

@@ -497,6 +497,18 @@ Index(
     evidence.c.collected_at,
 )
 Index("ix_evidence_by_time", evidence.c.site_id, evidence.c.collected_at)
+# Every column posture ranks a site's bundles on: the newest of each
+# (appliance, check) by log position is found in the index alone.
+Index(
+    "ix_evidence_latest",
+    evidence.c.site_id,
+    evidence.c.appliance_id,
+    evidence.c.check_id,
+    evidence.c.log_generation,
+    evidence.c.log_index,
+    evidence.c.bundle_id,
+    evidence.c.in_log,
+)
 # Paginated lists, newest first.
 Index("ix_evidence_received", evidence.c.site_id, evidence.c.received_at)
 Index("ix_escalations_received", escalations.c.received_at)

@@ -251,7 +251,8 @@ async def list_sites(request: web.Request) -> web.Response:
         if "name" in filters:
             query = query.where(_contains(sites.c.name, filters["name"]))
         rows, cursor = await fetch_page(connection, query, keyset, page)
-        items = [await site_out(connection, row, partner) for row in rows]
+        tier_runbooks: dict[Tier, list[str]] = {}  # read once per tier, not once per site
+        items = [await site_out(connection, row, partner, tier_runbooks) for row in rows]
     return page_response(request, items, cursor)
 
 

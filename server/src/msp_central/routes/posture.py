@@ -42,6 +42,7 @@ from msp_central.posture import (
     FrameworkPosture,
     Observation,
     SiteCatalogue,
+    catalogue_reader,
     day_ends,
     evaluate,
     evidence_since,
@@ -235,11 +236,20 @@ async def partner_posture(request: web.Request) -> web.Response:
             )
         ).all()
         site_ids = [row.id for row in site_rows]
+        part_of = await catalogue_reader(connection)
         cache: dict[tuple[tuple[str, ...], str], SiteCatalogue] = {}
-        catalogues = {
-            row.id: await _catalogue_of(connection, row, partner, cache) for row in site_rows
-        }
-        latest = await latest_evidence(connection, site_ids, with_envelopes=True)
+        catalogues = {}
+        for row in site_rows:
+            chosen = tuple(row.frameworks if row.frameworks is not None else partner.frameworks)
+            tier = row.tier or partner.tier
+            if (chosen, tier) not in cache:
+                cache[chosen, tier] = part_of(chosen, Tier(tier))
+            catalogues[row.id] = cache[chosen, tier]
+        # Only failing controls are shown with their bundle's reason: only
+        # failed bundles' envelopes are read.
+        latest = await latest_evidence(
+            connection, site_ids, with_envelopes=True, envelopes_of=frozenset({"fail"})
+        )
         freshness = await site_freshness(connection, site_ids)
         attached = await site_attachments(connection, site_ids)
 
