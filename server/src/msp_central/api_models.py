@@ -72,9 +72,7 @@ BASE64_PATTERN = (
     r"(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$"
 )
 # An e-mail address as an invitation takes it: local part, a dot in the domain.
-INVITE_EMAIL_PATTERN = (
-    r"^\s*[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z0-9-]{2,63}\s*$"
-)
+INVITE_EMAIL_PATTERN = r"^\s*[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z0-9-]{2,63}\s*$"
 Printable = Annotated[str, StringConstraints(strict=True, pattern=r"^[^\x00-\x1f\x7f]*$")]
 # Each framework once (msp_central.queries.check_frameworks refuses a repeat).
 FrameworkList = Annotated[

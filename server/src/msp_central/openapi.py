@@ -229,7 +229,11 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("get", "/api/v1/sites/{site_id}/evidence"): [
         *PAGE_PARAMETERS,
         _APPLIANCE_FILTER,
-        _filter("check_id", "only bundles of this check", {"type": "string", "maxLength": 64, "pattern": NO_CONTROLS}),
+        _filter(
+            "check_id",
+            "only bundles of this check",
+            {"type": "string", "maxLength": 64, "pattern": NO_CONTROLS},
+        ),
         _filter(
             "result",
             "only bundles with this result",
@@ -268,7 +272,11 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
         *PAGE_PARAMETERS,
         _SITE_FILTER,
         _APPLIANCE_FILTER,
-        _filter("code", "only alerts of this code", {"type": "string", "maxLength": 64, "pattern": NO_CONTROLS}),
+        _filter(
+            "code",
+            "only alerts of this code",
+            {"type": "string", "maxLength": 64, "pattern": NO_CONTROLS},
+        ),
         *_period("created_at"),
     ],
     ("get", "/api/v1/sites/{site_id}/enrollment-tokens"): PAGE_PARAMETERS,

@@ -139,4 +139,8 @@ def parse_moment(name: str, text: str) -> datetime:
         moment = local.astimezone(UTC)
         return moment + timedelta(seconds=1) if leap else moment
     except OverflowError:
-        return datetime.min.replace(tzinfo=UTC) if local.year == 1 else datetime.max.replace(tzinfo=UTC)
+        return (
+            datetime.min.replace(tzinfo=UTC)
+            if local.year == 1
+            else datetime.max.replace(tzinfo=UTC)
+        )
