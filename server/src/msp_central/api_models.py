@@ -9,7 +9,7 @@ what the server sends.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -22,9 +22,9 @@ from pydantic import (
 )
 
 from msp_central.catalogue import Tier
-from msp_central.names import readable_name
+from msp_central.names import name_pattern, readable_name
 from msp_protocol.bundle import Severity
-from msp_protocol.dsse import Envelope
+from msp_protocol.dsse import Envelope, PayloadType
 from msp_protocol.encoding import Timestamp
 
 # The catalogue's ten frameworks (a test holds this to the catalogue the
@@ -43,6 +43,14 @@ FrameworkId = Annotated[
 Industry = Literal[
     "healthcare", "finance", "technology", "defence", "government", "education", "retail", "legal"
 ]
+
+
+def _name_schema(schema: dict[str, Any]) -> None:
+    """The document states what :func:`readable_name` refuses, so a client
+    (and a fuzzer) knows a valid name before sending it."""
+    schema["pattern"] = name_pattern()
+
+
 # A name a person gave: printable, in NFC, spacing made plain and nothing
 # invisible (msp_central.names); no control characters (PostgreSQL cannot
 # store NUL, and no name needs a newline).
@@ -56,9 +64,20 @@ Name = Annotated[
         pattern=r"^[^\x00-\x1f\x7f]+$",
     ),
     AfterValidator(readable_name),
+    Field(json_schema_extra=_name_schema),
 ]
+# Canonical padded base64 of at least one byte.
+BASE64_PATTERN = (
+    r"^(?:[A-Za-z0-9+/]{4})*"
+    r"(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$"
+)
+# An e-mail address as an invitation takes it: local part, a dot in the domain.
+INVITE_EMAIL_PATTERN = r"^\s*[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z0-9-]{2,63}\s*$"
 Printable = Annotated[str, StringConstraints(strict=True, pattern=r"^[^\x00-\x1f\x7f]*$")]
-FrameworkList = Annotated[list[FrameworkId], Field(max_length=10)]
+# Each framework once (msp_central.queries.check_frameworks refuses a repeat).
+FrameworkList = Annotated[
+    list[FrameworkId], Field(max_length=10, json_schema_extra={"uniqueItems": True})
+]
 
 
 class Body(BaseModel):
@@ -591,8 +610,13 @@ class ManualEvidenceIn(Body):
     control_id: Annotated[Printable, StringConstraints(min_length=1, max_length=64)]
     filename: Name
     media_type: MediaType
-    # The document, base64 (standard alphabet, padded).
-    content: Annotated[str, StringConstraints(strict=True, min_length=1)]
+    # The document, base64 (standard alphabet, padded, canonical: the unused
+    # bits of the last character zero, as msp_protocol.encoding.b64decode takes).
+    content: Annotated[
+        str,
+        StringConstraints(strict=True, min_length=1),
+        Field(json_schema_extra={"pattern": BASE64_PATTERN}),
+    ]
     note: Annotated[Printable, StringConstraints(max_length=2000)] = ""
     # When it stops counting (a yearly training record); none: until replaced.
     expires_at: Timestamp | None = None
@@ -631,6 +655,25 @@ DeliveryState = Literal["pending", "delivered", "failed"]
 class ChannelCreate(Body):
     """A webhook (``url``) or an e-mail address (``email``) to tell of
     ``events`` (default: every kind)."""
+
+    # Each kind takes its own address and not the other's (the handler
+    # refuses anything else): the document says so.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "properties": {"kind": {"const": "webhook"}, "email": {"type": "null"}},
+                    "required": ["url"],
+                    "not": {"properties": {"url": {"type": "null"}}, "required": ["url"]},
+                },
+                {
+                    "properties": {"kind": {"const": "email"}, "url": {"type": "null"}},
+                    "required": ["email"],
+                    "not": {"properties": {"email": {"type": "null"}}, "required": ["email"]},
+                },
+            ]
+        }
+    )
 
     kind: Literal["webhook", "email"]
     url: Annotated[Printable, StringConstraints(min_length=1, max_length=2048)] | None = None
@@ -704,7 +747,22 @@ class DeliveryPage(Body):
 
 class EnrollIn(Body):
     token: Annotated[str, StringConstraints(strict=True, min_length=16, max_length=128)]
-    request: Envelope
+    # A delegation request, signed by the key to certify.
+    request: Annotated[
+        Envelope,
+        WithJsonSchema(
+            {
+                "allOf": [{"$ref": "#/components/schemas/Envelope"}],
+                "properties": {
+                    "payloadType": {"const": str(PayloadType.DELEGATION_REQUEST)},
+                    # A key id is 16 lowercase hex digits.
+                    "signatures": {
+                        "items": {"properties": {"keyid": {"pattern": "^[0-9a-f]{16}$"}}}
+                    },
+                },
+            }
+        ),
+    ]
 
 
 class EnrollOut(Body):
@@ -804,7 +862,13 @@ class UserUpdate(Body):
 
 
 class InviteCreate(Body):
-    email: Annotated[str, StringConstraints(strict=True, min_length=3, max_length=254)]
+    # The form msp_central.console.accounts.normalise_email takes (any case,
+    # spaces around it trimmed).
+    email: Annotated[
+        str,
+        StringConstraints(strict=True, min_length=3, max_length=254),
+        Field(json_schema_extra={"pattern": INVITE_EMAIL_PATTERN}),
+    ]
     role: Role
 
 

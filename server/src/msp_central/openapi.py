@@ -167,8 +167,12 @@ _FRAMEWORK_FILTER: dict[str, Any] = {
     "in": "query",
     "required": False,
     "description": "only this framework (one the site uses)",
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f]*$"},
 }
+
+
+# What msp_central.params refuses in any free-text query value.
+NO_CONTROLS = r"^[^\x00-\x1f\x7f]*$"
 
 
 def _filter(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +185,7 @@ def _filter(name: str, description: str, schema: dict[str, Any]) -> dict[str, An
     }
 
 
-_IDENTIFIER: dict[str, Any] = {"type": "string", "maxLength": 64}
+_IDENTIFIER: dict[str, Any] = {"type": "string", "maxLength": 64, "pattern": NO_CONTROLS}
 _MOMENT: dict[str, Any] = {"type": "string", "format": "date-time"}
 
 
@@ -211,13 +215,13 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
         _filter(
             "framework",
             "only sites running this framework (their own list, or the partner's defaults)",
-            {"type": "string", "maxLength": 32},
+            {"type": "string", "maxLength": 32, "pattern": NO_CONTROLS},
         ),
         _decommissioned("sites"),
         _filter(
             "name",
             "only sites whose name contains this, any case",
-            {"type": "string", "maxLength": 200},
+            {"type": "string", "maxLength": 200, "pattern": NO_CONTROLS},
         ),
     ],
     ("get", "/api/v1/sites/{site_id}/appliances"): [*PAGE_PARAMETERS, *_APPLIANCE_FILTERS],
@@ -225,7 +229,11 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("get", "/api/v1/sites/{site_id}/evidence"): [
         *PAGE_PARAMETERS,
         _APPLIANCE_FILTER,
-        _filter("check_id", "only bundles of this check", {"type": "string", "maxLength": 64}),
+        _filter(
+            "check_id",
+            "only bundles of this check",
+            {"type": "string", "maxLength": 64, "pattern": NO_CONTROLS},
+        ),
         _filter(
             "result",
             "only bundles with this result",
@@ -234,7 +242,7 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
         _filter(
             "framework",
             "only bundles giving evidence for a control of this framework",
-            {"type": "string", "maxLength": 32},
+            {"type": "string", "maxLength": 32, "pattern": NO_CONTROLS},
         ),
         *_period("collected_at"),
         _filter(
@@ -264,7 +272,11 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
         *PAGE_PARAMETERS,
         _SITE_FILTER,
         _APPLIANCE_FILTER,
-        _filter("code", "only alerts of this code", {"type": "string", "maxLength": 64}),
+        _filter(
+            "code",
+            "only alerts of this code",
+            {"type": "string", "maxLength": 64, "pattern": NO_CONTROLS},
+        ),
         *_period("created_at"),
     ],
     ("get", "/api/v1/sites/{site_id}/enrollment-tokens"): PAGE_PARAMETERS,
@@ -279,7 +291,7 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "in": "query",
             "required": False,
             "description": "frameworks to include (repeat the parameter; default: all the site uses)",
-            "schema": {"type": "array", "items": {"type": "string"}},
+            "schema": {"type": "array", "items": {"type": "string", "pattern": NO_CONTROLS}},
             "style": "form",
             "explode": True,
         },
@@ -315,7 +327,7 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "in": "query",
             "required": False,
             "description": "only deliveries to this channel",
-            "schema": {"type": "string", "maxLength": 64},
+            "schema": {"type": "string", "maxLength": 64, "pattern": NO_CONTROLS},
         },
         {
             "name": "state",

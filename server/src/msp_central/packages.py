@@ -91,7 +91,8 @@ def package_request(
                 "malformed-query", f"framework {framework_id[:32]!r} is not one this site uses"
             )
     if not wanted:
-        raise Problem("malformed-query", "the site uses no framework: name one with framework=")
+        # The request is well formed; the site's settings leave nothing to package.
+        raise Problem("conflict", "the site uses no framework: name one with framework=")
     end = end or now
     if end.year < EARLIEST_YEAR or (start is not None and start.year < EARLIEST_YEAR):
         raise Problem("malformed-query", f"the period must lie after {EARLIEST_YEAR}")

@@ -159,6 +159,19 @@ async def enroll(request: web.Request) -> web.Response:
     checked_query(request)  # none declared: any is refused
     body = parse_body(await read_body(request), EnrollIn, request)
     now = service.clock()
+    # The token is the credential: without a live one the request is not
+    # looked at (no signature work for strangers, and nothing learnt).
+    digest = token_digest(body.token)
+    async with read_only(service.engine) as connection:  # no write lock for unknown tokens
+        known = (
+            await connection.execute(
+                sa.select(enrollment_tokens.c.expires_at).where(
+                    enrollment_tokens.c.token_sha256 == digest
+                )
+            )
+        ).first()
+    if known is None or known.expires_at <= now:
+        raise Problem("bad-enrollment-token", "the enrollment token is unknown or expired")
     checked = check_delegation_request(
         body.request,
         purpose="enroll",
@@ -171,17 +184,6 @@ async def enroll(request: web.Request) -> web.Response:
         raise _refused(checked)
     asked = checked.unwrap().request
     subject = VerifyKey.from_hex(asked.subject_key)
-    digest = token_digest(body.token)
-    async with read_only(service.engine) as connection:  # no write lock for unknown tokens
-        known = (
-            await connection.execute(
-                sa.select(enrollment_tokens.c.expires_at).where(
-                    enrollment_tokens.c.token_sha256 == digest
-                )
-            )
-        ).first()
-    if known is None or known.expires_at <= now:
-        raise Problem("bad-enrollment-token", "the enrollment token is unknown or expired")
     async with write(service.engine) as connection:
         token = (
             await connection.execute(

@@ -4,8 +4,6 @@ OpenAPI description of the API."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import sqlalchemy as sa
 from aiohttp import web
 
@@ -20,8 +18,6 @@ from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import get_partner, get_site
 from msp_protocol.canonical import canonicalize
-from msp_protocol.encoding import parse_time
-from msp_protocol.errors import MalformedError
 
 routes = web.RouteTableDef()
 
@@ -58,18 +54,6 @@ async def get_evidence(request: web.Request) -> web.Response:
     return download(body, f"evidence-{info['bundle_id']}.json")
 
 
-def _when(request: web.Request, name: str) -> datetime | None:
-    values = request.query.getall(name, [])
-    if not values:
-        return None
-    if len(values) > 1:
-        raise Problem("malformed-query", f"give {name} at most once")
-    try:
-        return parse_time(values[0], what=name)
-    except MalformedError as exc:
-        raise Problem("malformed-query", str(exc)) from None
-
-
 @routes.get("/api/v1/sites/{site_id}/auditor-package")
 async def get_auditor_package(request: web.Request) -> web.Response:
     """A site's signed evidence for some frameworks and a period, with the
@@ -80,12 +64,14 @@ async def get_auditor_package(request: web.Request) -> web.Response:
     async with read_only(service.engine) as connection:
         site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
         partner = await get_partner(connection, site.partner_id)
+        # Parsed as the document declares them (any RFC 3339 offset).
+        query = checked_query(request)
         asked = package_request(
             site,
             partner,
-            frameworks=request.query.getall("framework", []),
-            start=_when(request, "from"),
-            end=_when(request, "to"),
+            frameworks=query.get("framework", []),
+            start=query.get("from"),
+            end=query.get("to"),
             now=now,
         )
         body = await auditor_package(connection, asked, now)
