@@ -4,13 +4,16 @@ and every response checked against the OpenAPI document."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import sqlalchemy as sa
@@ -61,6 +64,28 @@ async def create_pg_database(name: str, admin_url: str = PG_ADMIN_URL) -> str:
 
 async def drop_pg_database(name: str, admin_url: str = PG_ADMIN_URL) -> None:
     await _as_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+T = TypeVar("T")
+
+
+class ThreadLoop:
+    """An event loop in a thread of its own, for a server that synchronous
+    test code (the browser driver, Schemathesis) talks to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 class Clock:

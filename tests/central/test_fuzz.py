@@ -16,16 +16,13 @@ becomes a focused regression test in ``test_fuzz_findings.py``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 import time
 import urllib.request
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import schemathesis
@@ -42,10 +39,8 @@ from msp_central.app import create_app
 from msp_central.config import Settings
 from msp_central.context import CENTRAL
 from msp_central.openapi import document
-from tests.central.support import ROOT, Clock, Harness
+from tests.central.support import ROOT, Clock, Harness, ThreadLoop
 from tests.central.test_authz import World, build_world
-
-T = TypeVar("T")
 
 # Refusals of valid data for rules a JSON Schema cannot state: they relate a
 # value to the stored world or to another value. Each is (operation, problem
@@ -71,29 +66,11 @@ EXAMPLES = 4
 CALLERS = ("admin", "partner", "anonymous")
 
 
-class _Loop:
-    """An event loop in a thread of its own, where the server lives."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return future.result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 class Live:
     """The running server and the world seeded into it."""
 
     def __init__(self, settings: Settings) -> None:
-        self.loop = _Loop()
+        self.loop = ThreadLoop()
         clock = Clock()
 
         async def start() -> tuple[TestClient[Any, Any], World]:

@@ -50,6 +50,11 @@ HEAD_ID: Final = 1
 CLI_ACTOR: Final = "cli"
 
 
+def user_actor(partner_id: str, user_id: str) -> str:
+    """A partner's console user, as entries name them."""
+    return f"partner:{partner_id}/user:{user_id}"
+
+
 def actor_of(holder: KeyHolder) -> str:
     """Who acted, as entries name them: the key's role, partner and prefix
     (the prefix names the key without being usable), or the partner's
@@ -57,7 +62,7 @@ def actor_of(holder: KeyHolder) -> str:
     if holder.role == "admin":
         return f"admin/key:{holder.key_prefix}"
     if holder.user_id is not None:
-        return f"partner:{holder.partner_id}/user:{holder.user_id}"
+        return user_actor(str(holder.partner_id), holder.user_id)
     return f"partner:{holder.partner_id}/key:{holder.key_prefix}"
 
 

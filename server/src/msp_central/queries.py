@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import secrets
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -400,15 +400,20 @@ async def issue_enrollment_token(
     return token, row
 
 
-def token_out(row: Row, now: datetime) -> EnrollmentTokenOut:
+def spent_state(row: Any, now: datetime) -> Literal["used", "revoked", "expired"] | None:
+    """Why a one-time secret (an enrollment token, an invitation) no longer
+    works, or None while it still does."""
     if row.used_at is not None:
-        state = "used"
-    elif row.revoked_at is not None:
-        state = "revoked"
-    elif row.expires_at <= now:
-        state = "expired"
-    else:
-        state = "active"
+        return "used"
+    if row.revoked_at is not None:
+        return "revoked"
+    if row.expires_at <= now:
+        return "expired"
+    return None
+
+
+def token_out(row: Row, now: datetime) -> EnrollmentTokenOut:
+    state = spent_state(row, now) or "active"
     return EnrollmentTokenOut(
         id=row.id,
         site_id=row.site_id,
@@ -418,7 +423,7 @@ def token_out(row: Row, now: datetime) -> EnrollmentTokenOut:
         used_at=row.used_at,
         appliance_id=row.appliance_id,
         revoked_at=row.revoked_at,
-        state=state,  # type: ignore[arg-type]
+        state=state,
     )
 
 

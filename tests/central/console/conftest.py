@@ -11,15 +11,12 @@ go to ``test-output/console/``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Coroutine, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +30,7 @@ from msp_central.app import create_app
 from msp_central.config import Settings
 from msp_central.console.accounts import create_user
 from msp_central.context import CENTRAL
-from tests.central.support import ROOT, Clock, Harness, KeyClient
+from tests.central.support import ROOT, Clock, Harness, KeyClient, ThreadLoop
 
 T = TypeVar("T")
 
@@ -105,31 +102,13 @@ def axe_source(tmp_path_factory: pytest.TempPathFactory) -> str:
     return script.read_text(encoding="utf-8")
 
 
-class _Loop:
-    """An event loop in a thread of its own."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return future.result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @dataclass
 class Console:
     """The running server, its partner, and helpers for the browser."""
 
     url: str
     backend: str
-    loop: _Loop
+    loop: ThreadLoop
     harness: Harness
     partner: KeyClient
     browser: Browser
@@ -233,7 +212,7 @@ def console(
 ) -> Iterator[Console]:
     backend = "postgresql" if database_url.startswith("postgresql") else "sqlite"
     settings = Settings(state_dir=tmp_path / "state", database_url=database_url)
-    loop = _Loop()
+    loop = ThreadLoop()
     clock = Clock()
 
     async def start() -> tuple[TestClient[Any, Any], Harness]:

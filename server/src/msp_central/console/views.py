@@ -16,8 +16,9 @@ from urllib.parse import parse_qs, quote
 import jinja2
 import sqlalchemy as sa
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from msp_central.central_log import record
+from msp_central.central_log import record, user_actor
 from msp_central.console.accounts import (
     MIN_PASSWORD,
     accept_invite,
@@ -322,11 +323,7 @@ async def second_factor(request: web.Request) -> web.Response:
     service = central(request)
     now = service.clock()
     async with write(service.engine) as connection:
-        user = (
-            await connection.execute(
-                sa.select(users).where(users.c.id == session.user_id).with_for_update()
-            )
-        ).one()
+        user = await _locked_user(connection, session.user_id)
         step = totp_step(user.totp_secret or "", form.get("code", ""), now, user.totp_last_step)
         secret = None
         if step is not None:
@@ -438,7 +435,7 @@ async def accept(request: web.Request) -> web.Response:
             connection,
             service.root,
             kind="user.joined",
-            actor=f"partner:{invite.partner_id}/user:{user_id}",
+            actor=user_actor(invite.partner_id, user_id),
             data={"user_id": user_id, "invite_id": invite.id, "role": invite.role},
             now=now,
             partner_id=invite.partner_id,
@@ -474,6 +471,13 @@ async def account(request: web.Request, **context: Any) -> web.Response:
     )
 
 
+async def _locked_user(connection: AsyncConnection, user_id: str) -> Any:
+    """The user's row, locked until the transaction ends: a TOTP step is
+    used at most once however many requests race."""
+    query = sa.select(users).where(users.c.id == user_id).with_for_update()
+    return (await connection.execute(query)).one()
+
+
 async def _account_form(request: web.Request) -> tuple[Session, dict[str, str]]:
     session = await _signed_in(request)
     form = await _form(request)
@@ -503,11 +507,7 @@ async def totp_confirm(request: web.Request) -> web.Response:
     service = central(request)
     now = service.clock()
     async with write(service.engine) as connection:
-        user = (
-            await connection.execute(
-                sa.select(users).where(users.c.id == session.user_id).with_for_update()
-            )
-        ).one()
+        user = await _locked_user(connection, session.user_id)
         if user.totp_enabled or not user.totp_secret:
             raise _redirect("/console/account")
         step = totp_step(user.totp_secret, form.get("code", ""), now, user.totp_last_step)
@@ -521,7 +521,7 @@ async def totp_confirm(request: web.Request) -> web.Response:
                 connection,
                 service.root,
                 kind="user.totp_enabled",
-                actor=f"partner:{session.partner_id}/user:{session.user_id}",
+                actor=user_actor(session.partner_id, session.user_id),
                 data={"user_id": session.user_id},
                 now=now,
                 partner_id=session.partner_id,
@@ -540,11 +540,7 @@ async def totp_disable(request: web.Request) -> web.Response:
     service = central(request)
     now = service.clock()
     async with write(service.engine) as connection:
-        user = (
-            await connection.execute(
-                sa.select(users).where(users.c.id == session.user_id).with_for_update()
-            )
-        ).one()
+        user = await _locked_user(connection, session.user_id)
         step = totp_step(user.totp_secret or "", form.get("code", ""), now, user.totp_last_step)
         if user.totp_enabled and step is not None:
             await connection.execute(
@@ -556,7 +552,7 @@ async def totp_disable(request: web.Request) -> web.Response:
                 connection,
                 service.root,
                 kind="user.totp_disabled",
-                actor=f"partner:{session.partner_id}/user:{session.user_id}",
+                actor=user_actor(session.partner_id, session.user_id),
                 data={"user_id": session.user_id},
                 now=now,
                 partner_id=session.partner_id,

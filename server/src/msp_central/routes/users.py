@@ -11,7 +11,7 @@ import asyncio
 import logging
 from datetime import datetime, timedelta
 from email.message import EmailMessage
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 from aiohttp import web
@@ -36,6 +36,7 @@ from msp_central.db.tables import partners, user_invites, users
 from msp_central.notifier import send_mail
 from msp_central.pagination import Keyset, fetch_page, page_request, page_response
 from msp_central.problems import Problem
+from msp_central.queries import spent_state
 
 log = logging.getLogger("msp_central.users")
 routes = web.RouteTableDef()
@@ -56,15 +57,6 @@ def user_out(row: Any) -> UserOut:
 
 
 def invite_out(row: Any, now: datetime) -> InviteOut:
-    state: Literal["pending", "used", "expired", "revoked"]
-    if row.used_at is not None:
-        state = "used"
-    elif row.revoked_at is not None:
-        state = "revoked"
-    elif row.expires_at <= now:
-        state = "expired"
-    else:
-        state = "pending"
     return InviteOut(
         id=row.id,
         email=row.email,
@@ -72,7 +64,7 @@ def invite_out(row: Any, now: datetime) -> InviteOut:
         created_at=row.created_at,
         created_by=row.created_by,
         expires_at=row.expires_at,
-        state=state,
+        state=spent_state(row, now) or "pending",
     )
 
 
