@@ -72,6 +72,7 @@ from msp_central.db.tables import (
     control_runbook_mapping,
     escalations,
     evidence,
+    evidence_heads,
     metadata,
     partners,
     presets,
@@ -79,6 +80,7 @@ from msp_central.db.tables import (
     security_alerts,
     sites,
 )
+from msp_central.evidence_heads import head_of, reason_of_envelope
 from msp_central.openapi import OPERATIONS, QUERY_PARAMETERS
 from msp_central.queries import create_api_key, create_partner, new_id
 from msp_protocol.bundle import Escalation
@@ -93,7 +95,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.central.support import create_pg_database, drop_pg_database
 
 # Bump when what is seeded changes: a cached file of another version is seeded again.
-SEED_VERSION = 1
+SEED_VERSION = 2
 TARGET_MS = 300.0
 DAYS = 90
 PG_ADMIN_URL = os.environ.get(
@@ -461,8 +463,13 @@ async def seed_partner(
         site_list, partner, volume.appliances, now, root, rng
     )
     pending: list[dict[str, Any]] = []
+    # Each (appliance, check) pair's newest bundle, as ingest keeps it: an
+    # appliance's bundles come in log order and none is contradicted.
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
     for appliance, count in zip(fleet.rows, spread(volume.bundles, len(fleet.rows)), strict=True):
-        pending.extend(bundle_rows(appliance, fleet, count, now, catalogue, rng))
+        for row in bundle_rows(appliance, fleet, count, now, catalogue, rng):
+            pending.append(row)
+            newest[row["appliance_id"], row["check_id"]] = row
         if len(pending) >= 10 * INSERT_CHUNK:
             await insert(engine, evidence, pending)
             pending = []
@@ -470,6 +477,11 @@ async def seed_partner(
     await insert(engine, certificates, certificate_rows)
     await insert(engine, audit_logs, log_rows)
     await insert(engine, evidence, pending)
+    await insert(
+        engine,
+        evidence_heads,
+        [head_of(row, reason_of_envelope(row["envelope"])) for row in newest.values()],
+    )
     await insert(engine, escalations, escalation_rows(fleet, volume.escalations, now, rng))
     await insert(
         engine, security_alerts, alert_rows(partner_row.id, fleet, volume.alerts, now, rng)

@@ -4,8 +4,10 @@ load the catalogue, and a database from a newer server is refused."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,15 @@ from msp_central.db.migrate import (
 from msp_central.db.tables import (
     control_runbook_mapping,
     controls,
+    evidence,
+    evidence_heads,
     frameworks,
     metadata,
     presets,
     runbooks,
 )
+from msp_protocol.evidence import EvidenceBundle, sign_evidence
+from msp_protocol.keys import SigningKey
 from tests.central.support import ROOT, create_pg_database, drop_pg_database
 
 
@@ -256,4 +262,127 @@ async def test_0005_names_existing_keys_and_tokens_and_keeps_audit_rows(
     assert acknowledged_by == "mspk_1234567"
 
     await _to_revision(url, "0004", down=True)
+    await _to_revision(url, "head")
+
+
+async def test_0009_fills_the_evidence_heads_by_the_posture_rule(
+    blank_database_url: str,
+) -> None:
+    """Each (appliance, check) pair's head is its newest bundle by log
+    generation, then index, that its log does not contradict, with the
+    signed reason (base64 in either alphabet); and back down again."""
+    url = blank_database_url
+    await _to_revision(url, "0008")
+    key = SigningKey.generate()
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def bundle(
+        appliance: str, check: str, generation: int, index: int, in_log: bool | None, **kw: Any
+    ) -> dict[str, Any]:
+        signed = EvidenceBundle(
+            bundle_id=f"ev-{appliance}-{check}-{generation}-{index}",
+            site_id="s-1",
+            appliance_id=appliance,
+            check_id=check,
+            controls={"hipaa": ("164.312(b)",)},
+            result=kw.get("result", "pass"),
+            observed=kw.get("observed", {}),
+            collected_at=at + timedelta(minutes=index),
+            log_index=index,
+        )
+        envelope = sign_evidence(key, signed).to_wire()
+        if kw.get("urlsafe"):
+            envelope["payload"] = envelope["payload"].replace("+", "-").replace("/", "_")
+            envelope["payload"] = envelope["payload"].rstrip("=")
+        return {
+            "appliance_id": appliance,
+            "bundle_id": signed.bundle_id,
+            "site_id": "s-1",
+            "check_id": check,
+            "result": signed.result,
+            "controls": {"hipaa": ["164.312(b)"]},
+            "collected_at": signed.collected_at,
+            "log_generation": generation,
+            "log_index": index,
+            "payload_sha256": "00" * 32,
+            "envelope": json.dumps(envelope),
+            "serial": "1",
+            "signed_after_expiry": False,
+            "in_log": in_log,
+            "received_at": at,
+        }
+
+    failed = {"result": "fail", "observed": {"reason": "ntp unreachable " + "x" * 600}}
+    rows = [
+        bundle("a-1", "time_sync", 1, 5, True),
+        bundle("a-1", "time_sync", 1, 9, None, **failed, urlsafe=True),  # the head
+        bundle("a-1", "time_sync", 1, 7, True),
+        bundle("a-1", "ssh", 1, 3, True, result="fail", observed={"reason": "password login"}),
+        bundle("a-1", "ssh", 1, 4, False),  # contradicted: index 3 speaks
+        bundle("a-2", "time_sync", 1, 80, True),
+        bundle("a-2", "time_sync", 2, 2, True),  # a later generation wins
+        bundle("a-2", "ssh", 1, 6, False),  # contradicted and alone: no head
+    ]
+    engine = create_engine(url)
+    now = "2026-01-01 00:00:00"
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                sa.text(
+                    "INSERT INTO partners (id, name, created_at, tier, frameworks)"
+                    f" VALUES ('p-1', 'P', '{now}', 'basic', '[]')"
+                )
+            )
+            await connection.execute(
+                sa.text(
+                    "INSERT INTO sites (id, partner_id, name, created_at)"
+                    f" VALUES ('s-1', 'p-1', 'S', '{now}')"
+                )
+            )
+            await connection.execute(sa.insert(evidence), rows)
+    finally:
+        await engine.dispose()
+
+    await _to_revision(url, "0009")
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            heads = (await connection.execute(sa.select(evidence_heads))).mappings().all()
+    finally:
+        await engine.dispose()
+    found = {
+        (h["appliance_id"], h["check_id"]): (
+            h["bundle_id"],
+            h["in_log"],
+            h["result"],
+            h["reason"],
+            h["collected_at"],
+        )
+        for h in heads
+    }
+    assert found == {
+        ("a-1", "time_sync"): (
+            "ev-a-1-time_sync-1-9",
+            None,
+            "fail",
+            ("ntp unreachable " + "x" * 600)[:500],
+            at + timedelta(minutes=9),
+        ),
+        ("a-1", "ssh"): (
+            "ev-a-1-ssh-1-3",
+            True,
+            "fail",
+            "password login",
+            at + timedelta(3 / 1440),
+        ),
+        ("a-2", "time_sync"): (
+            "ev-a-2-time_sync-2-2",
+            True,
+            "pass",
+            None,
+            at + timedelta(2 / 1440),
+        ),
+    }
+
+    await _to_revision(url, "0008", down=True)
     await _to_revision(url, "head")

@@ -348,6 +348,54 @@ async def test_a_bundle_its_log_contradicts_counts_for_nothing(harness: Harness)
     assert _id_of(other) != _id_of(genuine)
 
 
+async def test_a_late_older_bundle_does_not_displace_the_newer(harness: Harness) -> None:
+    """Bundles queued offline arrive out of order: the appliance's log order
+    decides which one speaks, not the order of arrival."""
+    partner = await harness.partner()
+    site_id = await _hipaa_site(harness, partner)
+    appliance = await harness.enroll(partner, site_id)
+    appliance.grow(1)
+    older = appliance.sign_bundle(
+        controls={"hipaa": (HIPAA_AUDIT,)}, result="fail", observed={"reason": "drift 9 s"}
+    )
+    harness.clock.advance(timedelta(minutes=1))
+    newer = appliance.sign_bundle(controls={"hipaa": (HIPAA_AUDIT,)})
+    assert (await appliance.push(newer)).status == 201
+    assert (await appliance.push(older)).status == 201
+    audit = _controls(await _posture(partner, site_id))[HIPAA_AUDIT]
+    assert (audit["state"], audit["evidence"]["bundle_id"]) == ("passing", _id_of(newer))
+
+
+async def test_a_contradicted_newest_bundle_gives_way_to_the_one_before(
+    harness: Harness,
+) -> None:
+    partner = await harness.partner()
+    site_id = await _hipaa_site(harness, partner)
+    appliance = await harness.enroll(partner, site_id)
+    appliance.grow(1)
+    before = await _deliver(
+        appliance,
+        controls={"hipaa": (HIPAA_AUDIT,)},
+        result="fail",
+        observed={"reason": "clock drift 9 s"},
+    )
+    harness.clock.advance(timedelta(minutes=1))
+    genuine = appliance.sign_bundle(controls={"hipaa": (HIPAA_AUDIT,)})
+    appliance.records.pop()
+    appliance.sign_bundle(controls={"hipaa": (HIPAA_AUDIT,)}, result="error")
+    assert (await appliance.push(genuine)).status == 201
+    audit = _controls(await _posture(partner, site_id))[HIPAA_AUDIT]
+    assert (audit["state"], audit["evidence"]["in_log"]) == ("passing", None)
+    # The witnessed log shows the newest bundle was not what the appliance
+    # logged: the bundle before it speaks again, with its reason.
+    assert (await appliance.sync(appliance.batch(0))).status == 200
+    audit = _controls(await _posture(partner, site_id))[HIPAA_AUDIT]
+    assert audit["state"] == "failing"
+    assert audit["evidence"]["bundle_id"] == before
+    assert audit["evidence"]["reason"] == "clock drift 9 s"
+    assert audit["evidence"]["in_log"] is True
+
+
 def _id_of(envelope: Any) -> str:
     return str(json.loads(envelope.payload_bytes())["bundle_id"])
 

@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any, Final
 from urllib.parse import quote
 
-from msp_central.posture import ControlPosture, ControlState, FrameworkPosture, reason_of
+from msp_central.posture import ControlPosture, ControlState, FrameworkPosture
 from msp_central.posture import Observation as Bundle
 from msp_protocol.encoding import format_time
 
@@ -218,7 +218,7 @@ def _why(control: ControlPosture) -> str:
         if control.state == "manual":
             return "No automated check covers this control: it needs manual evidence."
         return "No evidence yet from the automated checks that cover this control."
-    said = reason_of(bundle)
+    said = bundle.reason
     because = f": {said}" if said else "."
     seen = f"check {bundle.check_id} on appliance {bundle.appliance_id}"
     match control.state:
@@ -239,7 +239,7 @@ def _why(control: ControlPosture) -> str:
 
 
 def _observation(observation_uuid: str, bundle: Bundle, href: str) -> dict[str, Any]:
-    said = reason_of(bundle)
+    said = bundle.reason
     description = f"Check {bundle.check_id} on appliance {bundle.appliance_id}: {bundle.result}"
     description += f" ({said})." if said else "."
     notes = []

@@ -46,13 +46,12 @@ from msp_central.db.tables import (
     control_runbook_mapping,
     controls,
     evidence,
+    evidence_heads,
     frameworks,
     manual_evidence,
     runbooks,
 )
-from msp_protocol.canonical import parse_json
-from msp_protocol.dsse import Envelope
-from msp_protocol.errors import MalformedError
+from msp_central.evidence_heads import NOT_CONTRADICTED
 
 ControlState = Literal["passing", "failing", "error", "stale", "manual", "not_applicable"]
 STATES: Final[tuple[ControlState, ...]] = (
@@ -84,9 +83,6 @@ SCORED: Final[frozenset[ControlState]] = frozenset({"passing", "failing", "error
 STALE_AFTER_ROUNDS: Final = 3
 # The agent's default check interval, for appliances that never said theirs.
 DEFAULT_CHECK_INTERVAL: Final = timedelta(seconds=900)
-# Reasons are shown, not parsed: a bound keeps one odd bundle from bloating
-# every posture answer.
-MAX_REASON_CHARS: Final = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +116,7 @@ class Observation:
     log_index: int
     signed_after_expiry: bool
     in_log: bool | None
-    envelope: str | None = None  # the signed envelope's JSON, for the reason
+    reason: str | None = None  # the signed ``observed.reason``, when read
     # The generation of the appliance's log recording it: a later one's
     # bundles are newer than any of an earlier one (ADR 0016).
     log_generation: int = 1
@@ -276,21 +272,6 @@ def framework_posture(
     return FrameworkPosture(framework_id, name, counts, score, tuple(posture))
 
 
-def reason_of(observation: Observation) -> str | None:
-    """What the check observed to fail: ``observed.reason`` of the signed
-    bundle, when it says one."""
-    if observation.envelope is None:
-        return None
-    try:
-        envelope = Envelope.from_wire(parse_json(observation.envelope.encode()))
-        payload: Any = parse_json(envelope.payload_bytes())
-    except MalformedError:
-        return None
-    observed = payload.get("observed") if isinstance(payload, dict) else None
-    reason = observed.get("reason") if isinstance(observed, dict) else None
-    return reason[:MAX_REASON_CHARS] if isinstance(reason, str) and reason else None
-
-
 # --- the trend --------------------------------------------------------------------------
 
 
@@ -422,10 +403,6 @@ async def site_freshness(connection: AsyncConnection, site_ids: Sequence[str]) -
     return freshness
 
 
-# A bundle its own witnessed log entry contradicts (an alert was raised)
-# is evidence of nothing; one whose entry has not arrived yet counts.
-_NOT_CONTRADICTED = sa.or_(evidence.c.in_log.is_(None), evidence.c.in_log.is_(True))
-
 _COLUMNS = (
     evidence.c.site_id,
     evidence.c.appliance_id,
@@ -441,7 +418,7 @@ _COLUMNS = (
 )
 
 
-def _observation(row: Any, envelope: str | None = None) -> Observation:
+def _observation(row: Any, reason: str | None = None) -> Observation:
     return Observation(
         appliance_id=row.appliance_id,
         bundle_id=row.bundle_id,
@@ -452,7 +429,7 @@ def _observation(row: Any, envelope: str | None = None) -> Observation:
         log_index=int(row.log_index),
         signed_after_expiry=bool(row.signed_after_expiry),
         in_log=row.in_log,
-        envelope=envelope,
+        reason=reason,
         log_generation=int(row.log_generation),
     )
 
@@ -461,20 +438,48 @@ async def latest_evidence(
     connection: AsyncConnection,
     site_ids: Sequence[str],
     *,
-    before: datetime | None = None,
-    with_envelopes: bool = False,
-    envelopes_of: frozenset[str] | None = None,
+    with_reasons: bool = False,
+    reasons_of: frozenset[str] | None = None,
 ) -> dict[str, list[Observation]]:
-    """Per site, the newest bundle of each (appliance, check) pair (collected
-    at or before ``before`` when given), with their signed envelopes when
-    ``with_envelopes`` (for the reason shown beside each): ``envelopes_of``
-    limits those to bundles of these results, for an answer that shows the
-    reason of a few (the partner roll-up shows only failing controls)."""
+    """Per site, the head of each (appliance, check) pair now (see
+    :mod:`msp_central.evidence_heads`), with each bundle's reason when
+    ``with_reasons``: ``reasons_of`` limits those to bundles of these
+    results, for an answer that shows the reason of a few (the partner
+    roll-up shows only failing controls)."""
+    columns: list[Any] = [
+        evidence_heads.c.site_id,
+        evidence_heads.c.appliance_id,
+        evidence_heads.c.bundle_id,
+        evidence_heads.c.check_id,
+        evidence_heads.c.result,
+        evidence_heads.c.controls,
+        evidence_heads.c.collected_at,
+        evidence_heads.c.log_generation,
+        evidence_heads.c.log_index,
+        evidence_heads.c.signed_after_expiry,
+        evidence_heads.c.in_log,
+    ]
+    if with_reasons:
+        columns.append(evidence_heads.c.reason)
+    query = sa.select(*columns).where(evidence_heads.c.site_id.in_(list(site_ids)))
+    found: dict[str, list[Observation]] = defaultdict(list)
+    for row in (await connection.execute(query)).all():
+        reason = None
+        if with_reasons and (reasons_of is None or row.result in reasons_of):
+            reason = row.reason
+        found[row.site_id].append(_observation(row, reason))
+    return found
+
+
+async def evidence_before(
+    connection: AsyncConnection, site_id: str, before: datetime
+) -> list[Observation]:
+    """A site's heads as they stood at ``before``: the newest bundle of each
+    (appliance, check) pair collected at or before it, not contradicted."""
     # Newest by log position, the appliance's own order: a clock that jumped
     # ahead once must not freeze a check's state. Ranked on the key columns
-    # alone, which ix_evidence_latest holds: the bundles that lose (nearly
-    # all of a partner's million) are never read from the table, only the
-    # winners are, by primary key.
+    # alone, which ix_evidence_latest holds: the bundles that lose are never
+    # read from the table, only the winners are, by primary key.
     newest = sa.func.row_number().over(
         partition_by=(evidence.c.appliance_id, evidence.c.check_id),
         order_by=(
@@ -483,24 +488,17 @@ async def latest_evidence(
             evidence.c.bundle_id.desc(),
         ),
     )
-    inner = sa.select(evidence.c.appliance_id, evidence.c.bundle_id, newest.label("newest")).where(
-        evidence.c.site_id.in_(list(site_ids)), _NOT_CONTRADICTED
-    )
-    if before is not None:
-        inner = inner.where(evidence.c.collected_at <= before)
-    ranked = inner.subquery()
-    columns: list[Any] = list(_COLUMNS)
-    if with_envelopes and envelopes_of is not None:
-        columns.append(
-            sa.case(
-                (evidence.c.result.in_(sorted(envelopes_of)), evidence.c.envelope),
-                else_=sa.null(),
-            ).label("envelope")
+    ranked = (
+        sa.select(evidence.c.appliance_id, evidence.c.bundle_id, newest.label("newest"))
+        .where(
+            evidence.c.site_id == site_id,
+            NOT_CONTRADICTED,
+            evidence.c.collected_at <= before,
         )
-    elif with_envelopes:
-        columns.append(evidence.c.envelope)
+        .subquery()
+    )
     query = (
-        sa.select(*columns)
+        sa.select(*_COLUMNS)
         .join_from(
             evidence,
             ranked,
@@ -511,10 +509,7 @@ async def latest_evidence(
         )
         .where(ranked.c.newest == 1)
     )
-    found: dict[str, list[Observation]] = defaultdict(list)
-    for row in (await connection.execute(query)).all():
-        found[row.site_id].append(_observation(row, row.envelope if with_envelopes else None))
-    return found
+    return [_observation(row) for row in (await connection.execute(query)).all()]
 
 
 async def evidence_since(
@@ -528,7 +523,7 @@ async def evidence_since(
                 evidence.c.site_id == site_id,
                 evidence.c.collected_at > since,
                 evidence.c.collected_at <= until,
-                _NOT_CONTRADICTED,
+                NOT_CONTRADICTED,
             )
             .order_by(evidence.c.collected_at, evidence.c.bundle_id)
         )

@@ -309,6 +309,29 @@ evidence = Table(
     Column("received_at", UTCDateTime, nullable=False),
 )
 
+# The newest bundle of each (appliance, check) pair that its witnessed log
+# entry does not contradict, as posture reads it: kept at evidence ingest
+# (and when a witnessed entry contradicts a bundle), so a partner's posture
+# reads a few rows per appliance instead of ranking a million bundles.
+# ``reason`` is the signed bundle's ``observed.reason`` (bounded), taken
+# once at ingest instead of parsing envelopes on every read.
+evidence_heads = Table(
+    "evidence_heads",
+    metadata,
+    Column("appliance_id", String(ID), primary_key=True),
+    Column("check_id", String(64), primary_key=True),
+    Column("site_id", String(ID), nullable=False, index=True),
+    Column("bundle_id", String(ID), nullable=False),
+    Column("result", String(16), nullable=False),
+    Column("controls", JSON, nullable=False),
+    Column("collected_at", UTCDateTime, nullable=False),
+    Column("log_generation", Integer, nullable=False),
+    Column("log_index", BigInteger, nullable=False),
+    Column("signed_after_expiry", Boolean, nullable=False),
+    Column("in_log", Boolean, nullable=True),
+    Column("reason", Text, nullable=True),
+)
+
 escalations = Table(
     "escalations",
     metadata,

@@ -60,6 +60,7 @@ from msp_central.db.tables import (
     security_alerts,
 )
 from msp_central.events import alert_event, escalation_event
+from msp_central.evidence_heads import advance, head_of, reason_of_observed, settle
 from msp_central.params import checked_query
 from msp_central.problems import Problem
 from msp_central.queries import (
@@ -910,7 +911,12 @@ def _check_pending_evidence(
     waiting in an earlier generation's log waits for good."""
     start = witnessed.state.size
     pending = connection.execute(
-        sa.select(evidence.c.bundle_id, evidence.c.log_index, evidence.c.payload_sha256).where(
+        sa.select(
+            evidence.c.bundle_id,
+            evidence.c.check_id,
+            evidence.c.log_index,
+            evidence.c.payload_sha256,
+        ).where(
             evidence.c.appliance_id == caller.appliance_id,
             evidence.c.log_generation == witnessed.generation,
             evidence.c.in_log.is_(None),
@@ -929,6 +935,7 @@ def _check_pending_evidence(
             )
             .values(in_log=matches)
         )
+        settle(connection, caller.appliance_id, bundle.check_id, bundle.bundle_id, matches)
         if not matches:
             detail = (
                 f"witnessed audit entry {bundle.log_index} does not record "
@@ -1020,30 +1027,28 @@ async def _store_evidence(service: Central, caller: Appliance, envelope: Envelop
         in_log = await _evidence_in_log(
             connection, caller, generation, bundle.log_index, verified.digest, bundle.bundle_id
         )
-        inserted = await insert_ignore(
-            connection,
-            evidence,
-            [
-                {
-                    "bundle_id": bundle.bundle_id,
-                    "appliance_id": caller.appliance_id,
-                    "site_id": caller.site_id,
-                    "check_id": bundle.check_id,
-                    "result": bundle.result,
-                    "controls": {k: list(v) for k, v in bundle.controls.items()},
-                    "collected_at": bundle.collected_at,
-                    "log_generation": generation,
-                    "log_index": bundle.log_index,
-                    "payload_sha256": verified.digest,
-                    "envelope": envelope.canonical_bytes().decode(),
-                    "serial": cert_row.serial,
-                    "signed_after_expiry": delegation.signed_after_expiry,
-                    "in_log": in_log,
-                    "received_at": now,
-                }
-            ],
-        )
-        if not inserted:
+        row = {
+            "bundle_id": bundle.bundle_id,
+            "appliance_id": caller.appliance_id,
+            "site_id": caller.site_id,
+            "check_id": bundle.check_id,
+            "result": bundle.result,
+            "controls": {k: list(v) for k, v in bundle.controls.items()},
+            "collected_at": bundle.collected_at,
+            "log_generation": generation,
+            "log_index": bundle.log_index,
+            "payload_sha256": verified.digest,
+            "envelope": envelope.canonical_bytes().decode(),
+            "serial": cert_row.serial,
+            "signed_after_expiry": delegation.signed_after_expiry,
+            "in_log": in_log,
+            "received_at": now,
+        }
+        inserted = await insert_ignore(connection, evidence, [row])
+        if inserted:
+            reason = reason_of_observed(bundle.observed)
+            await connection.execute(advance(connection.dialect.name, head_of(row, reason)))
+        else:
             held = (
                 await connection.execute(
                     sa.select(evidence.c.payload_sha256).where(

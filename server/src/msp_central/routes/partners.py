@@ -52,6 +52,7 @@ from msp_central.db.tables import (
     certificates,
     escalations,
     evidence,
+    evidence_heads,
     partners,
     security_alerts,
     sites,
@@ -512,36 +513,18 @@ async def _appliance_page(request: web.Request, scope: sa.ColumnElement[bool]) -
 async def _failing_checks(
     connection: AsyncConnection, appliance_ids: list[str]
 ) -> dict[str, list[str]]:
-    """Per appliance of a page, the checks whose newest bundle (by log
-    position, as posture reads it; contradicted bundles left out) failed or
-    erred. One query over the page's appliances only."""
+    """Per appliance of a page, the checks whose head (the newest bundle by
+    log position that its log does not contradict, as posture reads it)
+    failed or erred."""
     if not appliance_ids:
         return {}
-    newest = sa.func.row_number().over(
-        partition_by=(evidence.c.appliance_id, evidence.c.check_id),
-        order_by=(
-            evidence.c.log_generation.desc(),
-            evidence.c.log_index.desc(),
-            evidence.c.bundle_id.desc(),
-        ),
-    )
-    ranked = (
-        sa.select(
-            evidence.c.appliance_id,
-            evidence.c.check_id,
-            evidence.c.result,
-            newest.label("newest"),
-        )
-        .where(
-            evidence.c.appliance_id.in_(appliance_ids),
-            sa.or_(evidence.c.in_log.is_(None), evidence.c.in_log.is_(True)),
-        )
-        .subquery()
-    )
     rows = await connection.execute(
-        sa.select(ranked.c.appliance_id, ranked.c.check_id)
-        .where(ranked.c.newest == 1, ranked.c.result.in_(("fail", "error")))
-        .order_by(ranked.c.appliance_id, ranked.c.check_id)
+        sa.select(evidence_heads.c.appliance_id, evidence_heads.c.check_id)
+        .where(
+            evidence_heads.c.appliance_id.in_(appliance_ids),
+            evidence_heads.c.result.in_(("fail", "error")),
+        )
+        .order_by(evidence_heads.c.appliance_id, evidence_heads.c.check_id)
     )
     found: dict[str, list[str]] = {}
     for appliance_id, check_id in rows.all():

@@ -45,10 +45,10 @@ from msp_central.posture import (
     catalogue_reader,
     day_ends,
     evaluate,
+    evidence_before,
     evidence_since,
     framework_posture,
     latest_evidence,
-    reason_of,
     site_attachments,
     site_catalogue,
     site_freshness,
@@ -75,7 +75,7 @@ def evidence_out(observation: Observation | None) -> PostureEvidenceOut | None:
         log_index=observation.log_index,
         signed_after_expiry=observation.signed_after_expiry,
         in_log=observation.in_log,
-        reason=reason_of(observation),
+        reason=observation.reason,
     )
 
 
@@ -169,7 +169,7 @@ async def _site_posture(request: web.Request) -> tuple[Row, datetime, list[Frame
         site = await get_site(connection, request.match_info["site_id"], holder.partner_id)
         partner = await get_partner(connection, site.partner_id)
         catalogue = _one_framework(request, await _catalogue_of(connection, site, partner, {}))
-        latest = await latest_evidence(connection, [site.id], with_envelopes=True)
+        latest = await latest_evidence(connection, [site.id], with_reasons=True)
         freshness = await site_freshness(connection, [site.id])
         attached = await site_attachments(connection, [site.id])
     return (
@@ -245,10 +245,9 @@ async def partner_posture(request: web.Request) -> web.Response:
             if (chosen, tier) not in cache:
                 cache[chosen, tier] = part_of(chosen, Tier(tier))
             catalogues[row.id] = cache[chosen, tier]
-        # Only failing controls are shown with their bundle's reason: only
-        # failed bundles' envelopes are read.
+        # Only failing controls are shown with their bundle's reason.
         latest = await latest_evidence(
-            connection, site_ids, with_envelopes=True, envelopes_of=frozenset({"fail"})
+            connection, site_ids, with_reasons=True, reasons_of=frozenset({"fail"})
         )
         freshness = await site_freshness(connection, site_ids)
         attached = await site_attachments(connection, site_ids)
@@ -347,7 +346,7 @@ async def site_trend(request: web.Request) -> web.Response:
         catalogue = _one_framework(request, await _catalogue_of(connection, site, partner, {}))
         freshness = await site_freshness(connection, [site.id])
         # The newest bundle of each pair at the first day's end, then every later one.
-        seed = (await latest_evidence(connection, [site.id], before=ends[0])).get(site.id, [])
+        seed = await evidence_before(connection, site.id, ends[0])
         rows = await evidence_since(connection, site.id, ends[0], now)
         attached = await site_attachments(connection, [site.id])
     # Up to 90 evaluations over a site's 90 days of bundles: CPU work, off
