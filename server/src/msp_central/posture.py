@@ -31,10 +31,12 @@ framework selection (settings are not versioned; evidence is).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any, Final, Literal
 
 import sqlalchemy as sa
@@ -83,6 +85,8 @@ SCORED: Final[frozenset[ControlState]] = frozenset({"passing", "failing", "error
 STALE_AFTER_ROUNDS: Final = 3
 # The agent's default check interval, for appliances that never said theirs.
 DEFAULT_CHECK_INTERVAL: Final = timedelta(seconds=900)
+# Any time: a control without evidence has the same state at every time.
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,15 +99,53 @@ class CatalogueControl:
     checks: frozenset[str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
+class FrameworkControls:
+    """One framework's controls for one tier, in catalogue order, and the
+    state each has while no evidence or document speaks for it: worked out
+    once and shared by every site that uses the framework at that tier."""
+
+    controls: tuple[CatalogueControl, ...]
+
+    @cached_property
+    def unobserved(self) -> tuple[ControlPosture, ...]:
+        return tuple(_control_posture(c, [], _EPOCH, Freshness()) for c in self.controls)
+
+    @cached_property
+    def counts(self) -> dict[ControlState, int]:
+        return _count(self.unobserved)
+
+    @cached_property
+    def position(self) -> dict[str, int]:
+        """Control id -> its place in ``controls``."""
+        return {control.control_id: n for n, control in enumerate(self.controls)}
+
+
+@dataclass(frozen=True)
 class SiteCatalogue:
     """The controls of a site's frameworks, in catalogue order."""
 
     frameworks: dict[str, str]  # id -> name, in catalogue order
     controls: tuple[CatalogueControl, ...]
+    # Each framework's part, when the catalogue reader prepared (and shares)
+    # them; made from ``controls`` on first use otherwise.
+    prepared: Mapping[str, FrameworkControls] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    @cached_property
+    def layout(self) -> Mapping[str, FrameworkControls]:
+        if self.prepared is not None:
+            return self.prepared
+        own: dict[str, list[CatalogueControl]] = {fid: [] for fid in self.frameworks}
+        for control in self.controls:
+            own[control.framework_id].append(control)
+        return {fid: FrameworkControls(tuple(controls)) for fid, controls in own.items()}
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a partner's roll-up builds tens of thousands of these, and a
+# frozen dataclass's __init__ costs several times as much. Nothing changes one.
+@dataclass(slots=True)
 class Observation:
     """One stored evidence bundle, as much of it as posture needs."""
 
@@ -207,17 +249,28 @@ def evaluate(
         for framework_id, ids in observation.controls.items():
             for control_id in ids:
                 by_control[framework_id, control_id].append(observation)
-    grouped: dict[str, list[ControlPosture]] = {fid: [] for fid in catalogue.frameworks}
-    for control in catalogue.controls:
-        key = (control.framework_id, control.control_id)
-        posture = _control_posture(control, by_control.get(key, []), at, freshness)
+    # Controls nothing speaks for keep the state they have without evidence
+    # (shared by every site of the catalogue); only the others are judged.
+    layout = catalogue.layout
+    grouped = {fid: list(part.unobserved) for fid, part in layout.items()}
+    counts = {fid: dict(part.counts) for fid, part in layout.items()}
+    for key in by_control.keys() | attached.keys():
+        framework_id, control_id = key
+        part = layout.get(framework_id)
+        if part is None or control_id not in part.position:
+            continue  # a framework or control this site does not use
+        place = part.position[control_id]
+        posture = _control_posture(part.controls[place], by_control.get(key, []), at, freshness)
         document = attached.get(key)
         if document is not None:
             state: ControlState = "passing" if posture.state == "manual" else posture.state
             posture = replace(posture, state=state, attachment=document)
-        grouped[control.framework_id].append(posture)
+        counts[framework_id][grouped[framework_id][place].state] -= 1
+        counts[framework_id][posture.state] += 1
+        grouped[framework_id][place] = posture
     return [
-        framework_posture(fid, name, grouped[fid]) for fid, name in catalogue.frameworks.items()
+        FrameworkPosture(fid, name, counts[fid], score_of(counts[fid]), tuple(grouped[fid]))
+        for fid, name in catalogue.frameworks.items()
     ]
 
 
@@ -261,15 +314,18 @@ def observation_state(observation: Observation, at: datetime, freshness: Freshne
     return _BY_RESULT.get(observation.result, "error")
 
 
-def framework_posture(
-    framework_id: str, name: str, posture: Sequence[ControlPosture]
-) -> FrameworkPosture:
+def _count(posture: Iterable[ControlPosture]) -> dict[ControlState, int]:
     counts: dict[ControlState, int] = dict.fromkeys(STATES, 0)
     for control in posture:
         counts[control.state] += 1
+    return counts
+
+
+def score_of(counts: Mapping[ControlState, int]) -> int | None:
+    """The share of passing controls among those evidence decides, in
+    percent; None when evidence decides none."""
     decided = sum(counts[state] for state in SCORED)
-    score = round(100 * counts["passing"] / decided) if decided else None
-    return FrameworkPosture(framework_id, name, counts, score, tuple(posture))
+    return round(100 * counts["passing"] / decided) if decided else None
 
 
 # --- the trend --------------------------------------------------------------------------
@@ -355,30 +411,48 @@ async def catalogue_reader(
     ).all()
     order = {row.id: i for i, row in enumerate(framework_rows)}
     names = {row.id: row.name for row in framework_rows}
-    ordered = sorted(
+    rows_of: dict[str, list[Any]] = defaultdict(list)
+    for row in sorted(
         (row for row in control_rows if row.framework_id in order),
         key=lambda row: (order[row.framework_id], row.position),
-    )
+    ):
+        rows_of[row.framework_id].append(row)
+    covering: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for row in mapping_rows:
+        covering[row.framework_id, row.control_id].append(row)
+    blocks: dict[tuple[str, Tier], FrameworkControls] = {}
+    made: dict[tuple[tuple[str, ...], Tier], SiteCatalogue] = {}
+
+    def block(framework_id: str, tier: Tier) -> FrameworkControls:
+        """One framework's controls, with the checks of ``tier`` covering each."""
+        if (framework_id, tier) not in blocks:
+            blocks[framework_id, tier] = FrameworkControls(
+                tuple(
+                    CatalogueControl(
+                        framework_id,
+                        row.control_id,
+                        row.title,
+                        frozenset(
+                            mapped.check_name
+                            for mapped in covering.get((framework_id, row.control_id), ())
+                            if tier != Tier.BASIC or mapped.tier == Tier.BASIC
+                        ),
+                    )
+                    for row in rows_of.get(framework_id, ())
+                )
+            )
+        return blocks[framework_id, tier]
 
     def part(framework_ids: Sequence[str], tier: Tier) -> SiteCatalogue:
-        chosen = set(framework_ids)
-        covered: dict[tuple[str, str], set[str]] = defaultdict(set)
-        for row in mapping_rows:
-            if row.framework_id in chosen and (tier != Tier.BASIC or row.tier == Tier.BASIC):
-                covered[row.framework_id, row.control_id].add(row.check_name)
-        return SiteCatalogue(
-            frameworks={fid: name for fid, name in names.items() if fid in chosen},
-            controls=tuple(
-                CatalogueControl(
-                    row.framework_id,
-                    row.control_id,
-                    row.title,
-                    frozenset(covered.get((row.framework_id, row.control_id), ())),
-                )
-                for row in ordered
-                if row.framework_id in chosen
-            ),
-        )
+        chosen = tuple(sorted(set(framework_ids) & names.keys(), key=order.__getitem__))
+        if (chosen, tier) not in made:
+            parts = {fid: block(fid, tier) for fid in chosen}
+            made[chosen, tier] = SiteCatalogue(
+                frameworks={fid: names[fid] for fid in chosen},
+                controls=tuple(c for part in parts.values() for c in part.controls),
+                prepared=parts,
+            )
+        return made[chosen, tier]
 
     return part
 
@@ -386,17 +460,19 @@ async def catalogue_reader(
 async def site_freshness(connection: AsyncConnection, site_ids: Sequence[str]) -> Freshness:
     """Each appliance's freshness window (from the check interval its last
     heartbeat reported) and revocation time, for the given sites."""
+    # Only the one value of each heartbeat: a thousand sites' appliances.
+    interval = appliances.c.heartbeat["check_interval_seconds"]
     rows = (
         await connection.execute(
-            sa.select(appliances.c.id, appliances.c.heartbeat, appliances.c.revoked_at).where(
+            sa.select(appliances.c.id, interval.label("interval"), appliances.c.revoked_at).where(
                 appliances.c.site_id.in_(list(site_ids))
             )
         )
     ).all()
     freshness = Freshness()
     for row in rows:
-        interval = (row.heartbeat or {}).get("check_interval_seconds")
-        if isinstance(interval, int) and interval > 0:
+        interval = row.interval
+        if isinstance(interval, int) and not isinstance(interval, bool) and interval > 0:
             freshness.windows[row.id] = timedelta(seconds=interval) * STALE_AFTER_ROUNDS
         if row.revoked_at is not None:
             freshness.revoked_at[row.id] = row.revoked_at
@@ -418,7 +494,7 @@ _COLUMNS = (
 )
 
 
-def _observation(row: Any, reason: str | None = None) -> Observation:
+def _observation(row: Any) -> Observation:
     return Observation(
         appliance_id=row.appliance_id,
         bundle_id=row.bundle_id,
@@ -429,7 +505,6 @@ def _observation(row: Any, reason: str | None = None) -> Observation:
         log_index=int(row.log_index),
         signed_after_expiry=bool(row.signed_after_expiry),
         in_log=row.in_log,
-        reason=reason,
         log_generation=int(row.log_generation),
     )
 
@@ -446,28 +521,59 @@ async def latest_evidence(
     ``with_reasons``: ``reasons_of`` limits those to bundles of these
     results, for an answer that shows the reason of a few (the partner
     roll-up shows only failing controls)."""
-    columns: list[Any] = [
+    query = sa.select(
         evidence_heads.c.site_id,
         evidence_heads.c.appliance_id,
         evidence_heads.c.bundle_id,
         evidence_heads.c.check_id,
         evidence_heads.c.result,
-        evidence_heads.c.controls,
+        # As text, parsed once per distinct value: a check maps to the same
+        # controls in nearly every bundle.
+        sa.type_coerce(evidence_heads.c.controls, sa.Text),
         evidence_heads.c.collected_at,
-        evidence_heads.c.log_generation,
         evidence_heads.c.log_index,
         evidence_heads.c.signed_after_expiry,
         evidence_heads.c.in_log,
-    ]
-    if with_reasons:
-        columns.append(evidence_heads.c.reason)
-    query = sa.select(*columns).where(evidence_heads.c.site_id.in_(list(site_ids)))
+        evidence_heads.c.log_generation,
+        evidence_heads.c.reason if with_reasons else sa.null(),
+    ).where(evidence_heads.c.site_id.in_(list(site_ids)))
     found: dict[str, list[Observation]] = defaultdict(list)
-    for row in (await connection.execute(query)).all():
-        reason = None
-        if with_reasons and (reasons_of is None or row.result in reasons_of):
-            reason = row.reason
-        found[row.site_id].append(_observation(row, reason))
+    parsed: dict[str, Any] = {}
+    # Unpacked by position: attribute access by name is most of the cost of
+    # the tens of thousands of rows of a partner's roll-up.
+    for (
+        site_id,
+        appliance_id,
+        bundle_id,
+        check_id,
+        result,
+        mapped,
+        collected_at,
+        log_index,
+        signed_after_expiry,
+        in_log,
+        generation,
+        reason,
+    ) in (await connection.execute(query)).all():
+        if isinstance(mapped, str):
+            if mapped not in parsed:
+                parsed[mapped] = json.loads(mapped)
+            mapped = parsed[mapped]  # noqa: PLW2901 - the parsed form of the same value
+        found[site_id].append(
+            Observation(
+                appliance_id,
+                bundle_id,
+                check_id,
+                result,
+                mapped,
+                collected_at,
+                int(log_index),
+                bool(signed_after_expiry),
+                in_log,
+                reason if reasons_of is None or result in reasons_of else None,
+                int(generation),
+            )
+        )
     return found
 
 

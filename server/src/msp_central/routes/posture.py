@@ -37,6 +37,7 @@ from msp_central.db.engine import read_only
 from msp_central.db.tables import sites
 from msp_central.oscal import assessment_results
 from msp_central.posture import (
+    STATES,
     Attachment,
     ControlState,
     FrameworkPosture,
@@ -47,8 +48,8 @@ from msp_central.posture import (
     evaluate,
     evidence_before,
     evidence_since,
-    framework_posture,
     latest_evidence,
+    score_of,
     site_attachments,
     site_catalogue,
     site_freshness,
@@ -156,6 +157,7 @@ def _one_framework(request: web.Request, catalogue: SiteCatalogue) -> SiteCatalo
     return SiteCatalogue(
         frameworks={framework_id: catalogue.frameworks[framework_id]},
         controls=tuple(c for c in catalogue.controls if c.framework_id == framework_id),
+        prepared={framework_id: catalogue.layout[framework_id]},
     )
 
 
@@ -273,6 +275,8 @@ async def partner_posture(request: web.Request) -> web.Response:
         for framework in posture:
             names[framework.framework_id] = framework.name
             per_framework[framework.framework_id].append(framework)
+            if not framework.counts["failing"]:
+                continue
             for control in framework.controls:
                 if control.state == "failing":
                     key = (control.framework_id, control.control_id)
@@ -281,15 +285,16 @@ async def partner_posture(request: web.Request) -> web.Response:
 
     rollups = []
     for framework_id, postures in per_framework.items():
-        summed = framework_posture(
-            framework_id, names[framework_id], [c for p in postures for c in p.controls]
-        )
+        summed: dict[ControlState, int] = dict.fromkeys(STATES, 0)
+        for one in postures:
+            for state, count in one.counts.items():
+                summed[state] += count
         rollups.append(
             FrameworkRollupOut(
                 framework_id=framework_id,
-                name=summed.name,
-                score=summed.score,
-                counts=_counts(summed.counts),
+                name=names[framework_id],
+                score=score_of(summed),
+                counts=_counts(summed),
                 site_count=len(postures),
             )
         )
