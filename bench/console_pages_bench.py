@@ -117,12 +117,10 @@ PAGE_CALLS: dict[str, list[str]] = {
         "/api/v1/framework-usage",
         "/api/v1/sites?limit=50",
     ],
-    "posture": [
-        "/api/v1/posture",
-        "/api/v1/sites?limit=50",
-        "/api/v1/sites/{site}/posture",
-        "/api/v1/sites/{site}/posture/trend",
-    ],
+    # The Posture page is two views: the partner's roll-up, and one site's
+    # controls with its trend (?site=).
+    "posture": ["/api/v1/posture"],
+    "posture-site": ["/api/v1/sites/{site}/posture", "/api/v1/sites/{site}/posture/trend"],
     "appliances": ["/api/v1/sites?limit=50", "/api/v1/appliances?limit=50"],
     "escalations": [
         "/api/v1/escalations?open=true&limit=50",
@@ -132,6 +130,8 @@ PAGE_CALLS: dict[str, list[str]] = {
     "users": ["/api/v1/me", "/api/v1/users", "/api/v1/user-invites", "/api/v1/api-keys"],
 }
 BASELINE = "/api/v1/me"
+# The HTML shell of a page, where it is not /console/<page>.
+SHELLS = {"posture-site": "/console/posture?site={site}"}
 
 
 @dataclass(frozen=True)
@@ -734,6 +734,7 @@ async def measure_page(
     session: aiohttp.ClientSession,
     base: str,
     page: str,
+    shell_path: str,
     calls: list[tuple[str, str]],
     headers: dict[str, str] | None,
     samples: Samples,
@@ -741,7 +742,7 @@ async def measure_page(
     """The shell, then the page's calls concurrently (``headers``: the API
     key, else the session cookie), wall-clock."""
     started = time.perf_counter()
-    shell = await timed_get(session, f"{base}/console/{page}")
+    shell = await timed_get(session, base + shell_path)
     times = await asyncio.gather(*(timed_get(session, base + url, headers) for _, url in calls))
     samples.pages[page].append((time.perf_counter() - started) * 1_000)
     samples.calls[page, "shell"].append(shell)
@@ -776,8 +777,9 @@ async def measure(base: str, seeded: Seeded, rounds: int, warmup: int) -> dict[s
             baseline = await timed_get(session, base + BASELINE)
             target["session"].pages["baseline"].append(baseline)
             for page, calls in resolved.items():
-                await measure_page(session, base, page, calls, None, target["session"])
-                await measure_page(session, base, page, calls, key_headers, target["key"])
+                shell = SHELLS.get(page, f"/console/{page}").replace("{site}", seeded.site_id)
+                for headers, mode in ((None, "session"), (key_headers, "key")):
+                    await measure_page(session, base, page, shell, calls, headers, target[mode])
     return results
 
 
