@@ -43,7 +43,7 @@ from msp_protocol.bundle import BundleKind
 from msp_protocol.encoding import format_time, utc_now
 from msp_protocol.httpsig import HttpRequest, verify_request
 from msp_protocol.keys import SigningKey
-from tests.agent.test_central_url import spellings
+from tests.protocol.test_urls import spellings
 
 ROOT = SigningKey(b"\x0b" * 32)
 

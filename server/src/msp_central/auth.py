@@ -146,10 +146,14 @@ class Appliance:
 
 def target_uri(request: web.Request) -> str:
     """The URI the appliance signed: behind a reverse proxy, the configured
-    public URL; otherwise what the request says it was sent to."""
+    public URL (normalised at load) followed by the path and query exactly
+    as they arrived; otherwise what the request says it was sent to.
+
+    The signer signs the bytes it sends, so the path is taken raw: the
+    decoded path would turn ``/a%2Fb`` into ``/a/b`` and refuse the request."""
     public = central(request).settings.public_url
     if public:
-        return public + request.rel_url.path_qs
+        return public + request.raw_path
     return str(request.url)
 
 

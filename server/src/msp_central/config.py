@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from msp_protocol.limits import DEFAULT_LIMITS
+from msp_protocol.urls import normalize_central_url
 
 # The settings file's values while load_settings builds Settings.
 _FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("file_values", default={})  # noqa: B039
@@ -50,7 +51,8 @@ class Settings(BaseSettings):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     # The URL appliances use to reach this server, when it sits behind a
     # reverse proxy: RFC 9421 signatures cover the full target URI, which must
-    # be rebuilt as the appliance saw it.
+    # be rebuilt as the appliance saw it. Normalised at load as the agent
+    # normalises central_url (msp_protocol.urls).
     public_url: str | None = None
     # Run pending database migrations when serving starts.
     migrate_on_start: bool = False
@@ -120,8 +122,13 @@ class Settings(BaseSettings):
 
     @field_validator("public_url")
     @classmethod
-    def _no_trailing_slash(cls, value: str | None) -> str | None:
-        return value.rstrip("/") if value else value
+    def _public_url(cls, value: str | None) -> str | None:
+        # Normalised once, here, by the function that normalises the agent's
+        # central_url: the target URI rebuilt behind a proxy starts with this
+        # string and must match what the appliance signed byte for byte.
+        if value is None or not value.strip():
+            return None
+        return normalize_central_url(value)
 
     @classmethod
     def settings_customise_sources(
