@@ -678,15 +678,17 @@ def start_server(state_dir: Path, url: str, port: int) -> subprocess.Popen[bytes
             str(port),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        # To a file: a pipe nobody reads fills with the access log and
+        # stalls the server mid-run.
+        stderr=(state_dir.parent / "server.log").open("wb"),
     )
 
 
-async def wait_until_up(url: str, server: subprocess.Popen[bytes]) -> None:
+async def wait_until_up(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(1_200):
             if server.poll() is not None:
-                error = server.stderr.read().decode()[-2_000:] if server.stderr else ""
+                error = (await asyncio.to_thread(log.read_text, errors="replace"))[-2_000:]
                 raise SystemExit(f"the server exited: {error}")
             try:
                 async with session.get(url) as response:
@@ -818,7 +820,7 @@ async def run_on(
     base = f"http://127.0.0.1:{port}"
     server = start_server(state_dir, url, port)
     try:
-        await wait_until_up(base + "/api/v1/openapi.json", server)
+        await wait_until_up(base + "/api/v1/openapi.json", server, state_dir.parent / "server.log")
         return await measure(base, seeded, rounds, warmup)
     finally:
         server.terminate()
