@@ -45,6 +45,22 @@ PASSWORD = "correct horse battery staple"
 SERIOUS = ("serious", "critical")
 
 
+def read_qr(png: bytes) -> str:
+    """The text of the one QR code in a PNG image, read by ZBar (Debian's
+    zbar-tools), a reader with no part in drawing it."""
+    if shutil.which("zbarimg") is None:
+        pytest.fail("zbarimg not found: install Debian's zbar-tools", pytrace=False)
+    result = subprocess.run(
+        ["zbarimg", "--raw", "--quiet", "-Sdisable", "-Sqrcode.enable", "-"],
+        input=png,
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, f"no QR code read: {result.stderr.decode()[-300:]}"
+    return result.stdout.decode().rstrip("\n")
+
+
 @pytest.fixture(scope="package")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as driver:

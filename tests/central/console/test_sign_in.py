@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from playwright.sync_api import expect
 
 from msp_central.db.tables import central_log_entries, security_alerts
-from tests.central.console.conftest import PASSWORD, Console
+from tests.central.console.conftest import PASSWORD, Console, read_qr
 
 
 def _api(page: Any, method: str, path: str, body: Any = None, csrf: bool = True) -> dict[str, Any]:
@@ -71,6 +71,14 @@ def test_totp_second_factor_is_set_up_and_then_asked_for(console: Console) -> No
     page.goto("/console/account")
     page.get_by_role("button", name="Set up two-factor sign-in").click()
     secret = page.locator("#totp-secret").inner_text()
+    # The QR code, as the browser drew it, read by a barcode reader of its
+    # own: it is the link shown beside it, which holds the key.
+    link = page.locator("#totp-uri").get_attribute("href")
+    assert link is not None
+    assert f"secret={secret}" in link
+    qr = page.get_by_role("img", name="QR code of the link below")
+    assert qr.evaluate("image => image.complete && image.naturalWidth > 0")
+    assert read_qr(qr.screenshot()) == link
     page.get_by_label("Code from the app").fill(
         "000000" if console.totp_code(secret) != "000000" else "111111"
     )

@@ -8,12 +8,14 @@ go through the JSON API (:mod:`msp_central.auth` accepts the session there).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any, Final
 from urllib.parse import parse_qs, quote
 
 import jinja2
+import segno
 import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -54,6 +56,9 @@ from msp_central.problems import Problem
 routes = web.RouteTableDef()
 
 # slug, heading: the pages, in the order the navigation shows them.
+# The second factor's QR code: 4 px modules, the standard 4-module quiet zone.
+QR_SCALE: Final = 4
+QR_BORDER: Final = 4
 PAGES: Final[tuple[tuple[str, str], ...]] = (
     ("compliance", "Compliance"),
     ("posture", "Posture"),
@@ -460,6 +465,8 @@ async def account(request: web.Request, **context: Any) -> web.Response:
     context.setdefault("message", None)
     context.setdefault("error", None)
     context.setdefault("setup", None)
+    if context["setup"] is not None:
+        context["setup_qr"] = totp_qr(context["setup"].uri)
     status = context.pop("status", 200)
     return render(
         "account.html",
@@ -469,6 +476,22 @@ async def account(request: web.Request, **context: Any) -> web.Response:
         title="Your account",
         **context,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class QrImage:
+    src: str  # an SVG data: URI (the page's CSP allows data: images)
+    width: int
+    height: int
+
+
+def totp_qr(uri: str) -> QrImage:
+    """The otpauth:// link as a QR code, drawn here (no request leaves the
+    server), for the phone's authenticator app to scan."""
+    code = segno.make(uri, error="m", micro=False)
+    width, height = code.symbol_size(scale=QR_SCALE, border=QR_BORDER)
+    src = code.svg_data_uri(scale=QR_SCALE, border=QR_BORDER, dark="#000", light="#fff")
+    return QrImage(src, int(width), int(height))
 
 
 async def _locked_user(connection: AsyncConnection, user_id: str) -> Any:
