@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from msp_central.api_models import PartnerPostureOut
 from msp_protocol.encoding import format_time
 from tests.central.support import ApplianceClient, Harness, KeyClient
 
@@ -223,6 +224,8 @@ async def test_partner_rollup_sorts_failing_controls_by_sites_and_sees_only_its_
     assert hipaa["site_count"] == 3
     assert hipaa["counts"]["failing"] == 3
     assert hipaa["counts"]["passing"] == 3
+    # Built as JSON values for speed, the answer is exactly the model's.
+    assert PartnerPostureOut.model_validate(body).model_dump(mode="json") == body
 
     theirs = await other.request("GET", "/api/v1/posture")
     assert [s["name"] for s in theirs.body["sites"]] == ["Elsewhere"]
