@@ -60,9 +60,10 @@ KIND_NAMES: Final[dict[Kind, str]] = {
     "enrollment": "enrollment token",
     "signature": "request signature",
 }
-# Buckets kept per table: about 200 bytes each, so some 20 MB at most per
-# table, whatever an attacker sends. Evicting the oldest bucket first gives
-# its source a fresh count, never a refusal it did not earn.
+# Buckets kept per table: about 320 bytes each with its key, so some 65 MB
+# for both tables full, whatever an attacker sends. Evicting the oldest
+# bucket first gives its source a fresh count, never a refusal it did not
+# earn.
 MAX_TRACKED: Final = 100_000
 ALERT_CODE: Final = "credential-failures"
 
