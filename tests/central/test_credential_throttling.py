@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from msp_central import throttle
 from msp_central.config import Settings
-from msp_central.db.tables import security_alerts
+from msp_central.db.tables import notification_events, security_alerts
 from msp_central.openapi import OPERATIONS, document
 from msp_central.problems import PROBLEM_TYPE_PREFIX
 from msp_protocol.delegation import Scope, make_delegation_request, token_digest
@@ -287,6 +287,18 @@ async def test_an_appliance_with_bad_signatures_does_not_lock_out_its_nat_neighb
     )
     listed = await partner.request("GET", "/api/v1/security-alerts?code=credential-failures")
     assert [item["appliance_id"] for item in listed.body["items"]] == [a.appliance_id]
+    # And the partner is told, as of every security alert.
+    async with harness.engine.connect() as connection:
+        events = (
+            await connection.execute(
+                sa.select(notification_events.c.partner_id, notification_events.c.payload).where(
+                    notification_events.c.kind == "security.alert"
+                )
+            )
+        ).all()
+    assert [(e.partner_id, e.payload["code"]) for e in events] == [
+        (partner.partner_id, throttle.ALERT_CODE)
+    ]
 
 
 async def test_unknown_keys_are_throttled_by_source_and_alert_the_administrators(
@@ -312,6 +324,24 @@ async def test_a_success_clears_the_count_of_its_own_key(harness: Harness) -> No
     for _ in range(PER_CREDENTIAL):
         assert (await heartbeat(appliance, NAT, forged=True)).status == 401
     assert_too_many(await heartbeat(appliance, NAT, forged=True))
+
+
+async def test_a_replayed_request_counts_against_its_key(harness: Harness) -> None:
+    """A captured request sent again (the nonce is spent) fails under the
+    appliance's key id: from the replaying address it is throttled, the
+    appliance itself, elsewhere, is not."""
+    partner = await harness.partner()
+    appliance = await harness.enroll(partner)
+    path = f"/api/v1/appliances/{appliance.appliance_id}/heartbeat"
+    body = dumps(BEAT)
+    captured = {**appliance.signed("POST", path, body), **source(ELSEWHERE)}
+    assert (await call(harness.client, "POST", path, body=body, headers=captured)).status == 200
+    replayed = {**captured, **source(NAT)}
+    for _ in range(PER_CREDENTIAL):
+        reply = await call(harness.client, "POST", path, body=body, headers=replayed)
+        assert (reply.status, reply.code) == (401, "replayed-nonce")
+    assert_too_many(await call(harness.client, "POST", path, body=body, headers=replayed))
+    assert (await heartbeat(appliance, ELSEWHERE)).status == 200
 
 
 async def test_unsigned_requests_are_not_counted(harness: Harness) -> None:
