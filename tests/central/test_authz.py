@@ -19,12 +19,14 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import sqlalchemy as sa
 
+from msp_central.config import Settings
 from msp_central.console.accounts import create_user
 from msp_central.db.tables import api_keys
 from msp_central.openapi import ADMIN, ANY_KEY, APPLIANCE, NONE, OPERATIONS, PARTNER
@@ -929,6 +931,22 @@ async def partner_view(world: World) -> dict[str, Any]:
 
 
 # --- the tests ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """The matrix sends an unknown credential to every operation from one
+    address: failures are counted generously here, so that each answer is
+    the operation's own refusal (test_credential_throttling.py covers the
+    throttle)."""
+    return Settings(
+        state_dir=tmp_path / "state",
+        database_url=database_url,
+        credential_identity_failures=1000,
+        credential_source_failures=1_000_000,
+        credential_source_flood=1_000_000,
+        credential_alert_failures=1_000_000,
+    )
 
 
 def test_the_matrix_covers_every_authenticated_operation() -> None:

@@ -108,7 +108,19 @@ def _from_regex(
 
 @pytest.fixture
 def live(database_url: str, tmp_path: Path) -> Iterator[Live]:
-    server = Live(Settings(state_dir=tmp_path / "state", database_url=database_url))
+    # Schemathesis probes each operation with one made-up key and wants the
+    # refusal (401) itself: failures are counted generously here. The
+    # throttle's 429 is covered by test_credential_throttling.py; the
+    # anonymous caller sends no credential, which is never counted.
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        database_url=database_url,
+        credential_identity_failures=1000,
+        credential_source_failures=1_000_000,
+        credential_source_flood=1_000_000,
+        credential_alert_failures=1_000_000,
+    )
+    server = Live(settings)
     try:
         yield server
     finally:

@@ -34,6 +34,7 @@ from msp_central.routes.notifications import routes as notification_routes
 from msp_central.routes.partners import routes as partner_routes
 from msp_central.routes.posture import routes as posture_routes
 from msp_central.routes.users import routes as user_routes
+from msp_central.throttle import CREDENTIAL_THROTTLE, CredentialThrottle
 from msp_central.uploads import UPLOAD_SLOTS, UploadSlots
 from msp_protocol.encoding import utc_now
 from msp_protocol.errors import ProtocolError
@@ -169,6 +170,7 @@ def create_app(
 
     app[NOTIFY_WAKE] = asyncio.Event()
     app[UPLOAD_SLOTS] = UploadSlots(settings)
+    app[CREDENTIAL_THROTTLE] = CredentialThrottle(settings)
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(security_headers)
     for table in (

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.engine import Connection
 
+from msp_central import throttle
 from msp_central.console.accounts import Need, allows
 from msp_central.console.sessions import SAFE_METHODS, check_csrf, load_session, session_secret
 from msp_central.context import Central, central
@@ -42,6 +43,8 @@ from msp_protocol.httpsig import (
 from msp_protocol.keys import VerifyKey
 
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]{1,256}")
+# The longest key id the throttle keeps (ours are 64 hex digits).
+_KEY_ID_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +71,29 @@ async def _bearer(request: web.Request) -> KeyHolder:
     secret = secret.strip()
     # Keys are printable ASCII; anything else (bytes that were not UTF-8 on
     # the wire reach us as lone surrogates) is no key, before any hashing.
+    # It is refused for nothing and names no credential: not counted, as a
+    # missing header is not.
     if scheme.lower() != "bearer" or not secret or not _PRINTABLE_ASCII.fullmatch(secret):
         raise Problem("bad-credentials", "Authorization must be Bearer <api key>")
     digest = token_digest(secret)
+    # Counted by the key's hash: the throttle never holds a key.
+    await throttle.guard(request, "bearer", digest)
     async with read_only(central(request).engine) as connection:
         row = (
             await connection.execute(sa.select(api_keys).where(api_keys.c.key_sha256 == digest))
         ).first()
+    unknown = Problem("bad-credentials", "the API key is unknown or revoked")
     # The lookup is by hash, so timing reveals nothing about a stored key;
     # compare_digest keeps the last comparison constant-time all the same.
     if row is None or not hmac.compare_digest(row.key_sha256, digest):
-        raise Problem("bad-credentials", "the API key is unknown or revoked")
+        raise await throttle.failed(request, "bearer", digest, unknown)
     # A rotated key is revoked at a time that may still lie ahead.
     if row.revoked_at is not None and row.revoked_at <= central(request).clock():
-        raise Problem("bad-credentials", "the API key is unknown or revoked")
+        # A revoked key still in use is its partner's concern (an admin
+        # key's, the administrators'); its prefix is public.
+        holder = throttle.Subject(partner_id=row.partner_id, named=f"revoked key {row.prefix}")
+        raise await throttle.failed(request, "bearer", digest, unknown, holder)
+    throttle.succeeded(request, "bearer", digest)
     return KeyHolder(row.role, row.partner_id, row.prefix, row.id)
 
 
@@ -192,6 +204,27 @@ async def _current_key(service: Central, key_id: str) -> tuple[Any, bool]:
     return row, row is not None
 
 
+async def _signature_failed(
+    request: web.Request, found: dict[str, Any], refusal: Problem
+) -> Problem:
+    """The problem to answer a signature that failed with: counted once its
+    key id was read (an unsigned, unparsable or stale request is refused
+    for nothing and names no credential), and 429 once its source failed
+    too often. An alert about a known appliance's key goes to its partner."""
+    if "key_id" not in found:
+        return refusal
+    row = found.get("row")
+    holder = None
+    if row is not None:
+        holder = throttle.Subject(
+            partner_id=str(row.partner_id),
+            site_id=str(row.site_id),
+            appliance_id=str(row.appliance_id),
+            named=f"key {found['key_id'][:16]} of appliance {row.appliance_id}",
+        )
+    return await throttle.failed(request, "signature", found["key_id"], refusal, holder)
+
+
 def _is_revoked(row: Any) -> bool:
     return row.revoked_at is not None or row.appliance_revoked_at is not None
 
@@ -218,6 +251,10 @@ async def precheck_appliance(
     found: dict[str, Any] = {}
 
     async def resolve_key(key_id: str) -> VerifyKey | None:
+        # The key id is read: from here on a failure counts against it, and
+        # a key id failing too often from this source is not looked up.
+        found["key_id"] = key_id[:_KEY_ID_CHARS]
+        await throttle.guard(request, "signature", found["key_id"])
         row, _promote = await _current_key(service, key_id)
         if row is None:
             return None
@@ -234,7 +271,7 @@ async def precheck_appliance(
             limits=service.limits,
         )
     except ProtocolError as exc:
-        raise Problem.from_protocol(exc) from None
+        raise await _signature_failed(request, found, Problem.from_protocol(exc)) from None
     row = found["row"]
     if appliance_id is not None and appliance_id != str(row.appliance_id):
         raise Problem("wrong-appliance", "the request is signed by another appliance's key")
@@ -263,6 +300,7 @@ async def require_appliance(
     found: dict[str, Any] = {}
 
     async def resolve_key(key_id: str) -> VerifyKey | None:
+        found["key_id"] = key_id[:_KEY_ID_CHARS]
         row, promote = await _current_key(service, key_id)
         if row is None:
             return None
@@ -290,7 +328,8 @@ async def require_appliance(
             limits=service.limits,
         )
     except ProtocolError as exc:
-        raise Problem.from_protocol(exc) from None
+        raise await _signature_failed(request, found, Problem.from_protocol(exc)) from None
+    throttle.succeeded(request, "signature", found["key_id"])
     row = found["row"]
     caller = Appliance(
         appliance_id=str(row.appliance_id),

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -107,6 +107,20 @@ class Settings(BaseSettings):
     login_account_failures: Annotated[int, Field(ge=1, le=1000)] = 5
     login_source_failures: Annotated[int, Field(ge=1, le=100000)] = 50
     login_alert_failures: Annotated[int, Field(ge=1, le=100000)] = 10
+    # Failed API keys, enrollment tokens and request signatures, counted per
+    # source address (an IPv6 address by its /64) and per server process
+    # within a fixed window: one credential from one source is refused (429)
+    # after credential_identity_failures; past credential_source_failures
+    # from the source, a failing credential gets 429 instead of 401 (valid
+    # ones are still served: neighbours behind one NAT address keep
+    # working); past credential_source_flood every credential of that kind
+    # from the source is refused; credential_alert_failures raise one
+    # security alert per source, kind and window.
+    credential_window_minutes: Annotated[int, Field(ge=1, le=24 * 60)] = 15
+    credential_identity_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    credential_source_failures: Annotated[int, Field(ge=1, le=1_000_000)] = 50
+    credential_source_flood: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    credential_alert_failures: Annotated[int, Field(ge=1, le=1_000_000)] = 20
     # Reverse proxies whose X-Forwarded-For names the real client (the last
     # address it added). Requests from anyone else are taken at their address.
     trusted_proxies: list[str] = []
@@ -119,6 +133,14 @@ class Settings(BaseSettings):
     large_body_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
     max_large_bodies: Annotated[int, Field(ge=1, le=1024)] = 8
     large_body_wait_seconds: Annotated[float, Field(gt=0, le=60)] = 2
+
+    @model_validator(mode="after")
+    def _flood_above_failures(self) -> Settings:
+        # A flood limit below the failure limit would refuse valid
+        # credentials before failing ones are ever answered 429.
+        if self.credential_source_flood < self.credential_source_failures:
+            raise ValueError("credential_source_flood must be at least credential_source_failures")
+        return self
 
     @field_validator("public_url")
     @classmethod

@@ -124,6 +124,10 @@ OPERATIONS: list[
     ("get", "/api/v1/openapi.json", "This document", NONE, None, {200: None}),
 ]  # fmt: skip
 
+# Operations whose credential travels in the body, not in a security scheme:
+# they too answer 429 once it failed too often.
+CREDENTIAL_IN_BODY = {("post", "/api/v1/enroll")}
+
 # Settings changed by RFC 7396 JSON Merge Patch (plain JSON accepted too).
 MERGE_PATCHES = {
     ("patch", "/api/v1/partner/defaults"),
@@ -417,6 +421,21 @@ def document() -> dict[str, Any]:
         "description": "An RFC 9457 problem",
         "content": {"application/problem+json": {"schema": {"$ref": REF.format(model="Problem")}}},
     }
+    too_many = {
+        "description": (
+            "Too many failed credentials from the caller's address: this one, or, past "
+            "a higher bound, any that fails (after very many, any at all); a problem "
+            "too-many-attempts with Retry-After"
+        ),
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds until the caller's count ends",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+            }
+        },
+        "content": problem["content"],
+    }
     for method, path, summary, security, request, responses in OPERATIONS:
         operation: dict[str, Any] = {
             "summary": summary,
@@ -433,6 +452,7 @@ def document() -> dict[str, Any]:
                 )
                 for status, model in responses.items()
             }
+            | ({"429": too_many} if security or (method, path) in CREDENTIAL_IN_BODY else {})
             | {"default": problem},
         }
         parameters = [

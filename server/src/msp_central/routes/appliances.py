@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from msp_central import throttle
 from msp_central.api_models import (
     CertificateIn,
     CertificateOut,
@@ -156,13 +157,26 @@ async def enroll(request: web.Request) -> web.Response:
     and a request signed by the key to certify (proof of possession). A
     retry with the same token and key (an answer lost on the way) gets the
     certificate issued the first time."""
-    service = central(request)
     checked_query(request)  # none declared: any is refused
     body = parse_body(await read_body(request), EnrollIn, request)
+    # Counted by the token's hash: the throttle never holds a token.
+    digest = token_digest(body.token)
+    await throttle.guard(request, "enrollment", digest)
+    try:
+        response = await _enroll(request, body, digest)
+    except Problem as problem:
+        if problem.code != "bad-enrollment-token":
+            raise
+        raise await throttle.failed(request, "enrollment", digest, problem) from None
+    throttle.succeeded(request, "enrollment", digest)
+    return response
+
+
+async def _enroll(request: web.Request, body: EnrollIn, digest: str) -> web.Response:
+    service = central(request)
     now = service.clock()
     # The token is the credential: without a live one the request is not
     # looked at (no signature work for strangers, and nothing learnt).
-    digest = token_digest(body.token)
     async with read_only(service.engine) as connection:  # no write lock for unknown tokens
         known = (
             await connection.execute(
