@@ -13,7 +13,8 @@ Behaviour, one address per phase (``figure=value`` counts and statuses):
 - ``same_key``: one unknown API key, again and again, until 429; then the
   partner's valid key from the same address;
 - ``spray``: a new unknown API key each time until the first 429, the valid
-  key then, and on until the valid key too is refused (the flood bound);
+  key then, and on until the valid key too is refused (only with a flood
+  bound set; by default it never is: the run stops at SPRAY_CAP failures);
 - ``signature``: appliance A's heartbeats under its own key id with a
   signature that does not verify, until 429; then appliance B's heartbeats
   and an audit upload from the same address;
@@ -71,6 +72,9 @@ from msp_protocol.keys import SigningKey
 PARTNER_ROUTE = "/api/v1/partner"
 # Far above every default bound: a phase that reaches it has found none.
 GIVE_UP = 5_000
+# Failures sprayed from one address before the run says the valid key from
+# it was never refused (twice the source budget's old flood bound).
+SPRAY_CAP = 2_000
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -215,13 +219,15 @@ async def behaviour(
         await until_429(lambda: client.with_key(f"mspk_{secrets.token_hex(32)}", spray))
     )
     figures["spray_neighbour_valid_key_after_429"] = str(await client.with_key(key, spray))
+    # With the default settings (no flood bound) the valid key is never
+    # refused; SPRAY_CAP failures later the figure says so.
     flood = 1 + int(figures["spray_failures_before_429"])
-    while await client.with_key(key, spray) == 200:
+    while await client.with_key(key, spray) == 200 and flood <= SPRAY_CAP:
         await client.with_key(f"mspk_{secrets.token_hex(32)}", spray)
         flood += 1
-        if flood > GIVE_UP:
-            raise SystemExit("the valid key was never refused")
-    figures["spray_failures_before_valid_key_refused"] = str(flood)
+    figures["spray_failures_before_valid_key_refused"] = (
+        str(flood) if flood <= SPRAY_CAP else f"never (still served after {SPRAY_CAP})"
+    )
 
     nat = "192.0.2.3"
     figures["signature_failures_before_429"] = str(

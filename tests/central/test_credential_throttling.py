@@ -21,14 +21,16 @@ import pytest
 import sqlalchemy as sa
 
 from msp_central import throttle
+from msp_central.app import create_app
 from msp_central.config import Settings
+from msp_central.context import CENTRAL
 from msp_central.db.tables import notification_events, security_alerts
 from msp_central.openapi import OPERATIONS, document
 from msp_central.problems import PROBLEM_TYPE_PREFIX
 from msp_protocol.delegation import Scope, make_delegation_request, token_digest
 from msp_protocol.encoding import utc_now
 from msp_protocol.keys import SigningKey
-from tests.central.support import ROOT, ApplianceClient, Harness, Reply, call, dumps
+from tests.central.support import ROOT, ApplianceClient, Clock, Harness, Reply, call, dumps
 
 NAT = "203.0.113.7"  # one address, many appliances and people behind it
 ELSEWHERE = "198.51.100.20"
@@ -175,6 +177,30 @@ async def test_a_spray_of_keys_is_throttled_by_source_and_alerts_once(harness: H
     alert = raised[0]
     assert alert.detail == f"{ALERT_AT} failed API key attempts from {NAT} within 15 minutes"
     assert (alert.partner_id, alert.site_id, alert.appliance_id) == (None, None, None)
+
+
+async def test_without_a_flood_bound_a_valid_neighbour_is_never_refused(
+    database_url: str, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """The default: however long a neighbour behind the same address keeps
+    failing, a valid credential from that address is served."""
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        database_url=database_url,
+        trusted_proxies=["127.0.0.1"],
+        credential_identity_failures=PER_CREDENTIAL,
+        credential_source_failures=PER_SOURCE,
+    )
+    assert settings.credential_source_flood is None
+    clock = Clock()
+    app = create_app(settings, root=ROOT, clock=clock)
+    harness = Harness(await aiohttp_client(app), app[CENTRAL].engine, clock)
+    partner = await harness.partner()
+    for _ in range(20 * PER_SOURCE):
+        reply = await with_key(harness, random_key(), NAT)
+        assert reply.status in (401, 429)
+    assert_too_many(await with_key(harness, random_key(), NAT))
+    assert (await with_key(harness, partner.key, NAT)).status == 200
 
 
 async def test_a_revoked_key_in_use_alerts_its_partner(harness: Harness) -> None:

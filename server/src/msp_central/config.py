@@ -113,13 +113,14 @@ class Settings(BaseSettings):
     # after credential_identity_failures; past credential_source_failures
     # from the source, a failing credential gets 429 instead of 401 (valid
     # ones are still served: neighbours behind one NAT address keep
-    # working); past credential_source_flood every credential of that kind
-    # from the source is refused; credential_alert_failures raise one
-    # security alert per source, kind and window.
+    # working); credential_alert_failures raise one security alert per
+    # source, kind and window. credential_source_flood (off unless set):
+    # past it every credential of that kind from the source is refused,
+    # valid ones too, which locks out the neighbours behind one NAT address.
     credential_window_minutes: Annotated[int, Field(ge=1, le=24 * 60)] = 15
     credential_identity_failures: Annotated[int, Field(ge=1, le=1000)] = 5
     credential_source_failures: Annotated[int, Field(ge=1, le=1_000_000)] = 50
-    credential_source_flood: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    credential_source_flood: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     credential_alert_failures: Annotated[int, Field(ge=1, le=1_000_000)] = 20
     # Reverse proxies whose X-Forwarded-For names the real client (the last
     # address it added). Requests from anyone else are taken at their address.
@@ -138,7 +139,8 @@ class Settings(BaseSettings):
     def _flood_above_failures(self) -> Settings:
         # A flood limit below the failure limit would refuse valid
         # credentials before failing ones are ever answered 429.
-        if self.credential_source_flood < self.credential_source_failures:
+        flood = self.credential_source_flood
+        if flood is not None and flood < self.credential_source_failures:
             raise ValueError("credential_source_flood must be at least credential_source_failures")
         return self
 

@@ -19,11 +19,12 @@ nothing worth keeping. Two tables of buckets, each bucket a fixed window of
   same NAT) is not.
 - (kind, source). Once ``credential_source_failures`` failures are in, a
   credential that fails is answered 429 rather than 401, but a valid one is
-  still served. Past ``credential_source_flood`` failures, every credential
-  of the kind from the source is refused 429 before it is looked at, valid
-  ones included: at that volume the address is an attack, and serving it
-  is what costs. At ``credential_alert_failures`` failed or refused
-  attempts, one ``credential-failures`` security alert per window.
+  still served. Only if ``credential_source_flood`` is set (it is not by
+  default: the neighbours behind one NAT address would be locked out),
+  past that many failures every credential of the kind from the source is
+  refused 429 before it is looked at, valid ones included. At
+  ``credential_alert_failures`` failed or refused attempts, one
+  ``credential-failures`` security alert per window.
 
 Each table holds at most :data:`MAX_TRACKED` buckets; the oldest go first.
 With N server processes or replicas, each keeps its own counts: the budget
@@ -139,7 +140,11 @@ class CredentialThrottle:
         """Before a credential is looked at: refuse it when it, or its
         source as a whole (a flood), failed too often in the window."""
         flooded = self._live(self._sources, (kind, source), now)
-        if flooded is not None and flooded.failures >= self.source_flood:
+        if (
+            self.source_flood is not None
+            and flooded is not None
+            and flooded.failures >= self.source_flood
+        ):
             return Verdict(self._wait(flooded, now), self._attempt(kind, source, None, now))
         bucket = self._live(self._credentials, (kind, source, credential), now)
         if bucket is None or bucket.failures < self.identity_failures:
