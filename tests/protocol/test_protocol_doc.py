@@ -32,6 +32,7 @@ import nacl.signing
 import pytest
 import rfc8785
 
+from msp_protocol.bundle import BundleKind, ConfigBundle, Escalation, check_bundle, sign_bundle
 from msp_protocol.canonical import canonicalize
 from msp_protocol.central_log import (
     build_central_log_export,
@@ -134,6 +135,8 @@ class World:
     certificate: Envelope
     request: Envelope
     revocations: Envelope
+    config_bundle: Envelope
+    escalation: bytes  # the JCS body of POST .../escalations
     evidence: Envelope
     bundle: EvidenceBundle
     records: tuple[EntryRecord, ...]
@@ -157,6 +160,12 @@ class World:
 
 def pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def pretty_jcs(value: Any) -> str:
+    """``value`` indented, its members in JCS order: the order producers
+    write (the document shows every JSON example so)."""
+    return pretty(json.loads(canonicalize(value)))
 
 
 def signed_payload(envelope: Envelope) -> bytes:
@@ -207,6 +216,37 @@ def world() -> World:
             ),
         ),
     )
+    config_bundle = sign_bundle(
+        root,
+        ConfigBundle(
+            kind=BundleKind.FRAMEWORKS,
+            site_id=SITE,
+            version=3,
+            issued_at=at(-120),
+            expires_at=at(-120) + timedelta(days=7),
+            content={
+                "frameworks": [
+                    {
+                        "id": CONTROL[0],
+                        "name": "HIPAA Security Rule",
+                        "edition": "2013",
+                        "controls": [
+                            {"id": CONTROL[1], "title": CONTROL[2], "runbooks": ["disk-encryption"]}
+                        ],
+                    }
+                ]
+            },
+        ),
+    )
+    escalation = Escalation(
+        escalation_id="escalation-0001",
+        appliance_id=APPLIANCE,
+        site_id=SITE,
+        severity="high",
+        title="Disk encryption is off and could not be turned back on",
+        detail={"check_id": "disk-encryption", "result": "fail", "unencrypted_volumes": 1},
+        created_at=at(11),
+    ).canonical_bytes()
     bundle = EvidenceBundle(
         bundle_id="bundle-0001",
         site_id=SITE,
@@ -336,6 +376,8 @@ def world() -> World:
         certificate=certificate,
         request=request,
         revocations=revocations,
+        config_bundle=config_bundle,
+        escalation=escalation,
         evidence=evidence,
         bundle=bundle,
         records=records,
@@ -403,9 +445,16 @@ def examples() -> dict[str, str]:
         "jcs-input": pretty(jcs_input),
         "jcs-output": canonicalize(jcs_input).decode(),
         "enrollment-request-payload": pretty(json.loads(signed_payload(w.request))),
+        "enrollment-token-digest": (
+            f"token (example only):  {TOKEN}\nSHA-256(UTF-8 token) = {token_digest(TOKEN)}"
+        ),
+        "enrollment-body": pretty_jcs({"request": w.request.to_wire(), "token": TOKEN}),
         "certificate-payload": signed_payload(w.certificate).decode(),
-        "certificate-envelope": pretty(w.certificate.to_wire()),
+        "certificate-envelope": pretty_jcs(w.certificate.to_wire()),
         "revocations-payload": pretty(json.loads(signed_payload(w.revocations))),
+        "config-bundle-payload": pretty(json.loads(signed_payload(w.config_bundle))),
+        "config-bundle-envelope": pretty_jcs(w.config_bundle.to_wire()),
+        "escalation": w.escalation.decode(),
         "entries": "\n".join(record.raw.decode() for record in records),
         "merkle": "\n".join(
             [
@@ -428,7 +477,7 @@ def examples() -> dict[str, str]:
         ),
         "checkpoint-payload": checkpoint_payload.decode(),
         "checkpoint-pae": pae(w.checkpoint4.payloadType, checkpoint_payload).decode(),
-        "checkpoint-envelope": pretty(w.checkpoint4.to_wire()),
+        "checkpoint-envelope": pretty_jcs(w.checkpoint4.to_wire()),
         "receipt-payload": signed_payload(w.receipt4).decode(),
         "receipt-digest": (
             f"SHA-256(checkpoint payload) = {hashlib.sha256(checkpoint_payload).hexdigest()}"
@@ -450,7 +499,7 @@ def examples() -> dict[str, str]:
                 "https://Bücher.Example",
             )
         ),
-        "sync-request": pretty(
+        "sync-request": pretty_jcs(
             SyncRequest.build(
                 old_size=0,
                 entries=[record.raw for record in records],
@@ -575,6 +624,7 @@ def test_signed_documents_verify_under_the_example_keys() -> None:
     verify_dsse(w.certificate, root, PayloadType.DELEGATION)
     verify_dsse(w.request, device, PayloadType.DELEGATION_REQUEST)
     verify_dsse(w.revocations, root, PayloadType.REVOCATIONS)
+    verify_dsse(w.config_bundle, root, PayloadType.BUNDLE)
     verify_dsse(w.evidence, device, PayloadType.EVIDENCE)
     verify_dsse(w.checkpoint4, device, PayloadType.CHECKPOINT)
     verify_dsse(w.receipt4, root, PayloadType.RECEIPT)
@@ -595,6 +645,10 @@ def test_signed_documents_pass_their_checks() -> None:
         w.request, purpose="enroll", audience=w.root.key_id, now=T0, enrollment_token=TOKEN
     ).unwrap()
     check_revocations(w.revocations, roots=roots).unwrap()
+    configuration = check_bundle(
+        w.config_bundle, roots=roots, kind=BundleKind.FRAMEWORKS, site_id=SITE, at=at(60)
+    ).unwrap()
+    assert (configuration.bundle.version, configuration.stale) == (3, False)
     check_evidence(w.evidence, delegation=delegation).unwrap()
     checkpoint = check_checkpoint(w.checkpoint4, delegation=delegation).unwrap()
     check_receipt(w.receipt4, roots=roots, checkpoint=checkpoint).unwrap()
@@ -674,8 +728,57 @@ def test_the_exports_verify() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["certificate-payload", "checkpoint-payload", "receipt-payload", "entries"]
+    "name",
+    ["certificate-payload", "checkpoint-payload", "receipt-payload", "entries", "escalation"],
 )
 def test_one_line_examples_are_canonical(name: str) -> None:
     for line in examples()[name].splitlines():
         assert line.encode() == rfc8785.dumps(json.loads(line))
+
+
+def test_the_enrollment_example_binds_its_token_and_key() -> None:
+    w = world()
+    body = json.loads(examples()["enrollment-body"])
+    assert body["token"] == TOKEN
+    assert Envelope.from_wire(body["request"]) == w.request
+    payload = json.loads(
+        verify_dsse(w.request, w.device.verify_key.raw, PayloadType.DELEGATION_REQUEST)
+    )
+    assert payload["token_sha256"] == hashlib.sha256(TOKEN.encode("utf-8")).hexdigest()
+    assert payload["token_sha256"] in examples()["enrollment-token-digest"]
+    # Proof of possession: the request is signed by the key it asks to certify.
+    assert (
+        w.request.signatures[0].keyid
+        == hashlib.sha256(bytes.fromhex(payload["subject_key"])).hexdigest()[:16]
+    )
+
+
+def test_the_escalation_example_is_a_strict_canonical_escalation() -> None:
+    body = examples()["escalation"].encode()
+    assert body == rfc8785.dumps(json.loads(body))
+    escalation = Escalation.from_json(body)
+    assert (escalation.appliance_id, escalation.site_id) == (APPLIANCE, SITE)
+    assert escalation.log_index is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "certificate-envelope",
+        "checkpoint-envelope",
+        "config-bundle-envelope",
+        "enrollment-body",
+        "sync-request",
+        "audit-export",
+        "evidence-export",
+        "auditor-package",
+        "central-log-export",
+        "central-record-proof",
+    ],
+)
+def test_indented_examples_keep_jcs_member_order(name: str) -> None:
+    text = examples()[name]
+    assert (
+        canonicalize(json.loads(text))
+        == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False).encode()
+    )
