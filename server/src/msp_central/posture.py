@@ -466,8 +466,9 @@ async def catalogue_reader(
 async def site_freshness(connection: AsyncConnection, site_ids: Sequence[str]) -> Freshness:
     """Each appliance's freshness window (from the check interval its last
     heartbeat reported) and revocation time, for the given sites."""
-    # Only the one value of each heartbeat: a thousand sites' appliances.
-    interval = appliances.c.heartbeat["check_interval_seconds"]
+    # Only the one value of each heartbeat, as an integer (ingest stores it
+    # as a validated integer): a thousand sites' appliances.
+    interval = appliances.c.heartbeat["check_interval_seconds"].as_integer()
     rows = (
         await connection.execute(
             sa.select(appliances.c.id, interval.label("interval"), appliances.c.revoked_at).where(
