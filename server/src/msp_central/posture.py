@@ -161,11 +161,24 @@ class Observation:
     # The generation of the appliance's log recording it: a later one's
     # bundles are newer than any of an earlier one (ADR 0016).
     log_generation: int = 1
+    # ``controls`` as (framework id, control id) pairs, when the reader
+    # worked them out once for every bundle mapping the same controls.
+    control_keys: tuple[tuple[str, str], ...] | None = None
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The (framework id, control id) pairs the bundle speaks for."""
+        if self.control_keys is None:
+            return _control_keys(self.controls)
+        return self.control_keys
 
     @property
     def position(self) -> tuple[int, int]:
         """Where the appliance logged it, in the appliance's own order."""
         return (self.log_generation, self.log_index)
+
+
+def _control_keys(controls: Mapping[str, Sequence[str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((framework_id, c) for framework_id, ids in controls.items() for c in ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,9 +266,8 @@ def evaluate(
             state,
             observation,
         )
-        for framework_id, ids in observation.controls.items():
-            for control_id in ids:
-                by_control[framework_id, control_id].append(judged)
+        for key in observation.pairs():
+            by_control[key].append(judged)
     # Controls nothing speaks for keep the state they have without evidence
     # (shared by every site of the catalogue); only the others are judged.
     layout = catalogue.layout
@@ -548,7 +560,7 @@ async def latest_evidence(
         evidence_heads.c.reason if with_reasons else sa.null(),
     ).where(evidence_heads.c.site_id.in_(list(site_ids)))
     found: dict[str, list[Observation]] = defaultdict(list)
-    parsed: dict[str, Any] = {}
+    parsed: dict[str, tuple[Any, tuple[tuple[str, str], ...]]] = {}
     # Unpacked by position: attribute access by name is most of the cost of
     # the tens of thousands of rows of a partner's roll-up.
     for (
@@ -565,23 +577,26 @@ async def latest_evidence(
         generation,
         reason,
     ) in (await connection.execute(query)).all():
-        if isinstance(mapped, str):
-            if mapped not in parsed:
-                parsed[mapped] = json.loads(mapped)
-            mapped = parsed[mapped]  # noqa: PLW2901 - the parsed form of the same value
+        held = parsed.get(mapped) if isinstance(mapped, str) else None
+        if held is None:
+            value = json.loads(mapped) if isinstance(mapped, str) else mapped
+            held = (value, _control_keys(value))
+            if isinstance(mapped, str):
+                parsed[mapped] = held
         found[site_id].append(
             Observation(
                 appliance_id,
                 bundle_id,
                 check_id,
                 result,
-                mapped,
+                held[0],
                 _utc(collected_at),
                 int(log_index),
                 bool(signed_after_expiry),
                 None if in_log is None else bool(in_log),
                 reason if reasons_of is None or result in reasons_of else None,
                 int(generation),
+                held[1],
             )
         )
     return found
