@@ -551,7 +551,8 @@ async def latest_evidence(
         evidence_heads.c.bundle_id,
         evidence_heads.c.check_id,
         evidence_heads.c.result,
-        sa.type_coerce(evidence_heads.c.controls, sa.Text),
+        # Cast, not only typed: PostgreSQL's driver would decode JSON itself.
+        sa.cast(evidence_heads.c.controls, sa.Text),
         sa.type_coerce(evidence_heads.c.collected_at, _Raw),
         evidence_heads.c.log_index,
         sa.type_coerce(evidence_heads.c.signed_after_expiry, _Raw),
