@@ -30,12 +30,14 @@ from msp_protocol.central_log import (
     check_central_checkpoint,
     check_central_log_export,
     check_central_record,
+    check_central_record_proof,
     make_central_checkpoint,
     parse_central_log_export,
     parse_central_record_proof,
     verify_central_checkpoint,
     verify_central_log_export,
     verify_central_record,
+    verify_central_record_proof,
 )
 from msp_protocol.delegation import VerifiedDelegation
 from msp_protocol.dsse import Envelope, PayloadType, sign_document, sign_envelope
@@ -55,7 +57,7 @@ from msp_protocol.log import (
     make_receipt,
 )
 from msp_protocol.merkle import LeafHashTree, TreeState, inclusion_proof, leaf_hash
-from msp_protocol.verify_cli import main
+from msp_protocol.verify_cli import RECORD_PROOF_MEMBERS, main
 from tests.protocol.support import APPLIANCE, NOW, key
 
 ROOT = key(1)  # the central root key
@@ -692,3 +694,245 @@ def test_cli_refuses_a_central_log_under_another_key(
     assert status == 1
     assert out[0] == "central log export: NOT VERIFIED (first bad entry: 0)"
     assert out[1].startswith("  bad-signature: checkpoint: 0 of 1 required signatures")
+
+
+# --- msp-verify on a record proof ----------------------------------------------------
+
+
+def record_changed_proof_hash(proof: RecordProof) -> RecordProof:
+    first = bytes([proof.inclusion[0][0] ^ 1]) + proof.inclusion[0][1:]
+    return replace(proof, inclusion=[first, *proof.inclusion[1:]])
+
+
+def record_file(tmp_path: Path, proof: RecordProof, name: str = "record-proof.json") -> Path:
+    path = tmp_path / name
+    path.write_bytes(proof.build())
+    return path
+
+
+def test_cli_verifies_a_central_record_proof(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = record_file(tmp_path, record_proof(4))
+    status, out, err = run_main([*KEY, str(path)], capsys)
+    assert (status, err) == (0, [])
+    assert out == [
+        f"central record proof of key {ROOT.key_id}: verified",
+        "  entry 4, included in the log of 12 entries the central key signed at "
+        "2026-11-25T12:12:00Z",
+        "  escalation.acknowledged by user:u-7 at 2026-11-25T12:04:00Z",
+        '  data: {"escalation_id":"esc-3","n":4}',
+    ]
+    status, out, _ = run_main([*KEY, "--json", str(path)], capsys)
+    assert status == 0
+    assert json.loads("\n".join(out)) == {
+        "file": str(path),
+        "kind": "central-record-proof",
+        "verified": True,
+        "report": {
+            "index": 4,
+            "ts": "2026-11-25T12:04:00Z",
+            "kind": "escalation.acknowledged",
+            "actor": "user:u-7",
+            "data": {"escalation_id": "esc-3", "n": 4},
+            "key_id": ROOT.key_id,
+            "checkpoint_size": SIZE,
+            "checkpoint_ts": "2026-11-25T12:12:00Z",
+            "problem": None,
+        },
+        "problems": [],
+    }
+
+
+def test_cli_shows_the_genesis_of_a_record_proof_of_entry_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run_main([*KEY, str(record_file(tmp_path, record_proof(0)))], capsys)
+    assert status == 0
+    assert out[1:] == [
+        "  entry 0, included in the log of 12 entries the central key signed at "
+        "2026-11-25T12:12:00Z",
+        "  central.genesis by central at 2026-11-25T12:00:00Z",
+        f'  data: {{"key_id":"{ROOT.key_id}"}}',
+    ]
+
+
+NOT_LEADING = "entry 4: inclusion proof does not lead to the root of size 12"
+
+
+@pytest.mark.parametrize(
+    ("attack", "lines"),
+    [
+        pytest.param(
+            record_tampered_entry,
+            [
+                f"central record proof of key {ROOT.key_id}: NOT VERIFIED",
+                f"  bad-inclusion-proof: {NOT_LEADING}",
+            ],
+            id="record_tampered_entry",
+        ),
+        pytest.param(
+            record_changed_proof_hash,
+            [
+                f"central record proof of key {ROOT.key_id}: NOT VERIFIED",
+                f"  bad-inclusion-proof: {NOT_LEADING}",
+            ],
+            id="record_changed_proof_hash",
+        ),
+        pytest.param(
+            record_checkpoint_by_other_central_key,
+            [
+                "central record proof: NOT VERIFIED",
+                "  bad-signature: checkpoint: 0 of 1 required signatures by trusted keys "
+                f"(key {OTHER_ROOT.key_id} is not trusted)",
+            ],
+            id="record_checkpoint_by_other_central_key",
+        ),
+        pytest.param(
+            record_wrong_index,
+            [
+                f"central record proof of key {ROOT.key_id}: NOT VERIFIED",
+                f"  bad-inclusion-proof: {NOT_LEADING}",
+            ],
+            id="record_wrong_index",
+        ),
+        pytest.param(
+            record_entry_beyond_the_tree,
+            [
+                f"central record proof of key {ROOT.key_id}: NOT VERIFIED",
+                "  bad-inclusion-proof: entry 12: leaf index 12 outside a tree of size 12",
+            ],
+            id="record_entry_beyond_the_tree",
+        ),
+    ],
+)
+def test_cli_refuses_a_changed_record_proof(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    attack: Callable[[RecordProof], RecordProof],
+    lines: list[str],
+) -> None:
+    path = record_file(tmp_path, attack(record_proof(4)))
+    status, out, err = run_main([*KEY, str(path)], capsys)
+    assert (status, out, err) == (1, lines, [])
+    status, out, _ = run_main([*KEY, "--json", str(path)], capsys)
+    assert status == 1
+    report = json.loads("\n".join(out))
+    assert (report["kind"], report["verified"]) == ("central-record-proof", False)
+    code, message = lines[1].strip().split(": ", 1)
+    assert report["problems"] == [{"code": code, "message": message}]
+    assert report["report"]["problem"] == message
+
+
+def test_cli_refuses_a_record_proof_under_another_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = record_file(tmp_path, record_proof(4))
+    status, out, _ = run_main(["--central-key", OTHER_ROOT.verify_key.hex, str(path)], capsys)
+    assert status == 1
+    assert out == [
+        "central record proof: NOT VERIFIED",
+        "  bad-signature: checkpoint: 0 of 1 required signatures by trusted keys "
+        f"(key {ROOT.key_id} is not trusted)",
+    ]
+
+
+def test_cli_checks_no_time_on_a_record_proof(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # docs/protocol.md §9.3: the checkpoint's time is shown, not judged, so
+    # one dated after --at still proves the record.
+    entries = central_entries()
+    future = make_central_checkpoint(ROOT, state_of(entries), NOW + timedelta(days=30))
+    path = record_file(tmp_path, replace(record_proof(4), checkpoint=future))
+    status, out, _ = run_main([*KEY, str(path)], capsys)
+    assert status == 0
+    assert out[1].endswith("the central key signed at 2026-12-25T12:00:00Z")
+
+
+def test_a_record_proof_is_recognised_by_its_required_members() -> None:
+    assert {"entry", "inclusion", "checkpoint"} == RECORD_PROOF_MEMBERS
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "first_line"),
+    [
+        # Something else, whatever else it holds: never taken for a record proof.
+        pytest.param(
+            {"format": "msp.central-record-proof.v1"},
+            2,
+            "is not an audit export, an evidence export, an auditor package, a central log "
+            "export, a central record proof or an evidence bundle",
+            id="with_a_format",
+        ),
+        pytest.param(
+            {"format": CENTRAL_LOG_EXPORT_FORMAT},
+            1,
+            "NOT VERIFIED",
+            id="a_central_log_export_with_its_members",
+        ),
+        pytest.param(
+            {"payloadType": PayloadType.CHECKPOINT.value},
+            2,
+            f"is a signed {PayloadType.CHECKPOINT.value} document, not an evidence bundle",
+            id="with_a_payload_type",
+        ),
+        pytest.param(
+            {"checkpoint": None},
+            2,
+            "a central record proof or an evidence bundle",
+            id="without_a_checkpoint",
+        ),
+        # A record proof with one member too many: refused by the strict parser.
+        pytest.param({"index": 4}, 1, "NOT VERIFIED", id="with_an_extra_member"),
+    ],
+)
+def test_cli_recognises_record_proofs_only(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, object],
+    status: int,
+    first_line: str,
+) -> None:
+    value = json.loads(record_proof(4).build())
+    value.update(change)
+    value = {name: member for name, member in value.items() if member is not None}
+    path = tmp_path / "document.json"
+    path.write_bytes(canonicalize(value))
+    got, out, err = run_main([*KEY, str(path)], capsys)
+    assert got == status
+    if status == 2:
+        assert out == []
+        assert first_line in err[0]
+    else:
+        assert first_line in out[0]
+        assert "malformed-document" in out[1]
+
+
+def test_cli_refuses_a_certificate_with_a_record_proof(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = record_file(tmp_path, record_proof(4))
+    status, out, err = run_main([*KEY, "--certificate", str(path), str(path)], capsys)
+    assert (status, out) == (2, [])
+    assert err == [
+        "msp-verify: --certificate goes with a bare evidence bundle envelope only",
+    ]
+
+
+def test_record_proof_report_travels_with_its_failures() -> None:
+    changed = check_central_record_proof(record_tampered_entry(record_proof(4)).build(), CENTRAL)
+    assert changed.codes == ("bad-inclusion-proof",)
+    report = changed.value
+    assert report is not None
+    assert (report.verified, report.problem) == (False, NOT_LEADING)
+    assert (report.key_id, report.checkpoint_size) == (ROOT.key_id, SIZE)
+    assert (report.entry.index, report.entry.data["n"]) == (4, 5)
+    forged = check_central_record_proof(
+        record_checkpoint_by_other_central_key(record_proof(4)).build(), CENTRAL
+    )
+    assert forged.value is not None
+    assert (forged.value.key_id, forged.value.checkpoint_size) == (None, None)
+    assert check_central_record_proof(b"{}", CENTRAL).value is None
+    proven = verify_central_record_proof(record_proof(4).build(), CENTRAL)
+    assert proven.entry == verify_central_record(record_proof(4).build(), CENTRAL)

@@ -515,6 +515,7 @@ def examples() -> dict[str, str]:
         "central-checkpoint-payload": signed_payload(w.central_checkpoint).decode(),
         "central-log-export": pretty(json.loads(w.central_export)),
         "central-record-proof": pretty(json.loads(w.central_proof)),
+        "central-record-proof-verify": run_msp_verify("central-record-proof.json", w.central_proof),
         "auditor-package": pretty(json.loads(w.package)),
         "auditor-package-verify": run_msp_verify("auditor-package.json", w.package),
     }
@@ -723,7 +724,12 @@ def test_the_exports_verify() -> None:
     assert check_central_record(w.central_proof, roots).unwrap().kind == "site.created"
     package = check_auditor_package(w.package, roots, at=at(60)).unwrap()
     assert (package.bundles, package.summary_verified) == (1, True)
-    for name in ("audit-export-verify", "evidence-export-verify", "auditor-package-verify"):
+    for name in (
+        "audit-export-verify",
+        "evidence-export-verify",
+        "central-record-proof-verify",
+        "auditor-package-verify",
+    ):
         assert examples()[name].endswith("(exit status 0)"), name
 
 

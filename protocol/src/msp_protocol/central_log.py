@@ -17,7 +17,7 @@ tree. ``actor`` says who acted (``partner:<id>``, ``user:<id>``, ``admin``,
   with its latest checkpoint, for an auditor; ``msp-verify`` checks it.
 - A *central record proof* is one entry with its inclusion proof and a
   checkpoint: what a partner gets, since the whole log holds other partners'
-  actions.
+  actions. It has no ``format`` member; ``msp-verify`` checks it too.
 
 Entry 0 names the key that signs the log's checkpoints: a rotation of the
 central root key is out of scope (docs/adr/0012-central-log.md), so a
@@ -485,13 +485,54 @@ def parse_central_record_proof(
     return CentralRecordProof.from_wire(value)
 
 
-def check_central_record(
+@dataclass(frozen=True, slots=True)
+class CentralRecordReport:
+    """What :func:`check_central_record_proof` found.
+
+    ``entry`` is the record as the proof carries it: proven only when the
+    report is ``verified``, shown either way so a failure can say which
+    record it was about. ``key_id``, ``checkpoint_size`` and
+    ``checkpoint_ts`` are the verified checkpoint's (None when it did not
+    verify); ``problem`` is the first failure's message.
+    """
+
+    entry: LogEntry
+    key_id: str | None
+    checkpoint_size: int | None
+    checkpoint_ts: datetime | None
+    problem: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.problem is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.entry.index,
+            "ts": format_time(self.entry.ts),
+            "kind": self.entry.kind,
+            "actor": self.entry.actor,
+            "data": dict(self.entry.data),
+            "key_id": self.key_id,
+            "checkpoint_size": self.checkpoint_size,
+            "checkpoint_ts": (
+                format_time(self.checkpoint_ts) if self.checkpoint_ts is not None else None
+            ),
+            "problem": self.problem,
+        }
+
+
+def check_central_record_proof(
     proof: CentralRecordProof | bytes | dict[str, Any],
     central_keys: Sequence[VerifyKey],
     *,
     limits: Limits = DEFAULT_LIMITS,
-) -> Result[LogEntry]:
+) -> Result[CentralRecordReport]:
     """Verify that one entry is in the central log, as the central key signed it.
+
+    The result carries the report even when verification failed (a tool
+    shows which record and which checkpoint it was about), except when the
+    proof or its entry does not parse at all.
 
     (1) the proof parses strictly, the entry is a canonical log entry —
         parser confusion, an entry re-encoded;
@@ -500,6 +541,9 @@ def check_central_record(
     (3) the entry's leaf hash is included at the entry's own index in the
         tree of the checkpoint's size, with the checkpoint's root — a changed
         entry, an entry moved to another index, a proof for another tree.
+
+    No time is checked: the checkpoint's ``ts`` is reported, not judged
+    (docs/protocol.md §9.3).
     """
     if not central_keys:
         raise UsageError("verifying a central record needs at least one central key")
@@ -517,18 +561,43 @@ def check_central_record(
         return Result.failure(exc)
     checked = check_central_checkpoint(parsed.checkpoint, central_keys, limits=limits)  # (2)
     if not checked.ok:
-        return Result(None, tuple(type(f)(f"checkpoint: {f}") for f in checked.failures))
-    checkpoint = checked.unwrap().checkpoint
+        failures = tuple(type(f)(f"checkpoint: {f}") for f in checked.failures)
+        unsigned = CentralRecordReport(record.entry, None, None, None, failures[0].message)
+        return Result(unsigned, failures)
+    verified = checked.unwrap()
+    checkpoint = verified.checkpoint
     index = record.entry.index
     included = check_inclusion(  # (3)
         record.leaf_hash, index, checkpoint.size, inclusion, checkpoint.root_bytes, limits=limits
     )
-    if not included.ok:
-        return Result(
-            None,
-            tuple(type(f)(f"entry {index}: {f}") for f in included.failures),
-        )
-    return Result.success(record.entry)
+    failures = tuple(type(f)(f"entry {index}: {f}") for f in included.failures)
+    report = CentralRecordReport(
+        entry=record.entry,
+        key_id=verified.key_id,
+        checkpoint_size=checkpoint.size,
+        checkpoint_ts=checkpoint.ts,
+        problem=failures[0].message if failures else None,
+    )
+    # The report travels with the failures (Result.unwrap still raises the
+    # first one).
+    return Result(report, failures)
+
+
+verify_central_record_proof = raising(check_central_record_proof)
+
+
+def check_central_record(
+    proof: CentralRecordProof | bytes | dict[str, Any],
+    central_keys: Sequence[VerifyKey],
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Result[LogEntry]:
+    """:func:`check_central_record_proof`, returning the proven entry alone:
+    what a caller holding the proof of its own action needs."""
+    checked = check_central_record_proof(proof, central_keys, limits=limits)
+    if not checked.ok or checked.value is None:
+        return Result(None, checked.failures)
+    return Result.success(checked.value.entry)
 
 
 verify_central_record = raising(check_central_record)
@@ -543,6 +612,7 @@ __all__ = [
     "CentralLogReplay",
     "CentralLogReport",
     "CentralRecordProof",
+    "CentralRecordReport",
     "VerifiedCentralCheckpoint",
     "build_central_log_export",
     "build_central_record_proof",
@@ -552,10 +622,12 @@ __all__ = [
     "check_central_genesis",
     "check_central_log_export",
     "check_central_record",
+    "check_central_record_proof",
     "make_central_checkpoint",
     "parse_central_log_export",
     "parse_central_record_proof",
     "verify_central_checkpoint",
     "verify_central_log_export",
     "verify_central_record",
+    "verify_central_record_proof",
 ]

@@ -7,10 +7,11 @@
 
 FILE is an audit export (``msp-agent audit export``), an evidence export, an
 auditor package (a site's evidence for some frameworks over a period, from
-the central server), the central server's own log (a central log export), or
-a bare evidence bundle envelope (then ``--certificate`` names its delegation
-certificate). The central server's
-public key is the only thing trusted.
+the central server), the central server's own log (a central log export),
+one record of it with its proof (a central record proof, as a partner gets
+it), or a bare evidence bundle envelope (then ``--certificate`` names its
+delegation certificate). The central server's public key is the only thing
+trusted.
 
 Exit status: 0 verified; 1 verification failed (one line per problem, naming
 the first bad entry or document); 2 the command was used wrongly (no central key, a file
@@ -35,7 +36,10 @@ from msp_protocol.canonical import parse_json
 from msp_protocol.central_log import (
     CENTRAL_LOG_EXPORT_FORMAT,
     CentralLogReport,
+    CentralRecordProof,
+    CentralRecordReport,
     check_central_log_export,
+    check_central_record_proof,
 )
 from msp_protocol.dsse import PayloadType, parse_envelope
 from msp_protocol.encoding import format_time, parse_time, utc_now
@@ -63,6 +67,15 @@ EXIT_VERIFIED = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
+# A central record proof has no ``format`` member (docs/protocol.md §8.3), so
+# it is recognised by its required members on an object with neither
+# ``format`` nor ``payloadType``: every other kind has one of the two, so
+# none passes for a record proof, nor a record proof for one of them. Extra
+# members are then the strict parser's to refuse (exit 1), not a usage error.
+RECORD_PROOF_MEMBERS: frozenset[str] = frozenset(
+    name for name, field in CentralRecordProof.model_fields.items() if field.is_required()
+)
+
 
 class CommandLineError(Exception):
     """The command was used wrongly: exit 2 with this one-line message."""
@@ -80,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "Verify an audit export, an evidence export, an auditor package, a central log "
-            "export or an evidence bundle offline, with only the central server's public key."
+            "export, a central record proof or an evidence bundle offline, with only the "
+            "central server's public key."
         ),
         epilog="Exit status: 0 verified, 1 verification failed, 2 usage error.",
     )
@@ -117,11 +131,16 @@ def _parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    # "audit-export", "evidence-export", "auditor-package", "central-log-export"
-    # or "evidence-bundle"
+    # "audit-export", "evidence-export", "auditor-package", "central-log-export",
+    # "central-record-proof" or "evidence-bundle"
     kind: str
     report: (
-        AuditExportReport | EvidenceExportReport | AuditorPackageReport | CentralLogReport | None
+        AuditExportReport
+        | EvidenceExportReport
+        | AuditorPackageReport
+        | CentralLogReport
+        | CentralRecordReport
+        | None
     )
     failures: tuple[Failure, ...]
 
@@ -229,6 +248,10 @@ def _verify(
     if tag == CENTRAL_LOG_EXPORT_FORMAT:
         central = check_central_log_export(value, keys, at=at, limits=limits)
         return Outcome("central-log-export", central.value, central.failures)
+    if _is_record_proof(value):
+        # The document gives a record proof no time check: --at plays no part.
+        record = check_central_record_proof(value, keys, limits=limits)
+        return Outcome("central-record-proof", record.value, record.failures)
     if payload_type == PayloadType.EVIDENCE.value:
         if args.certificate is None:
             raise CommandLineError(
@@ -252,7 +275,18 @@ def _verify(
         )
     raise CommandLineError(
         f"{args.file} is not an audit export, an evidence export, an auditor package, "
-        "a central log export or an evidence bundle"
+        "a central log export, a central record proof or an evidence bundle"
+    )
+
+
+def _is_record_proof(value: Any) -> bool:
+    """An object with every member a record proof requires and neither of
+    the members that mark the other kinds (see RECORD_PROOF_MEMBERS)."""
+    return (
+        isinstance(value, dict)
+        and "format" not in value
+        and "payloadType" not in value
+        and value.keys() >= RECORD_PROOF_MEMBERS
     )
 
 
@@ -266,6 +300,8 @@ def _human_report(path: Path, outcome: Outcome) -> list[str]:
         lines = _package_lines(report, outcome.verified)
     elif isinstance(report, CentralLogReport):
         lines = _central_log_lines(report, outcome.verified)
+    elif isinstance(report, CentralRecordReport):
+        lines = _central_record_lines(report, outcome.verified)
     else:
         lines = [f"{path}: NOT VERIFIED"]
     lines.extend(f"  {failure.code}: {failure}" for failure in outcome.failures)
@@ -405,6 +441,25 @@ def _central_log_lines(report: CentralLogReport, verified: bool) -> list[str]:
         f"  {_count(report.size, 'entry', 'entries')}, all covered by the checkpoint the "
         f"central key signed at {checkpoint_ts}",
         f"  by kind: {kinds}",
+    ]
+
+
+def _central_record_lines(report: CentralRecordReport, verified: bool) -> list[str]:
+    title = "central record proof" + (f" of key {report.key_id}" if report.key_id else "")
+    if not verified:
+        return [f"{title}: NOT VERIFIED"]
+    entry = report.entry
+    checkpoint_ts = format_time(report.checkpoint_ts) if report.checkpoint_ts else "?"
+    size = report.checkpoint_size or 0
+    # ASCII-escaped: the data is the server's free-form JSON, printed on a
+    # terminal.
+    data = json.dumps(entry.data, sort_keys=True, separators=(",", ":"))
+    return [
+        f"{title}: verified",
+        f"  entry {entry.index}, included in the log of {_count(size, 'entry', 'entries')} "
+        f"the central key signed at {checkpoint_ts}",
+        f"  {entry.kind} by {entry.actor} at {format_time(entry.ts)}",
+        f"  data: {data}",
     ]
 
 
