@@ -26,6 +26,7 @@ from msp_central.db.tables import (
     notification_channels,
     notification_deliveries,
     notification_events,
+    security_alerts,
     sites,
 )
 
@@ -144,21 +145,33 @@ def escalation_event(
     )
 
 
-def alert_event(
+def store_alert(
     connection: Connection,
     *,
-    alert_id: int,
-    appliance_id: str | None,
-    site_id: str | None,
     code: str,
     detail: str,
     now: datetime,
+    appliance_id: str | None = None,
+    site_id: str | None = None,
     partner_id: str | None = None,
-) -> str | None:
-    """The event of a newly stored security alert: of its site's partner,
-    or of ``partner_id`` for an alert about the partner's own accounts (an
-    alert of neither has nobody to tell)."""
-    return record_event(
+) -> int:
+    """Store a security alert and the event that notifies of it, in the
+    caller's transaction; its id. The event goes to its site's partner, or
+    to ``partner_id`` for an alert about the partner's own accounts or
+    credentials (an alert of neither has nobody to tell: administrators
+    read it)."""
+    result = connection.execute(
+        sa.insert(security_alerts).values(
+            appliance_id=appliance_id,
+            site_id=site_id,
+            partner_id=partner_id,
+            code=code,
+            detail=detail[:2000],
+            created_at=now,
+        )
+    )
+    alert_id = int(result.inserted_primary_key[0])  # type: ignore[index]
+    record_event(
         connection,
         kind="security.alert",
         key=f"security.alert:{alert_id}",
@@ -168,3 +181,4 @@ def alert_event(
         payload={"alert_id": alert_id, "code": code, "detail": detail[:500]},
         now=now,
     )
+    return alert_id

@@ -40,10 +40,9 @@ from msp_central.db.tables import (
     presets,
     revocation_lists,
     runbooks,
-    security_alerts,
     sites,
 )
-from msp_central.events import alert_event
+from msp_central.events import store_alert
 from msp_central.names import name_key, readable_name
 from msp_central.problems import Problem
 from msp_protocol.delegation import Revocation, RevocationList, sign_revocations, token_digest
@@ -587,30 +586,22 @@ async def publish_revocations(connection: AsyncConnection, root: SigningKey, now
 async def record_alert(
     engine: AsyncEngine,
     *,
-    appliance_id: str | None,
-    site_id: str | None,
     code: str,
     detail: str,
     now: datetime,
+    appliance_id: str | None = None,
+    site_id: str | None = None,
+    partner_id: str | None = None,
 ) -> None:
     """A security alert, in its own transaction: it must survive the refusal
     of the request that raised it."""
     async with write(engine) as connection:
-        result = await connection.execute(
-            sa.insert(security_alerts).values(
-                appliance_id=appliance_id,
-                site_id=site_id,
-                code=code,
-                detail=detail[:2000],
-                created_at=now,
-            )
-        )
         await connection.run_sync(
             functools.partial(
-                alert_event,
-                alert_id=int(result.inserted_primary_key[0]),  # type: ignore[index]
+                store_alert,
                 appliance_id=appliance_id,
                 site_id=site_id,
+                partner_id=partner_id,
                 code=code,
                 detail=detail,
                 now=now,

@@ -41,16 +41,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final, Literal, TypeVar
 
-import sqlalchemy as sa
 from aiohttp import web
 
 from msp_central.config import Settings
 from msp_central.console.sessions import client_source
 from msp_central.context import central
-from msp_central.db.engine import write
-from msp_central.db.tables import security_alerts
-from msp_central.events import alert_event
 from msp_central.problems import Problem
+from msp_central.queries import record_alert
 
 log = logging.getLogger("msp_central.throttle")
 
@@ -273,29 +270,14 @@ async def _raise_alert(request: web.Request, alert: Alert | None) -> None:
     now = service.clock()
     log.warning("security alert %s: %s", ALERT_CODE, detail)
     try:
-        async with write(service.engine) as connection:
-            result = await connection.execute(
-                sa.insert(security_alerts).values(
-                    appliance_id=subject.appliance_id,
-                    site_id=subject.site_id,
-                    partner_id=subject.partner_id,
-                    code=ALERT_CODE,
-                    detail=detail,
-                    created_at=now,
-                )
-            )
-            alert_id = int(result.inserted_primary_key[0])  # type: ignore[index]
-            await connection.run_sync(
-                lambda sync: alert_event(
-                    sync,
-                    alert_id=alert_id,
-                    appliance_id=subject.appliance_id,
-                    site_id=subject.site_id,
-                    partner_id=subject.partner_id,
-                    code=ALERT_CODE,
-                    detail=detail,
-                    now=now,
-                )
-            )
+        await record_alert(
+            service.engine,
+            appliance_id=subject.appliance_id,
+            site_id=subject.site_id,
+            partner_id=subject.partner_id,
+            code=ALERT_CODE,
+            detail=detail,
+            now=now,
+        )
     except Exception:  # the refusal stands either way; the log line above says why it was
         log.exception("storing a %s security alert failed", ALERT_CODE)

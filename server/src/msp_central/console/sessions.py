@@ -13,6 +13,7 @@ server's own origin. The cookie is ``SameSite=Strict`` as well.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import os
@@ -26,8 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from msp_central.context import Central, central
 from msp_central.db.engine import read_only, write
-from msp_central.db.tables import login_failures, partners, security_alerts, user_sessions, users
-from msp_central.events import alert_event
+from msp_central.db.tables import login_failures, partners, user_sessions, users
+from msp_central.events import store_alert
 from msp_central.problems import Problem
 from msp_protocol.delegation import token_digest
 
@@ -304,21 +305,9 @@ async def record_failure(request: web.Request, email: str, partner_id: str | Non
             f"{len(failures)} failed sign-ins to {email} within "
             f"{settings.login_window_minutes} minutes, from {', '.join(sources[:10])}"
         )
-        result = await connection.execute(
-            sa.insert(security_alerts).values(
-                partner_id=partner_id,
-                code="login-failures",
-                detail=detail,
-                created_at=now,
-            )
-        )
-        alert_id = int(result.inserted_primary_key[0])  # type: ignore[index]
         await connection.run_sync(
-            lambda sync: alert_event(
-                sync,
-                alert_id=alert_id,
-                appliance_id=None,
-                site_id=None,
+            functools.partial(
+                store_alert,
                 partner_id=partner_id,
                 code="login-failures",
                 detail=detail,

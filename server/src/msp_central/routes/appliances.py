@@ -58,9 +58,8 @@ from msp_central.db.tables import (
     frameworks,
     request_nonces,
     runbooks,
-    security_alerts,
 )
-from msp_central.events import alert_event, escalation_event
+from msp_central.events import escalation_event, store_alert
 from msp_central.evidence_heads import advance, head_of, reason_of_observed, settle
 from msp_central.params import checked_query
 from msp_central.problems import Problem
@@ -955,18 +954,8 @@ def _check_pending_evidence(
                 f"witnessed audit entry {bundle.log_index} does not record "
                 f"evidence bundle {bundle.bundle_id} as it was submitted"
             )
-            alert = connection.execute(
-                sa.insert(security_alerts).values(
-                    appliance_id=caller.appliance_id,
-                    site_id=caller.site_id,
-                    code="evidence-not-in-log",
-                    detail=detail,
-                    created_at=now,
-                )
-            )
-            alert_event(
+            store_alert(
                 connection,
-                alert_id=int(alert.inserted_primary_key[0]),  # type: ignore[index]
                 appliance_id=caller.appliance_id,
                 site_id=caller.site_id,
                 code="evidence-not-in-log",
