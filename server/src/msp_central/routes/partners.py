@@ -624,10 +624,12 @@ async def _summarise(
         status, _ = row_status(SimpleNamespace(**row._mapping, heartbeat=said), now, settings)
         counts[status] += 1
         total += 1
-        # A revoked certificate no longer matters; the list says "Revoked".
-        if status not in ("revoked", "decommissioned") and row.not_after is not None:
-            expiring += row.not_after < expiring_before
-        with_failing += bool(row.failing)
+        # A revoked certificate's end no longer matters; the list says "Revoked".
+        in_service = status not in ("revoked", "decommissioned")
+        if in_service and row.not_after is not None and row.not_after < expiring_before:
+            expiring += 1
+        if row.failing:
+            with_failing += 1
     return ApplianceSummary(
         total=total,
         online=counts["online"],
