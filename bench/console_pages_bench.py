@@ -121,7 +121,11 @@ PAGE_CALLS: dict[str, list[str]] = {
     # controls with its trend (?site=).
     "posture": ["/api/v1/posture"],
     "posture-site": ["/api/v1/sites/{site}/posture", "/api/v1/sites/{site}/posture/trend"],
-    "appliances": ["/api/v1/sites?limit=50", "/api/v1/appliances?limit=50"],
+    "appliances": [
+        "/api/v1/sites?limit=50",
+        "/api/v1/appliances?limit=50",
+        "/api/v1/appliances/summary",
+    ],
     "escalations": [
         "/api/v1/escalations?open=true&limit=50",
         "/api/v1/security-alerts?limit=50",

@@ -150,6 +150,7 @@ ROWS = [
     row("POST", "/api/v1/sites/{site_id}/enrollment-tokens",           MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  CREATED),
     row("GET",  "/api/v1/sites/{site_id}/appliances",                  MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/appliances",                                  MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
+    row("GET",  "/api/v1/appliances/summary",                          MISSING,   BAD_KEY,     FORBIDDEN,  OK,              MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/evidence",                    MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/posture",                     MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
     row("GET",  "/api/v1/sites/{site_id}/posture/oscal",               MISSING,   BAD_KEY,     FORBIDDEN,  NOT_FOUND,       MISSING,         MISSING,  OK),
@@ -577,6 +578,13 @@ def _check_all_appliances(w: World, body: Any) -> None:
     }
 
 
+def _check_appliance_summary(w: World, body: Any) -> None:
+    """The partner's four appliances (as _check_all_appliances lists
+    them), counted."""
+    counts = {key: body[key] for key in ("total", "online", "never_seen", "revoked")}
+    assert counts == {"total": 4, "online": 1, "never_seen": 2, "revoked": 1}
+
+
 def _check_evidence(w: World, body: Any) -> None:
     assert _ids(body) == {w.bundle_id}
 
@@ -717,6 +725,7 @@ CHECKS: dict[str, Callable[[World, Any], None]] = {
     "POST /api/v1/sites/{site_id}/enrollment-tokens": _check_token,
     "GET /api/v1/sites/{site_id}/appliances": _check_appliances,
     "GET /api/v1/appliances": _check_all_appliances,
+    "GET /api/v1/appliances/summary": _check_appliance_summary,
     "GET /api/v1/sites/{site_id}/evidence": _check_evidence,
     "GET /api/v1/sites/{site_id}/posture": _check_site_posture,
     "GET /api/v1/sites/{site_id}/posture/oscal": _check_oscal,

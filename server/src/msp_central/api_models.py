@@ -369,6 +369,25 @@ class AppliancePage(Body):
     next_cursor: str | None
 
 
+class ApplianceSummary(Body):
+    """Counts over every appliance a list with the same filters holds, each
+    status as the list gives it."""
+
+    total: int
+    online: int
+    offline: int
+    never_seen: int
+    revoked: int
+    decommissioned: int
+    # Neither revoked nor decommissioned, its certificate ending within
+    # expiring_within_days or ended.
+    certificate_expiring: int
+    # With at least one check whose newest bundle failed or erred.
+    with_failing_checks: int
+    expiring_within_days: int
+    counted_at: datetime
+
+
 class RevokeIn(Body):
     reason: Annotated[Printable, StringConstraints(max_length=256)] = ""
 

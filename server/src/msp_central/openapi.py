@@ -86,6 +86,7 @@ OPERATIONS: list[
     ("delete", "/api/v1/user-invites/{invite_id}", "Withdraw an unused invitation (admins only)", PARTNER, None, {200: m.InviteOut}),
     ("get", "/api/v1/sites/{site_id}/appliances", "A site's appliances and their state, a page at a time", PARTNER, None, {200: m.AppliancePage}),
     ("get", "/api/v1/appliances", "The appliances of all the partner's sites and their state, a page at a time", PARTNER, None, {200: m.AppliancePage}),
+    ("get", "/api/v1/appliances/summary", "Counts over every appliance the list would give with the same filters: per status, certificates expiring, failing checks", PARTNER, None, {200: m.ApplianceSummary}),
     ("get", "/api/v1/sites/{site_id}/evidence", "A site's evidence bundles, newest first, a page at a time", PARTNER, None, {200: m.EvidencePage}),
     ("get", "/api/v1/sites/{site_id}/posture", "A site's compliance posture, control by control, with the evidence behind each state", PARTNER, None, {200: m.SitePostureOut}),
     ("get", "/api/v1/sites/{site_id}/posture/oscal", "A site's posture as an OSCAL 1.2.1 Assessment Results document: a finding per control, an observation per signed bundle linking its evidence export", PARTNER, None, {200: OSCAL_DOCUMENT}),
@@ -230,6 +231,7 @@ QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
     ],
     ("get", "/api/v1/sites/{site_id}/appliances"): [*PAGE_PARAMETERS, *_APPLIANCE_FILTERS],
     ("get", "/api/v1/appliances"): [*PAGE_PARAMETERS, _SITE_FILTER, *_APPLIANCE_FILTERS],
+    ("get", "/api/v1/appliances/summary"): [_SITE_FILTER, *_APPLIANCE_FILTERS],
     ("get", "/api/v1/sites/{site_id}/evidence"): [
         *PAGE_PARAMETERS,
         _APPLIANCE_FILTER,

@@ -1,8 +1,9 @@
 """The console's Appliances page in a real browser: each appliance's status,
 log sizes, queues, certificate and failing checks; enrollment tokens
 created (shown once, with the enroll command), used and revoked;
-decommissioning behind a confirmation; the site picker, deep links and
-"Show more"; what a viewer may not do. On SQLite and on PostgreSQL."""
+decommissioning behind a confirmation; the summary counted over every
+appliance, not the page loaded; the site picker, deep links and "Show
+more"; what a viewer may not do. On SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -198,9 +199,13 @@ def test_appliances_tokens_and_decommissioning(console: Console) -> None:
         f"Appliance {target} was decommissioned; 1 certificate revoked."
     )
     expect(_row(page, target)).to_have_count(0)
+    # The summary is counted again with the list.
+    expect(summary.get_by_role("listitem").filter(has_text="Offline")).to_have_text("0Offline")
+    expect(page.get_by_text("3 appliances in all.")).to_be_visible()  # the new one counts
     page.get_by_label("Show").select_option(label="Decommissioned")
     expect(page).to_have_url(re.compile(r"decommissioned=true"))
     expect(_row(page, target)).to_contain_text("Decommissioned")
+    expect(summary.get_by_role("listitem")).to_have_text(["1Decommissioned"])
     expect(page.get_by_role("button", name=re.compile("^Decommission "))).to_have_count(0)
     listed = console.run(
         console.partner.request(
@@ -225,7 +230,25 @@ def test_all_sites_show_more_and_a_viewer(console: Console) -> None:
     listed = page.get_by_role("region", name="Appliances of all sites")
     # 26 in all, 25 a page.
     expect(listed.locator("tbody tr")).to_have_count(25)
-    expect(page.get_by_text("Counted over the 25 appliances loaded so far")).to_be_visible()
+    # The summary counts all 26, not the page: 23 never seen, though only
+    # 22 of them are loaded; the numbers are the API's.
+    summary = page.get_by_role("list", name="Summary of the appliances listed")
+    expect(summary.get_by_role("listitem").filter(has_text="Never seen")).to_have_text(
+        "23Never seen"
+    )
+    expect(page.get_by_text("26 appliances in all.")).to_be_visible()
+    expect(page.get_by_text("loaded so far")).to_have_count(0)
+    counts = console.run(console.partner.request("GET", "/api/v1/appliances/summary")).body
+    assert (counts["total"], counts["never_seen"]) == (26, 23)
+    for label, key in [
+        ("Online", "online"),
+        ("Offline", "offline"),
+        ("Certificate expiring", "certificate_expiring"),
+        ("With failing checks", "with_failing_checks"),
+    ]:
+        expect(summary.get_by_role("listitem").filter(has_text=label)).to_have_text(
+            f"{counts[key]}{label}"
+        )
     expect(
         listed.get_by_text("Harbor Pediatrics").or_(listed.get_by_text("Metro Hospital")).first
     ).to_be_visible()

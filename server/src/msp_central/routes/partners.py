@@ -5,9 +5,10 @@ found". Plus the admin API that creates partners."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +20,7 @@ from msp_central.api_models import (
     AcknowledgeIn,
     AlertOut,
     ApplianceOut,
+    ApplianceSummary,
     ApplyPreset,
     EscalationOut,
     EvidenceOut,
@@ -43,6 +45,7 @@ from msp_central.api_models import (
 from msp_central.auth import KeyHolder, require_admin, require_partner
 from msp_central.catalogue import Tier
 from msp_central.central_log import actor_of, record, record_revocation
+from msp_central.config import Settings
 from msp_central.context import central, json_response, parse_body, read_body
 from msp_central.db.engine import read_only, write
 from msp_central.db.tables import (
@@ -550,6 +553,95 @@ async def list_partner_appliances(request: web.Request) -> web.Response:
     if site_id is not None:
         scope = sa.and_(scope, appliances.c.site_id == site_id)
     return await _appliance_page(request, scope)
+
+
+# An appliance whose certificate ends within this many days (or has ended)
+# counts as "certificate expiring"; the summary answers it, and the console
+# flags the same certificates in its list.
+CERTIFICATE_EXPIRING_DAYS = 14
+
+
+@routes.get("/api/v1/appliances/summary")
+async def appliance_summary(request: web.Request) -> web.Response:
+    """Counts over every appliance ``GET /api/v1/appliances`` would list with
+    the same ``site_id`` and ``decommissioned``, not over one page of it
+    (another partner's site counts nothing, as it lists nothing)."""
+    holder = await require_partner(request)
+    filters = checked_query(request)
+    scope: sa.ColumnElement[bool] = appliances.c.site_id.in_(_partner_sites(holder))
+    if "site_id" in filters:
+        scope = sa.and_(scope, appliances.c.site_id == filters["site_id"])
+    service = central(request)
+    async with read_only(service.engine) as connection:
+        summary = await _summarise(
+            connection,
+            sa.and_(scope, _is_set(appliances.c.decommissioned_at, filters["decommissioned"])),
+            service.clock(),
+            service.settings,
+        )
+    return json_response(summary)
+
+
+async def _summarise(
+    connection: AsyncConnection, scope: sa.ColumnElement[bool], now: datetime, settings: Settings
+) -> ApplianceSummary:
+    """One query for every appliance ``scope`` selects, reading only what the
+    counts need; each status is :func:`row_status`'s, computed in Python as
+    the list computes it. Of the heartbeat only its interval is read: the
+    liveness rule reads nothing else of it, and a fleet's full heartbeats
+    would be most of the bytes."""
+    failing = (
+        sa.exists()
+        .where(
+            evidence_heads.c.appliance_id == appliances.c.id,
+            evidence_heads.c.result.in_(("fail", "error")),
+        )
+        .label("failing")
+    )
+    interval = appliances.c.heartbeat["heartbeat_interval_seconds"].label("interval")
+    rows = await connection.execute(
+        sa.select(
+            appliances.c.last_seen_at,
+            appliances.c.revoked_at,
+            appliances.c.decommissioned_at,
+            interval,
+            audit_logs.c.size,
+            audit_logs.c.updated_at,
+            certificates.c.not_after,
+            failing,
+        )
+        .outerjoin(audit_logs, audit_logs.c.appliance_id == appliances.c.id)
+        .outerjoin(certificates, certificates.c.serial == appliances.c.current_serial)
+        .where(scope)
+    )
+    expiring_before = now + timedelta(days=CERTIFICATE_EXPIRING_DAYS)
+    counts: Counter[str] = Counter()
+    total = expiring = with_failing = 0
+    for row in rows:
+        # The row as the rule reads an appliance row, its heartbeat rebuilt
+        # from the one member the rule reads.
+        said = None if row.interval is None else {"heartbeat_interval_seconds": row.interval}
+        status, _ = row_status(SimpleNamespace(**row._mapping, heartbeat=said), now, settings)
+        counts[status] += 1
+        total += 1
+        # A revoked certificate's end no longer matters; the list says "Revoked".
+        in_service = status not in ("revoked", "decommissioned")
+        if in_service and row.not_after is not None and row.not_after < expiring_before:
+            expiring += 1
+        if row.failing:
+            with_failing += 1
+    return ApplianceSummary(
+        total=total,
+        online=counts["online"],
+        offline=counts["offline"],
+        never_seen=counts["never-seen"],
+        revoked=counts["revoked"],
+        decommissioned=counts["decommissioned"],
+        certificate_expiring=expiring,
+        with_failing_checks=with_failing,
+        expiring_within_days=CERTIFICATE_EXPIRING_DAYS,
+        counted_at=now,
+    )
 
 
 @routes.post("/api/v1/certificates/{serial}/revoke")

@@ -11,7 +11,10 @@ import { sitePicker, siteLabel, siteName } from "./appliances-sites.js";
 
 const LIMIT = 25;
 const TOKEN_LIMIT = 10;
-const SOON_DAYS = 14;
+// Days before its end a certificate counts as expiring: the server's
+// summary answers the threshold it counts with, read before any row is drawn,
+// so the list flags exactly the certificates the summary counts.
+let soonDays;
 const DAY = 86400 * 1000;
 const READ_ONLY = `Your role (${me.role}) can only read: creating and revoking tokens and decommissioning appliances need the editor role.`;
 
@@ -56,29 +59,21 @@ run(async (root) => {
   async function show() {
     const stats = h("ul", { class: "stats", "aria-label": "Summary of the appliances listed" });
     const counted = h("p", { class: "hint" });
-    const tally = { total: 0, online: 0, offline: 0, "never-seen": 0, revoked: 0, decommissioned: 0, expiring: 0, failing: 0 };
-    let more = false;
     const listTitle = state.site ? "Appliances of the site" : "Appliances of all sites";
 
-    function count(items, hasMore) {
-      for (const item of items) {
-        tally.total += 1;
-        tally[item.status] = (tally[item.status] || 0) + 1;
-        if (expiresSoon(item)) tally.expiring += 1;
-        if (item.failing_checks.length) tally.failing += 1;
-      }
-      more = hasMore;
+    // The server counts every appliance the list holds, not the pages
+    // loaded so far; it also says how soon a certificate counts as expiring.
+    function summarise(summary) {
+      soonDays = summary.expiring_within_days;
       const figures = state.decommissioned
-        ? [["Decommissioned", tally.total]]
-        : [["Online", tally.online], ["Offline", tally.offline], ["Never seen", tally["never-seen"]],
-          ["Certificate expiring", tally.expiring], ["With failing checks", tally.failing]];
-      if (!state.decommissioned && tally.revoked) figures.splice(3, 0, ["Revoked", tally.revoked]);
+        ? [["Decommissioned", summary.decommissioned]]
+        : [["Online", summary.online], ["Offline", summary.offline], ["Never seen", summary.never_seen],
+          ["Certificate expiring", summary.certificate_expiring], ["With failing checks", summary.with_failing_checks]];
+      if (!state.decommissioned && summary.revoked) figures.splice(3, 0, ["Revoked", summary.revoked]);
       replace(stats, figures.map(([label, value]) =>
         h("li", { class: `stat-${label.toLowerCase().replace(/[^a-z]+/g, "-")}` },
-          h("span", { class: "value" }, String(value)), label)));
-      counted.textContent = more
-        ? `Counted over the ${tally.total} appliances loaded so far; “Show more” below loads the rest.`
-        : `${tally.total} appliance${tally.total === 1 ? "" : "s"} in all.`;
+          h("span", { class: "value" }, value.toLocaleString()), label)));
+      counted.textContent = `${summary.total.toLocaleString()} appliance${summary.total === 1 ? "" : "s"} in all.`;
     }
 
     const columns = [
@@ -97,13 +92,15 @@ run(async (root) => {
     });
     const list = paged(wrap, async (cursor) => {
       const filters = { limit: LIMIT, cursor, decommissioned: state.decommissioned ? "true" : null };
-      const page = state.site
-        ? await api(`/api/v1/sites/${encodeURIComponent(state.site)}/appliances${query(filters)}`)
-        : await api(`/api/v1/appliances${query(filters)}`);
-      if (!cursor) {
-        for (const key of Object.keys(tally)) tally[key] = 0;
-      }
-      count(page.items, Boolean(page.next_cursor));
+      const listed = state.site
+        ? api(`/api/v1/sites/${encodeURIComponent(state.site)}/appliances${query(filters)}`)
+        : api(`/api/v1/appliances${query(filters)}`);
+      if (cursor) return listed;
+      // The first page, and again on every reload (after a decommissioning):
+      // the counts with it, read before its rows are drawn.
+      const [page, summary] = await Promise.all([listed,
+        api(`/api/v1/appliances/summary${query({ site_id: state.site, decommissioned: filters.decommissioned })}`)]);
+      summarise(summary);
       return page;
     });
     const heading = h("h2", { id: "appliances-heading" }, "Appliances");
@@ -120,11 +117,6 @@ run(async (root) => {
 
   await show();
 });
-
-function expiresSoon(appliance) {
-  const end = appliance.certificate_not_after;
-  return Boolean(end) && appliance.status !== "decommissioned" && new Date(end).getTime() - Date.now() < SOON_DAYS * DAY;
-}
 
 function applianceCell(appliance, withSite) {
   const version = appliance.heartbeat?.version;
@@ -151,7 +143,7 @@ function certificateCell(appliance) {
     note = h("span", { class: "sub muted" }, "Revoked");
   } else if (left <= 0) {
     note = h("span", { class: "flag flag-bad" }, h("span", { "aria-hidden": "true" }, "✗ "), "Expired");
-  } else if (left < SOON_DAYS * DAY) {
+  } else if (left < soonDays * DAY) {
     note = h("span", { class: "flag flag-warn" }, h("span", { "aria-hidden": "true" }, "⧗ "), `Expires in ${Math.ceil(left / DAY)} days`);
   }
   return h("div", { class: "stack-tight" },
