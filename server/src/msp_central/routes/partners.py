@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -586,10 +585,8 @@ async def _summarise(
     connection: AsyncConnection, scope: sa.ColumnElement[bool], now: datetime, settings: Settings
 ) -> ApplianceSummary:
     """One query for every appliance ``scope`` selects, reading only what the
-    counts need; each status is :func:`row_status`'s, computed in Python as
-    the list computes it. Of the heartbeat only its interval is read: the
-    liveness rule reads nothing else of it, and a fleet's full heartbeats
-    would be most of the bytes."""
+    counts need; each status is :func:`row_status`'s, computed in Python
+    from the same columns as the list computes it."""
     failing = (
         sa.exists()
         .where(
@@ -598,13 +595,12 @@ async def _summarise(
         )
         .label("failing")
     )
-    interval = appliances.c.heartbeat["heartbeat_interval_seconds"].label("interval")
     rows = await connection.execute(
         sa.select(
             appliances.c.last_seen_at,
             appliances.c.revoked_at,
             appliances.c.decommissioned_at,
-            interval,
+            appliances.c.heartbeat,
             audit_logs.c.size,
             audit_logs.c.updated_at,
             certificates.c.not_after,
@@ -618,10 +614,7 @@ async def _summarise(
     counts: Counter[str] = Counter()
     total = expiring = with_failing = 0
     for row in rows:
-        # The row as the rule reads an appliance row, its heartbeat rebuilt
-        # from the one member the rule reads.
-        said = None if row.interval is None else {"heartbeat_interval_seconds": row.interval}
-        status, _ = row_status(SimpleNamespace(**row._mapping, heartbeat=said), now, settings)
+        status, _ = row_status(row, now, settings)
         counts[status] += 1
         total += 1
         # A revoked certificate's end no longer matters; the list says "Revoked".
