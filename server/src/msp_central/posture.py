@@ -43,6 +43,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from msp_central.catalogue import Tier
+from msp_central.collector import collector_paused
 from msp_central.db.tables import (
     appliances,
     control_runbook_mapping,
@@ -560,6 +561,14 @@ async def latest_evidence(
         evidence_heads.c.log_generation,
         evidence_heads.c.reason if with_reasons else sa.null(),
     ).where(evidence_heads.c.site_id.in_(list(site_ids)))
+    rows = (await connection.execute(query)).all()
+    with collector_paused():
+        return _heads_by_site(rows, reasons_of)
+
+
+def _heads_by_site(
+    rows: Sequence[Any], reasons_of: frozenset[str] | None
+) -> dict[str, list[Observation]]:
     found: dict[str, list[Observation]] = defaultdict(list)
     parsed: dict[str, tuple[Any, tuple[tuple[str, str], ...]]] = {}
     # Unpacked by position: attribute access by name is most of the cost of
@@ -577,7 +586,7 @@ async def latest_evidence(
         in_log,
         generation,
         reason,
-    ) in (await connection.execute(query)).all():
+    ) in rows:
         held = parsed.get(mapped) if isinstance(mapped, str) else None
         if held is None:
             value = json.loads(mapped) if isinstance(mapped, str) else mapped

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import re
 
@@ -177,6 +178,12 @@ def serve(
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+            # Everything built to serve (modules, tables, the app) lives as
+            # long as the process: moved out of the collector's sight, so a
+            # full collection during a request scans only what requests
+            # built. A partner's posture roll-up was a third slower without.
+            gc.collect()
+            gc.freeze()
             await asyncio.Event().wait()  # until a signal raises GracefulExit
         finally:
             await runner.cleanup()

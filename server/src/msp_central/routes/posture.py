@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -28,6 +29,7 @@ from msp_central.api_models import (
 )
 from msp_central.auth import require_partner
 from msp_central.catalogue import Tier
+from msp_central.collector import collector_paused
 from msp_central.context import central, download, json_response
 from msp_central.db.engine import read_only
 from msp_central.db.tables import sites
@@ -37,6 +39,7 @@ from msp_central.posture import (
     Attachment,
     ControlState,
     FrameworkPosture,
+    Freshness,
     Observation,
     SiteCatalogue,
     catalogue_reader,
@@ -249,12 +252,25 @@ async def partner_posture(request: web.Request) -> web.Response:
         )
         freshness = await site_freshness(connection, site_ids)
         attached = await site_attachments(connection, site_ids)
+    with collector_paused():
+        return _rollup(now, site_rows, catalogues, latest, freshness, attached)
 
-    # The answer is built as JSON values, not as PartnerPostureOut: a
-    # partner's thousand sites make tens of thousands of nested objects, and
-    # validating them again was a fifth of the answer's time. It has the
-    # model's shape exactly (the tests compare the two, and check every
-    # answer against the OpenAPI document).
+
+def _rollup(
+    now: datetime,
+    site_rows: Sequence[Row],
+    catalogues: Mapping[str, SiteCatalogue],
+    latest: Mapping[str, list[Observation]],
+    freshness: Freshness,
+    attached: Mapping[str, list[Attachment]],
+) -> web.Response:
+    """The partner roll-up's answer from what was read.
+
+    The answer is built as JSON values, not as PartnerPostureOut: a
+    partner's thousand sites make tens of thousands of nested objects, and
+    validating them again was a fifth of the answer's time. It has the
+    model's shape exactly (the tests compare the two, and check every
+    answer against the OpenAPI document)."""
     site_scores = []
     per_framework: dict[str, list[FrameworkPosture]] = defaultdict(list)
     failing: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
