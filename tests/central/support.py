@@ -388,6 +388,32 @@ class Harness:
         assert reply.status == 201, reply.body
         return str(reply.body["token"])
 
+    async def enroll_with(
+        self,
+        token: str,
+        *,
+        key: SigningKey | None = None,
+        scopes: tuple[Scope, ...] = (Scope.AUDIT, Scope.EVIDENCE),
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        """POST /api/v1/enroll with ``token`` as the agent sends it (a new
+        key unless ``key``); the reply, whatever it is."""
+        request = make_delegation_request(
+            purpose="enroll",
+            audience=self.root.key_id,
+            subject=key or SigningKey.generate(),
+            scopes=scopes,
+            enrollment_token=token,
+            created=self.clock(),
+        )
+        return await call(
+            self.client,
+            "POST",
+            "/api/v1/enroll",
+            body=dumps({"token": token, "request": request.to_wire()}),
+            headers=headers,
+        )
+
     async def enroll(
         self,
         partner: KeyClient,
@@ -399,20 +425,7 @@ class Harness:
         site_id = site_id or await self.site(partner)
         token = await self.token(partner, site_id)
         key = key or SigningKey.generate()
-        request = make_delegation_request(
-            purpose="enroll",
-            audience=self.root.key_id,
-            subject=key,
-            scopes=scopes,
-            enrollment_token=token,
-            created=self.clock(),
-        )
-        reply = await call(
-            self.client,
-            "POST",
-            "/api/v1/enroll",
-            body=dumps({"token": token, "request": request.to_wire()}),
-        )
+        reply = await self.enroll_with(token, key=key, scopes=scopes)
         assert reply.status == 201, reply.body
         certificate = Envelope.from_wire(reply.body["certificate"])
         serial = DelegationCertificate.from_json(certificate.payload_bytes()).serial

@@ -27,7 +27,7 @@ from msp_central.context import CENTRAL
 from msp_central.db.tables import notification_events, security_alerts
 from msp_central.openapi import OPERATIONS, document
 from msp_central.problems import PROBLEM_TYPE_PREFIX
-from msp_protocol.delegation import Scope, make_delegation_request, token_digest
+from msp_protocol.delegation import token_digest
 from msp_protocol.encoding import utc_now
 from msp_protocol.keys import SigningKey
 from tests.central.support import ROOT, ApplianceClient, Clock, Harness, Reply, call, dumps
@@ -96,21 +96,7 @@ async def heartbeat(
 
 
 async def enroll(harness: Harness, token: str, address: str) -> Reply:
-    request = make_delegation_request(
-        purpose="enroll",
-        audience=ROOT.key_id,
-        subject=SigningKey.generate(),
-        scopes=(Scope.AUDIT, Scope.EVIDENCE),
-        enrollment_token=token,
-        created=harness.clock(),
-    )
-    return await call(
-        harness.client,
-        "POST",
-        "/api/v1/enroll",
-        body=dumps({"token": token, "request": request.to_wire()}),
-        headers=source(address),
-    )
+    return await harness.enroll_with(token, headers=source(address))
 
 
 async def alerts(harness: Harness) -> list[Any]:

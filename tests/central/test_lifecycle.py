@@ -13,9 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from msp_central.db.tables import central_log_entries
-from msp_protocol.delegation import Scope, make_delegation_request
-from msp_protocol.keys import SigningKey
-from tests.central.support import Harness, KeyClient, Reply, call, dumps
+from tests.central.support import Harness, KeyClient, Reply, call
 
 MERGE_PATCH = "application/merge-patch+json"
 INHERIT: dict[str, Any] = {"industry": None, "tier": None, "frameworks": None}
@@ -54,20 +52,7 @@ async def log_raw(harness: Harness) -> bytes:
 
 
 async def enroll_with(harness: Harness, token: str) -> Reply:
-    request = make_delegation_request(
-        purpose="enroll",
-        audience=harness.root.key_id,
-        subject=SigningKey.generate(),
-        scopes=(Scope.AUDIT, Scope.EVIDENCE),
-        enrollment_token=token,
-        created=harness.clock(),
-    )
-    return await call(
-        harness.client,
-        "POST",
-        "/api/v1/enroll",
-        body=dumps({"token": token, "request": request.to_wire()}),
-    )
+    return await harness.enroll_with(token)
 
 
 # --- settings by merge patch ------------------------------------------------------------

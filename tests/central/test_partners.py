@@ -15,8 +15,6 @@ import pytest
 from msp_central.catalogue import CURRENT_VERSION, Tier, load_catalogue
 from msp_central.openapi import document as openapi_document
 from msp_protocol.bundle import Escalation
-from msp_protocol.delegation import Scope, make_delegation_request
-from msp_protocol.keys import SigningKey
 from tests.central.support import (
     ApplianceClient,
     Harness,
@@ -776,22 +774,7 @@ async def test_enrollment_token_expires(harness: Harness) -> None:
     partner = await harness.partner()
     site = await new_site(partner, "Clinic")
 
-    async def enroll(token: str) -> Reply:
-        key = SigningKey.generate()
-        request = make_delegation_request(
-            purpose="enroll",
-            audience=harness.root.key_id,
-            subject=key,
-            scopes=(Scope.AUDIT, Scope.EVIDENCE),
-            enrollment_token=token,
-            created=harness.clock(),
-        )
-        return await call(
-            harness.client,
-            "POST",
-            "/api/v1/enroll",
-            body=dumps({"token": token, "request": request.to_wire()}),
-        )
+    enroll = harness.enroll_with
 
     late = (await _token(partner, site["id"], {"hours": 1})).body["token"]
     early = (await _token(partner, site["id"], {"hours": 1})).body["token"]

@@ -14,11 +14,9 @@ from typing import Any
 
 from playwright.sync_api import Page, expect
 
-from msp_protocol.delegation import Scope, make_delegation_request
 from msp_protocol.encoding import format_time
-from msp_protocol.keys import SigningKey
 from tests.central.console.conftest import Console
-from tests.central.support import ApplianceClient, Harness, KeyClient, call, dumps
+from tests.central.support import ApplianceClient, Harness, KeyClient
 
 
 @dataclass
@@ -73,21 +71,7 @@ async def _seed(harness: Harness, partner: KeyClient) -> Fleet:
 
 async def _enroll_with(harness: Harness, token: str) -> str:
     """Enroll a new appliance with ``token`` as the agent does; its id."""
-    key = SigningKey.generate()
-    request = make_delegation_request(
-        purpose="enroll",
-        audience=harness.root.key_id,
-        subject=key,
-        scopes=(Scope.AUDIT, Scope.EVIDENCE),
-        enrollment_token=token,
-        created=harness.clock(),
-    )
-    reply = await call(
-        harness.client,
-        "POST",
-        "/api/v1/enroll",
-        body=dumps({"token": token, "request": request.to_wire()}),
-    )
+    reply = await harness.enroll_with(token)
     assert reply.status == 201, reply.body
     return str(reply.body["appliance_id"])
 
