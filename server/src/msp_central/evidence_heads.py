@@ -39,6 +39,8 @@ MAX_REASON_CHARS: Final = 500
 # The appliance's own order of its bundles, newest last.
 _ORDER: Final = ("log_generation", "log_index", "bundle_id")
 _KEY: Final = ("appliance_id", "check_id")
+# The columns a head copies from its bundle's evidence row (all but reason).
+_COPIED: Final = tuple(c.name for c in evidence_heads.columns if c.name != "reason")
 # Not contradicted: witnessed and recording it, or its entry not arrived yet.
 NOT_CONTRADICTED: Final = sa.or_(evidence.c.in_log.is_(None), evidence.c.in_log.is_(True))
 
@@ -61,20 +63,7 @@ def reason_of_envelope(envelope_json: str) -> str | None:
 
 def head_of(row: Mapping[Any, Any], reason: str | None) -> dict[str, Any]:
     """The head row for a stored evidence row (as inserted or selected)."""
-    return {
-        "appliance_id": row["appliance_id"],
-        "check_id": row["check_id"],
-        "site_id": row["site_id"],
-        "bundle_id": row["bundle_id"],
-        "result": row["result"],
-        "controls": row["controls"],
-        "collected_at": row["collected_at"],
-        "log_generation": row["log_generation"],
-        "log_index": row["log_index"],
-        "signed_after_expiry": row["signed_after_expiry"],
-        "in_log": row["in_log"],
-        "reason": reason,
-    }
+    return {**{name: row[name] for name in _COPIED}, "reason": reason}
 
 
 def advance(dialect: str, head: Mapping[str, Any]) -> sa.Executable:
@@ -121,7 +110,7 @@ def settle(
     standing = (
         connection.execute(
             sa.select(
-                *(evidence.c[name] for name in head_of_columns()),
+                *(evidence.c[name] for name in _COPIED),
                 evidence.c.envelope,
             )
             .where(
@@ -142,8 +131,3 @@ def settle(
                 head_of(standing, reason_of_envelope(standing["envelope"])),
             )
         )
-
-
-def head_of_columns() -> tuple[str, ...]:
-    """The evidence columns a head is made of (``reason`` aside)."""
-    return tuple(column.name for column in evidence_heads.columns if column.name != "reason")
