@@ -371,10 +371,9 @@ in
         ProtectKernelLogs = true;
         ProtectControlGroups = true;
         ProtectHostname = true;
-        # Not ProtectClock: its seccomp filter denies adjtimex(2) even in
-        # read-only mode, which the time_sync check uses to read the kernel's
-        # NTP state. Without CAP_SYS_TIME the agent cannot set the clock.
-        ProtectClock = false;
+        # The time_sync check asks timedated over D-Bus (`timedatectl show`),
+        # which reads the kernel's NTP state itself: no clock system call here.
+        ProtectClock = true;
         # Other users' processes are hidden; checks ask systemd over D-Bus.
         ProtectProc = "invisible";
         # Not ProcSubset=pid: checks read system-wide /proc files.
@@ -392,19 +391,16 @@ in
         RestrictSUIDSGID = true;
         RemoveIPC = true;
         LockPersonality = true;
-        # The checks call libc through ctypes, without callbacks (no libffi
-        # closure), so no memory is ever writable and executable. A check
-        # that passes a Python callback to C would break under this; the VM
-        # tests run every check under it.
+        # CPython and compiled extensions that create no libffi closure, so
+        # no memory is ever writable and executable. Code that passes a
+        # Python callback to C (ctypes/cffi callbacks) would break under
+        # this; the VM tests run every check under it.
         MemoryDenyWriteExecute = true;
         SystemCallArchitectures = "native";
         SystemCallFilter = [
           "@system-service"
           "~@privileged"
           "~@resources"
-          # Back after ~@privileged (it is in @clock): the time_sync check's
-          # read-only adjtimex(2), see ProtectClock above.
-          "adjtimex"
         ];
         SystemCallErrorNumber = "EPERM";
       };
