@@ -370,8 +370,8 @@ in
         RestartMaxDelaySec = "5min";
         # READY=1 comes once the local state is open, or, on an appliance
         # not enrolled yet, as soon as the token is read ("enrolling"):
-        # never after a wait for the central server. Opening the state
-        # verifies the audit trail, which takes seconds; the bound is for
+        # never after a wait for the central server. Opening the state (its
+        # SQLite stores and cached bundles) takes seconds; the bound is for
         # a state disk that does not answer.
         TimeoutStartSec = "5min";
         TimeoutStopSec = "30s";
