@@ -280,11 +280,18 @@ def main() -> int:
             )
             return 2
 
-    out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="nixos-eval-"))
-    out.mkdir(parents=True, exist_ok=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return run(nixlib, repo, args.out, args.details)
+    with tempfile.TemporaryDirectory(prefix="nixos-eval-") as scratch:
+        return run(nixlib, repo, pathlib.Path(scratch), args.details)
+
+
+def run(nixlib: pathlib.Path, repo: pathlib.Path, out: pathlib.Path, details: bool) -> int:
+    """Every check; the results are written below ``out``."""
     report = Report()
-    check_scenarios(nixlib, repo, out, args.details, report)
-    check_flake(nixlib, repo, out, args.details, report)
+    check_scenarios(nixlib, repo, out, details, report)
+    check_flake(nixlib, repo, out, details, report)
 
     scripts_file = out / "scripts" / "all.jsonl"
     scripts_file.parent.mkdir(parents=True, exist_ok=True)
@@ -298,9 +305,7 @@ def main() -> int:
         for p in report.problems:
             print(f"   {p}")
         return 1
-    print(
-        f"nixos-eval: all scenarios, the flake and the VM tests' scripts check out (results in {out})"
-    )
+    print("nixos-eval: all scenarios, the flake and the VM tests' scripts check out")
     return 0
 
 
