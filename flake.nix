@@ -1,6 +1,8 @@
 {
   description = "MSP compliance appliance: agent, central server, NixOS modules, installer ISO";
 
+  # Not locked yet (no flake.lock): each build takes the branch as it is.
+  # docs/nixos.md, "Pinning nixpkgs", says what to run once with network.
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs =

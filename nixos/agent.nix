@@ -20,6 +20,22 @@ let
   systemctl = lib.getExe' config.systemd.package "systemctl";
   journalctl = lib.getExe' config.systemd.package "journalctl";
 
+  # nixos-upgrade.service exists only with system.autoUpgrade on; without
+  # it the action is still allow-listed (msp_agent.l1.ALLOWED_ACTIONS) but
+  # fails with a line that says why.
+  upgradeEnabled = config.system.autoUpgrade.enable;
+
+  # Garbage collection keeps the last ten system generations, as the weekly
+  # nix-gc run does (nixos/appliance.nix) and the nix_generations check
+  # expects; it goes through the nix daemon (NIX_REMOTE=daemon in the
+  # action's drop-in), which alone writes the store.
+  collectGarbage = pkgs.writeShellScript "msp-l1-collect-nix-garbage" ''
+    ${lib.getExe' config.nix.package "nix-env"} --profile /nix/var/nix/profiles/system \
+      --delete-generations +${toString keptGenerations}
+    exec ${lib.getExe' config.nix.package "nix-collect-garbage"}
+  '';
+  keptGenerations = 10;
+
   # The unit that loads NixOS's firewall rules: nftables.service with the
   # nftables backend, firewall.service (iptables) otherwise.
   firewallUnit = if config.networking.nftables.enable then "nftables.service" else "firewall.service";
@@ -60,11 +76,20 @@ let
     vacuum-journal = "${journalctl} --vacuum-size=256M";
     restart-failed-units = lib.getExe restartFailedUnits;
     reload-firewall = "${systemctl} reload-or-restart ${firewallUnit}";
-    collect-nix-garbage = "${lib.getExe' config.nix.package "nix-collect-garbage"} --delete-older-than 30d";
+    collect-nix-garbage = "${collectGarbage}";
     # --no-block: the upgrade outlives the agent's wait for this action.
-    start-nixos-upgrade = "${systemctl} start --no-block nixos-upgrade.service";
+    start-nixos-upgrade =
+      if upgradeEnabled then
+        "${systemctl} start --no-block nixos-upgrade.service"
+      else
+        "${l1Refuse} start-nixos-upgrade 'system.autoUpgrade is off on this system (no nixos-upgrade.service)'";
   };
   l1Units = map (action: "msp-l1@${action}.service") (lib.attrNames l1Actions);
+
+  l1Refuse = pkgs.writeShellScript "msp-l1-refuse" ''
+    echo "msp-l1: $1 not run: $2" >&2
+    exit 1
+  '';
 
   # The instance name selects a fixed command; any other name is refused, so
   # starting msp-l1@<anything> can never run text chosen by the caller.
@@ -105,6 +130,19 @@ let
   l1Disabled = pkgs.writeShellScript "msp-l1-disabled" ''
     echo "L1 action $1 not run: services.msp-agent.l1.enable is false on this appliance" >&2
     exit 1
+  '';
+
+  agentRun = "${lib.getExe cfg.package} --config ${configFile} run";
+  # The enrollment token, when there is one: an absent file arrives as the
+  # SetCredential= placeholder (blank), which must not reach the agent as
+  # a token; without one an unenrolled agent says it needs one. exec keeps
+  # the PID, so the agent is the unit's main process (NotifyAccess=main).
+  startWithToken = pkgs.writeShellScript "msp-agent-start" ''
+    token="$CREDENTIALS_DIRECTORY/enrollment-token"
+    if [[ -r "$token" && "$(< "$token")" == *[![:space:]]* ]]; then
+      export MSP_AGENT_ENROLLMENT_TOKEN_FILE="$token"
+    fi
+    exec ${agentRun}
   '';
 
   # `msp-agent status`, `audit verify`, ... for the operator, reading this
@@ -150,8 +188,9 @@ in
         A file holding a one-time enrollment token (`msp-central token create`).
         At its first start the agent enrolls with it. The file may be owned by
         root and readable only by root: it reaches the service as a systemd
-        credential. Once set, the file must exist whenever the service starts;
-        a spent token is ignored after enrollment, so it may stay.
+        credential. It may be absent: an enrolled agent never reads it (a
+        spent token may stay or go), and an agent not enrolled yet says it
+        needs one and retries.
       '';
     };
 
@@ -234,6 +273,8 @@ in
       };
     };
   };
+
+  meta.maintainers = import ./maintainers.nix;
 
   config = lib.mkIf cfg.enable {
     assertions = [
@@ -319,7 +360,7 @@ in
       serviceConfig = {
         Type = "notify";
         NotifyAccess = "main";
-        ExecStart = "${lib.getExe cfg.package} --config ${configFile} run";
+        ExecStart = if cfg.enrollmentTokenFile != null then "${startWithToken}" else "${agentRun}";
         # The main loop pings every WatchdogSec/2; a hung event loop is
         # killed and restarted.
         WatchdogSec = "60s";
@@ -327,8 +368,11 @@ in
         RestartSec = "5s";
         RestartSteps = 8;
         RestartMaxDelaySec = "5min";
-        # READY=1 comes after the first enrollment, which waits for the
-        # central server; bounded so a switch or boot never waits forever.
+        # READY=1 comes once the local state is open, or, on an appliance
+        # not enrolled yet, as soon as the token is read ("enrolling"):
+        # never after a wait for the central server. Opening the state (its
+        # SQLite stores and cached bundles) takes seconds; the bound is for
+        # a state disk that does not answer.
         TimeoutStartSec = "5min";
         TimeoutStopSec = "30s";
 
@@ -339,19 +383,22 @@ in
         WorkingDirectory = stateDir;
         UMask = "0077";
 
+        # A missing file named by LoadCredential= fails the unit, unless a
+        # SetCredential= of the same name stands in for it (systemd.exec(5)):
+        # the enrollment token may be absent (it is spent after enrollment,
+        # and an enrolled agent never reads it), so it gets a one-newline
+        # placeholder that startWithToken does not pass on. The Twilio token
+        # must be there when set: without it no text would ever go out.
         LoadCredential =
           lib.optional (cfg.enrollmentTokenFile != null) "enrollment-token:${cfg.enrollmentTokenFile}"
           ++ lib.optional (
             cfg.twilio.authTokenFile != null
           ) "twilio-auth-token:${cfg.twilio.authTokenFile}";
+        SetCredential = lib.optional (cfg.enrollmentTokenFile != null) "enrollment-token:\\n";
         # %d is the unit's credentials directory ($CREDENTIALS_DIRECTORY).
-        Environment =
-          lib.optional (
-            cfg.enrollmentTokenFile != null
-          ) "MSP_AGENT_ENROLLMENT_TOKEN_FILE=%d/enrollment-token"
-          ++ lib.optional (
-            cfg.twilio.authTokenFile != null
-          ) "MSP_AGENT_TWILIO_AUTH_TOKEN_FILE=%d/twilio-auth-token";
+        Environment = lib.optional (
+          cfg.twilio.authTokenFile != null
+        ) "MSP_AGENT_TWILIO_AUTH_TOKEN_FILE=%d/twilio-auth-token";
 
         # Hardening. Each relaxation of the usual set says why.
         CapabilityBoundingSet = [ "" ];
@@ -371,10 +418,9 @@ in
         ProtectKernelLogs = true;
         ProtectControlGroups = true;
         ProtectHostname = true;
-        # Not ProtectClock: its seccomp filter denies adjtimex(2) even in
-        # read-only mode, which the time_sync check uses to read the kernel's
-        # NTP state. Without CAP_SYS_TIME the agent cannot set the clock.
-        ProtectClock = false;
+        # The time_sync check asks timedated over D-Bus (`timedatectl show`),
+        # which reads the kernel's NTP state itself: no clock system call here.
+        ProtectClock = true;
         # Other users' processes are hidden; checks ask systemd over D-Bus.
         ProtectProc = "invisible";
         # Not ProcSubset=pid: checks read system-wide /proc files.
@@ -392,19 +438,16 @@ in
         RestrictSUIDSGID = true;
         RemoveIPC = true;
         LockPersonality = true;
-        # The checks call libc through ctypes, without callbacks (no libffi
-        # closure), so no memory is ever writable and executable. A check
-        # that passes a Python callback to C would break under this; the VM
-        # tests run every check under it.
+        # CPython and compiled extensions that create no libffi closure, so
+        # no memory is ever writable and executable. Code that passes a
+        # Python callback to C (ctypes/cffi callbacks) would break under
+        # this; the VM tests run every check under it.
         MemoryDenyWriteExecute = true;
         SystemCallArchitectures = "native";
         SystemCallFilter = [
           "@system-service"
           "~@privileged"
           "~@resources"
-          # Back after ~@privileged (it is in @clock): the time_sync check's
-          # read-only adjtimex(2), see ProtectClock above.
-          "adjtimex"
         ];
         SystemCallErrorNumber = "EPERM";
       };
@@ -416,15 +459,79 @@ in
       script = l1Script;
       serviceConfig = {
         Type = "oneshot";
-        # Root on purpose: these are the privileged half of the agent's work.
-        # The limits below are those every action tolerates (garbage
-        # collection walks root's profiles, so no ProtectHome).
         TimeoutStartSec = "30min";
-        PrivateTmp = true;
+        # Root on purpose: these are the privileged half of the agent's
+        # work. What each action needs, and nothing it does not:
+        #  - restart-timesyncd, restart-failed-units, reload-firewall,
+        #    start-nixos-upgrade: systemctl asking systemd (PID 1) over
+        #    its private socket, which takes root's uid; no capability.
+        #  - vacuum-journal: journalctl unlinking archived files that
+        #    root owns (the drop-in below makes their directories
+        #    writable); no capability.
+        #  - collect-nix-garbage: nix-env removing root-owned generation
+        #    links (drop-in), then the nix daemon collecting garbage over
+        #    its socket; no capability, no write access to the store.
+        # Every action talks over AF_UNIX sockets only.
+        CapabilityBoundingSet = [ "" ];
+        AmbientCapabilities = [ "" ];
         NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        # Garbage collection goes through the daemon and only touches
+        # /nix/var/nix/profiles: no action reads a home directory.
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        DevicePolicy = "closed";
+        PrivateNetwork = true;
+        IPAddressDeny = "any";
+        PrivateIPC = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectClock = true;
+        # The actions' processes are root's, as are systemd's.
+        ProtectProc = "invisible";
+        # Not ProcSubset=pid: journalctl and systemctl read system-wide
+        # /proc files (the boot ID, the kernel command line).
+        # Not PrivateUsers: root inside a user namespace cannot reach
+        # PID 1's private socket as root, and nix-daemon would no
+        # longer see a trusted user.
+        RestrictAddressFamilies = [ "AF_UNIX" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
         RestrictSUIDSGID = true;
         LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+        SystemCallErrorNumber = "EPERM";
       };
+    };
+
+    # What an action needs beyond the template's sandbox, as a drop-in for
+    # its instance: overrideStrategy "asDropin" is nixpkgs' way to configure
+    # one instance of a template (systemd-unit-options.nix).
+    systemd.services."msp-l1@vacuum-journal" = lib.mkIf cfg.l1.enable {
+      overrideStrategy = "asDropin";
+      # journalctl unlinks archived journal files; "-": either directory
+      # may be absent (persistent or volatile storage).
+      serviceConfig.ReadWritePaths = [
+        "-/var/log/journal"
+        "-/run/log/journal"
+      ];
+    };
+    systemd.services."msp-l1@collect-nix-garbage" = lib.mkIf cfg.l1.enable {
+      overrideStrategy = "asDropin";
+      # nix-env removes old generation links (and takes the profile's
+      # lock) in the profiles' directory; the store is written by the nix
+      # daemon alone, reached over its socket.
+      environment.NIX_REMOTE = "daemon";
+      serviceConfig.ReadWritePaths = [ "/nix/var/nix/profiles" ];
     };
 
     security.polkit = lib.mkIf cfg.l1.enable {

@@ -13,6 +13,8 @@
 }:
 let
   cfg = config.msp.appliance;
+  # System generations kept; appliance-disk.nix's boot menu shows as many.
+  keptGenerations = 10;
   journaldDropIn = "systemd/journald.conf.d/50-msp-appliance.conf";
 in
 {
@@ -91,14 +93,21 @@ in
       enable = true;
       flake = cfg.upgradeFlake;
       operation = lib.mkDefault "switch";
-      dates = lib.mkDefault "04:40";
-      randomizedDelaySec = lib.mkDefault "45min";
-      # A new kernel or initrd needs a reboot; only inside the night window.
+      # A new kernel or initrd needs a reboot, allowed only inside the night
+      # window. nixpkgs' nixos-upgrade builds the new system first and then
+      # compares the time *after* the build strictly with the window
+      # (lower < now < upper); outside it, it neither reboots nor switches
+      # and waits for the next night. So the upgrade starts early in the
+      # window (01:30 plus up to 30 minutes) and leaves the build three
+      # hours before 05:00. A run caught up after a power-off (persistent)
+      # outside the window waits likewise.
       allowReboot = lib.mkDefault true;
       rebootWindow = lib.mkDefault {
         lower = "01:00";
         upper = "05:00";
       };
+      dates = lib.mkDefault "01:30";
+      randomizedDelaySec = lib.mkDefault "30min";
     };
 
     nix = {
@@ -109,12 +118,22 @@ in
       settings.auto-optimise-store = lib.mkDefault true;
       # Flakes only: upgrades name their flake, never a channel.
       channel.enable = lib.mkDefault false;
+      # Weekly garbage collection keeps the last ten system generations,
+      # whatever their age (an appliance that has not changed for months
+      # can still roll back), deletes older ones, then everything no
+      # generation uses. Ten is what the boot menu shows
+      # (appliance-disk.nix) and what the agent's nix_generations check
+      # allows; the collect-nix-garbage L1 action does the same.
       gc = {
         automatic = lib.mkDefault true;
         dates = lib.mkDefault "weekly";
-        options = lib.mkDefault "--delete-older-than 30d";
+        options = lib.mkDefault "";
       };
     };
+    systemd.services.nix-gc.preStart = lib.mkIf config.nix.gc.automatic ''
+      ${lib.getExe' config.nix.package "nix-env"} --profile /nix/var/nix/profiles/system \
+        --delete-generations +${toString keptGenerations}
+    '';
 
     boot.tmp.cleanOnBoot = lib.mkDefault true;
     security.protectKernelImage = lib.mkDefault true;

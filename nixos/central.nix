@@ -122,7 +122,11 @@ in
           port = lib.mkOption {
             type = lib.types.port;
             default = 8080;
-            description = "Port to listen on.";
+            description = ''
+              Port to listen on, 1024 or above: the server speaks plain HTTP,
+              so ports 80 and 443 belong to a reverse proxy that terminates
+              TLS in front of it.
+            '';
           };
           public_url = lib.mkOption {
             type = lib.types.nullOr lib.types.str;
@@ -196,6 +200,8 @@ in
     };
   };
 
+  meta.maintainers = import ./maintainers.nix;
+
   config = lib.mkIf cfg.enable {
     assertions = [
       {
@@ -205,6 +211,19 @@ in
           ${cfg.settings.host}: the server only listens on loopback. Set
           settings.host (for example "0.0.0.0"), or put a reverse proxy in front
           and leave the firewall closed.
+        '';
+      }
+      {
+        # Binding below 1024 would need CAP_NET_BIND_SERVICE, and a
+        # capability held inside a user namespace cannot bind the host's
+        # privileged ports, so the unit would also lose PrivateUsers. The
+        # server has no TLS of its own: a port below 1024 only ever makes
+        # sense behind a proxy, which then owns that port.
+        assertion = cfg.settings.port >= 1024;
+        message = ''
+          services.msp-central.settings.port is ${toString cfg.settings.port}: use a port
+          of 1024 or above. The server speaks plain HTTP; put a reverse proxy that
+          terminates TLS on ports 80/443 in front of it (see docs/nixos.md).
         '';
       }
       {
@@ -284,9 +303,9 @@ in
         Environment = map (c: "${c.variable}=%d/${c.id}") credentials;
 
         # Hardening. Each relaxation of the usual set says why.
-        # A port below 1024 needs its one capability; nothing else does.
-        CapabilityBoundingSet = if cfg.settings.port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];
-        AmbientCapabilities = if cfg.settings.port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];
+        # No capability at all: the port is 1024 or above (assertion).
+        CapabilityBoundingSet = [ "" ];
+        AmbientCapabilities = [ "" ];
         NoNewPrivileges = true;
         ProtectSystem = "strict";
         ProtectHome = true;
@@ -297,9 +316,7 @@ in
         PrivateIPC = true;
         # PostgreSQL's peer authentication reads the caller's real uid from
         # the socket (SO_PEERCRED), which a user namespace does not change.
-        # Not below port 1024: a capability held inside a user namespace does
-        # not let the process bind the host's privileged ports.
-        PrivateUsers = cfg.settings.port >= 1024;
+        PrivateUsers = true;
         ProtectKernelTunables = true;
         ProtectKernelModules = true;
         ProtectKernelLogs = true;

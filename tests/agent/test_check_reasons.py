@@ -2,7 +2,7 @@
 one line an operator reads in the evidence and in ``msp-agent status``.
 
 Each check is driven to ``fail`` and to ``error`` by a fake of what it reads
-(a tree of files, a ``systemctl`` script, the kernel clock's answer); the
+(a tree of files, a ``systemctl`` or ``timedatectl`` script); the
 table must name every check the agent has, so a new one cannot skip it."""
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import pytest
 from msp_agent.checks import (
     CHECKS,
     MAX_REASON_CHARS,
-    STA_UNSYNC,
     CheckContext,
-    KernelClock,
     run_check,
 )
 from tests.agent.support import NOW, check_context
@@ -31,7 +29,15 @@ FAILED_UNITS = "bar.service loaded failed failed Bar\nfoo.service loaded failed 
 
 def systemctl(tmp_path: Path, body: str) -> str:
     """A ``systemctl`` that answers as ``body`` (a shell script) says."""
-    script = tmp_path / "systemctl"
+    return _script(tmp_path / "systemctl", body)
+
+
+def timedatectl(tmp_path: Path, body: str) -> str:
+    """A ``timedatectl`` that answers as ``body`` (a shell script) says."""
+    return _script(tmp_path / "timedatectl", body)
+
+
+def _script(script: Path, body: str) -> str:
     script.write_text(f"#!/bin/sh\n{body}\n")
     script.chmod(0o755)
     return str(script)
@@ -56,12 +62,9 @@ def denied(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     monkeypatch.setattr(Path, method, refuse)
 
 
-def unsynchronised() -> KernelClock:
-    return KernelClock(state=0, status=STA_UNSYNC, max_error_us=16_000_000, estimated_error_us=0)
-
-
-def no_clock() -> KernelClock:
-    raise OSError(errno.EPERM, "Operation not permitted")
+# `timedatectl show --property=…` prints the properties in the bus's order.
+UNSYNCHRONISED = "printf 'NTP=yes\\nCanNTP=yes\\nNTPSynchronized=no\\n'"
+TIMEDATED_DOWN = 'echo "Failed to connect to bus: No such file or directory" >&2; exit 1'
 
 
 async def audit_broken() -> tuple[bool, int, int | None, str | None]:
@@ -116,10 +119,10 @@ def unresolvable(monkeypatch: pytest.MonkeyPatch) -> None:
 # check -> (setup that fails, its reason; setup that errors, its reason)
 CASES: dict[str, tuple[Setup, str, Setup, str]] = {
     "time_sync": (
-        lambda t, _m: check_context(t, kernel_clock=unsynchronised),
-        "clock not synchronised (STA_UNSYNC set): maximum error 16 s",
-        lambda t, _m: check_context(t, kernel_clock=no_clock),
-        "cannot read the kernel clock: operation not permitted",
+        lambda t, _m: check_context(t, timedatectl=timedatectl(t, UNSYNCHRONISED)),
+        "clock not synchronised: timedated reports NTPSynchronized=no (NTP service: yes)",
+        lambda t, _m: check_context(t, timedatectl=timedatectl(t, TIMEDATED_DOWN)),
+        "cannot ask timedated: Failed to connect to bus: No such file or directory",
     ),
     "state_disk_space": (
         lambda t, _m: check_context(t, disk_min_free_percent=100.0),
@@ -258,9 +261,42 @@ async def test_a_check_the_agent_lacks_is_an_error_with_a_reason(tmp_path: Path)
     )
 
 
-async def test_the_real_kernel_clock_is_read(tmp_path: Path) -> None:
-    """adjtimex(2) through the ctypes layout: an answer, whatever it is."""
-    observation = await run_check("time_sync", check_context(tmp_path))
-    assert observation.result in ("pass", "fail"), observation.observed
-    assert observation.observed["synchronised"] == (observation.result == "pass")
-    assert ("reason" in observation.observed) == (observation.result == "fail")
+async def test_time_sync_asks_timedated_and_records_its_answer(tmp_path: Path) -> None:
+    """The check asks timedated for three properties, without a pager or a
+    password prompt, and records what it said."""
+    asked = tmp_path / "asked"
+    script = timedatectl(
+        tmp_path, f"echo \"$@\" > {asked}; printf 'NTP=yes\\nCanNTP=yes\\nNTPSynchronized=yes\\n'"
+    )
+    observation = await run_check("time_sync", check_context(tmp_path, timedatectl=script))
+    assert (observation.result, observation.observed) == (
+        "pass",
+        {
+            "synchronised": True,
+            "ntp_service": "yes",
+            "can_ntp": "yes",
+            "source": "org.freedesktop.timedate1",
+        },
+    )
+    assert asked.read_text().split() == [
+        "--no-pager",
+        "--no-ask-password",
+        "show",
+        "--property=NTPSynchronized",
+        "--property=NTP",
+        "--property=CanNTP",
+    ]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param("printf 'NTP=yes\\n'", id="property_missing"),
+        pytest.param("echo NTPSynchronized=maybe", id="property_garbled"),
+    ],
+)
+async def test_time_sync_without_a_clear_answer_is_an_error(tmp_path: Path, answer: str) -> None:
+    context = check_context(tmp_path, timedatectl=timedatectl(tmp_path, answer))
+    observation = await run_check("time_sync", context)
+    assert observation.result == "error"
+    assert observation.observed["reason"].startswith("timedated gave no NTPSynchronized: ")

@@ -1,4 +1,6 @@
-# Key delegation: a made-up token and a spent token are refused; enrollment
+# Key delegation: without a token the agent says it needs one (the missing
+# credential does not fail its unit); a made-up token and a spent token are
+# refused; enrollment
 # through the token credential yields a certificate for a key generated on
 # the appliance, which `msp-agent status --json` shows and the server lists;
 # revoking that certificate (`msp-central keys revoke`) makes the agent stop
@@ -23,9 +25,25 @@ in
       start_all()
       partner_key, site_id = setup_central()
 
+      with subtest("without a token file the agent starts and says it needs one"):
+          # The credential's placeholder stands in for the missing file: the
+          # unit gets as far as the agent, which refuses to run unenrolled.
+          appliance.succeed(f"rm -f {TOKEN_FILE}")
+          appliance.fail("systemctl start msp-agent.service")
+          appliance.wait_until_succeeds(
+              "journalctl --no-pager -u msp-agent.service | grep 'this appliance is not enrolled'"
+          )
+          appliance.fail(
+              "journalctl --no-pager -u msp-agent.service | grep -i 'credential'"
+          )
+          appliance.succeed("systemctl stop msp-agent.service")
+          appliance.succeed("systemctl reset-failed msp-agent.service")
+
       with subtest("an appliance without a valid token is refused"):
           write_token("made-up-token-0123456789abcdef0123")
-          appliance.fail("systemctl start msp-agent.service")
+          # READY=1 (STATUS=enrolling) comes before the request, so the
+          # start succeeds; the refusal follows and stops the agent.
+          appliance.succeed("systemctl start msp-agent.service")
           appliance.wait_until_succeeds(
               "journalctl --no-pager -u msp-agent.service | grep 'enrollment refused'"
           )

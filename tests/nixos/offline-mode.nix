@@ -102,6 +102,30 @@ in
           appliance.fail(f"{as_agent} start probe-listener.service")
           # Even root cannot make the template run an action it does not know.
           appliance.fail("systemctl start msp-l1@not-allowed.service")
+
+      with subtest("each L1 action does its job inside its sandbox"):
+          for action in (
+              "restart-timesyncd",
+              "vacuum-journal",
+              "restart-failed-units",
+              "reload-firewall",
+              "collect-nix-garbage",
+          ):
+              appliance.succeed(f"systemctl start msp-l1@{action}.service")
+              t.assertEqual(
+                  appliance.succeed(
+                      f"systemctl show --property=Result --value msp-l1@{action}.service"
+                  ).strip(),
+                  "success",
+                  action,
+              )
+          # No automatic upgrades on this appliance: the action says why it fails.
+          appliance.fail("systemctl start msp-l1@start-nixos-upgrade.service")
+          appliance.succeed(
+              "journalctl --no-pager -u msp-l1@start-nixos-upgrade.service "
+              "| grep 'system.autoUpgrade is off'"
+          )
+          appliance.succeed("systemctl reset-failed msp-l1@start-nixos-upgrade.service")
           appliance.succeed("systemctl is-active msp-agent.service")
     '';
 }

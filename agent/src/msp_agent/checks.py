@@ -8,8 +8,8 @@ named as the central catalogue's runbooks name them (``check`` of a
 runbook); the scheduler maps each to the controls of the site's frameworks.
 
 Checks run as the agent's unprivileged user: they read what any user may
-read (the kernel's clock state, file-system statistics, systemd's unit
-states over D-Bus, sshd's configuration, the journal's and the Nix
+read (the clock's synchronisation state and systemd's unit states over
+D-Bus, file-system statistics, sshd's configuration, the journal's and the Nix
 profiles' directories, the booted and current NixOS systems) and change
 nothing. ``disk_health`` (SMART) needs privileges the agent does not have:
 it has no check yet, and the agent reports it as such.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -93,8 +92,8 @@ class CheckContext:
     max_os_age_days: int = 30
     # Where the file system is (tests point it at a tree of their own).
     root: Path = Path("/")
-    # The kernel's clock state (tests hand in one of their own).
-    kernel_clock: Callable[[], KernelClock] = field(default_factory=lambda: read_kernel_clock)
+    # Asked whether the clock is synchronised (tests hand in a script).
+    timedatectl: str = "timedatectl"
 
 
 Check = Callable[[CheckContext], Awaitable[Observation]]
@@ -103,82 +102,62 @@ Check = Callable[[CheckContext], Awaitable[Observation]]
 # --- time_sync ------------------------------------------------------------------------------
 
 
-class _Timeval(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+# systemd-timedated (org.freedesktop.timedate1) answers whether the system
+# clock is synchronised; it reads the kernel's NTP state itself, so the agent
+# needs no clock system call (its unit keeps ProtectClock=).
+_TIMEDATED_PROPERTIES = ("NTPSynchronized", "NTP", "CanNTP")
 
 
-class _Timex(ctypes.Structure):
-    # struct timex from <sys/timex.h> (Linux, LP64 and ILP32 alike).
-    _fields_ = [
-        ("modes", ctypes.c_uint),
-        ("offset", ctypes.c_long),
-        ("freq", ctypes.c_long),
-        ("maxerror", ctypes.c_long),
-        ("esterror", ctypes.c_long),
-        ("status", ctypes.c_int),
-        ("constant", ctypes.c_long),
-        ("precision", ctypes.c_long),
-        ("tolerance", ctypes.c_long),
-        ("time", _Timeval),
-        ("tick", ctypes.c_long),
-        ("ppsfreq", ctypes.c_long),
-        ("jitter", ctypes.c_long),
-        ("shift", ctypes.c_int),
-        ("stabil", ctypes.c_long),
-        ("jitcnt", ctypes.c_long),
-        ("calcnt", ctypes.c_long),
-        ("errcnt", ctypes.c_long),
-        ("stbcnt", ctypes.c_long),
-        ("tai", ctypes.c_int),
-        ("_reserved", ctypes.c_int * 11),
-    ]
-
-
-STA_UNSYNC = 0x0040
-TIME_ERROR = 5
-
-
-@dataclass(frozen=True, slots=True)
-class KernelClock:
-    """What adjtimex(2) says of the clock."""
-
-    state: int
-    status: int
-    max_error_us: int
-    estimated_error_us: int
-
-
-def read_kernel_clock() -> KernelClock:
-    """adjtimex(2) in read-only mode (``modes`` 0); raises :class:`OSError`."""
-    timex = _Timex()
-    libc = ctypes.CDLL(None, use_errno=True)
-    state = libc.adjtimex(ctypes.byref(timex))
-    if state < 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
-    return KernelClock(state, timex.status, timex.maxerror, timex.esterror)
+async def _timedatectl(context: CheckContext) -> tuple[int, str]:
+    binary = shutil.which(context.timedatectl) or context.timedatectl
+    arguments = [f"--property={name}" for name in _TIMEDATED_PROPERTIES]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            "--no-pager",
+            "--no-ask-password",
+            "show",
+            *arguments,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    except (OSError, TimeoutError) as exc:
+        return -1, str(exc) or type(exc).__name__
+    text = out.decode(errors="replace").strip()
+    if process.returncode:
+        text = err.decode(errors="replace").strip() or text
+    return process.returncode or 0, text
 
 
 async def time_sync(context: CheckContext) -> Observation:
-    """The kernel's NTP state, as timedatectl's ``NTPSynchronized`` reads it:
-    synchronised unless the clock state is TIME_ERROR or STA_UNSYNC is set."""
-    try:
-        clock = context.kernel_clock()
-    except OSError as exc:
-        return _error(f"cannot read the kernel clock: {(exc.strerror or str(exc)).lower()}")
-    synchronised = clock.state != TIME_ERROR and not clock.status & STA_UNSYNC
+    """Whether the system clock is synchronised, as ``timedatectl`` shows it:
+    timedated's ``NTPSynchronized``, which systemd derives from the kernel's
+    NTP state (adjtimex(2)). ``NTP`` says whether a time service is on."""
+    status, text = await _timedatectl(context)
+    if status != 0:
+        said = text.splitlines()[0] if text else f"exit status {status}"
+        return _error(f"cannot ask timedated: {said}")
+    values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    synchronised_value = values.get("NTPSynchronized")
+    if synchronised_value not in ("yes", "no"):
+        return _error(f"timedated gave no NTPSynchronized: {_one_line(text)[:80]!r}")
+    synchronised = synchronised_value == "yes"
+    ntp_service = values.get("NTP", "unknown")
     reason = None
     if not synchronised:
-        why = "clock state TIME_ERROR" if clock.state == TIME_ERROR else "STA_UNSYNC set"
-        reason = f"clock not synchronised ({why}): maximum error {clock.max_error_us / 1e6:g} s"
+        reason = (
+            "clock not synchronised: timedated reports NTPSynchronized=no "
+            f"(NTP service: {ntp_service})"
+        )
     return _observation(
         "pass" if synchronised else "fail",
         reason,
         synchronised=synchronised,
-        clock_state=clock.state,
-        status_flags=f"{clock.status:#06x}",
-        max_error_us=clock.max_error_us,
-        estimated_error_us=clock.estimated_error_us,
+        ntp_service=ntp_service,
+        can_ntp=values.get("CanNTP", "unknown"),
+        source="org.freedesktop.timedate1",
     )
 
 

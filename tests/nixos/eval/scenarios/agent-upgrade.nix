@@ -1,0 +1,2 @@
+# services.msp-agent on a system with automatic upgrades: start-nixos-upgrade starts nixos-upgrade.service
+{ repo }: { modules = [ (repo + "/nixos/agent.nix") ]; config = { services.msp-agent = { enable = true; centralUrl = "https://central.example.com"; centralPublicKey = "77ff85ad0e906477d6122b93d31400dd7bb04cd3e576b4d6161699bdc2955dda"; enrollmentTokenFile = "/var/lib/msp-enrollment/token"; }; system.autoUpgrade = { enable = true; flake = "github:example-msp/msp-appliance#appliance"; }; }; }
