@@ -132,19 +132,6 @@ let
     exit 1
   '';
 
-  agentRun = "${lib.getExe cfg.package} --config ${configFile} run";
-  # The enrollment token, when there is one: an absent file arrives as the
-  # SetCredential= placeholder (blank), which must not reach the agent as
-  # a token; without one an unenrolled agent says it needs one. exec keeps
-  # the PID, so the agent is the unit's main process (NotifyAccess=main).
-  startWithToken = pkgs.writeShellScript "msp-agent-start" ''
-    token="$CREDENTIALS_DIRECTORY/enrollment-token"
-    if [[ -r "$token" && "$(< "$token")" == *[![:space:]]* ]]; then
-      export MSP_AGENT_ENROLLMENT_TOKEN_FILE="$token"
-    fi
-    exec ${agentRun}
-  '';
-
   # `msp-agent status`, `audit verify`, ... for the operator, reading this
   # configuration.
   agentCli = pkgs.writeShellScriptBin "msp-agent" ''
@@ -360,7 +347,7 @@ in
       serviceConfig = {
         Type = "notify";
         NotifyAccess = "main";
-        ExecStart = if cfg.enrollmentTokenFile != null then "${startWithToken}" else "${agentRun}";
+        ExecStart = "${lib.getExe cfg.package} --config ${configFile} run";
         # The main loop pings every WatchdogSec/2; a hung event loop is
         # killed and restarted.
         WatchdogSec = "60s";
@@ -369,7 +356,8 @@ in
         RestartSteps = 8;
         RestartMaxDelaySec = "5min";
         # READY=1 comes once the local state is open, or, on an appliance
-        # not enrolled yet, as soon as the token is read ("enrolling"):
+        # not enrolled yet, as soon as the token is read ("enrolling") or
+        # found missing (then the agent waits, active, for its operator):
         # never after a wait for the central server. Opening the state (its
         # SQLite stores and cached bundles) takes seconds; the bound is for
         # a state disk that does not answer.
@@ -387,7 +375,7 @@ in
         # SetCredential= of the same name stands in for it (systemd.exec(5)):
         # the enrollment token may be absent (it is spent after enrollment,
         # and an enrolled agent never reads it), so it gets a one-newline
-        # placeholder that startWithToken does not pass on. The Twilio token
+        # placeholder, which the agent reads as "no token". The Twilio token
         # must be there when set: without it no text would ever go out.
         LoadCredential =
           lib.optional (cfg.enrollmentTokenFile != null) "enrollment-token:${cfg.enrollmentTokenFile}"
@@ -396,9 +384,13 @@ in
           ) "twilio-auth-token:${cfg.twilio.authTokenFile}";
         SetCredential = lib.optional (cfg.enrollmentTokenFile != null) "enrollment-token:\\n";
         # %d is the unit's credentials directory ($CREDENTIALS_DIRECTORY).
-        Environment = lib.optional (
-          cfg.twilio.authTokenFile != null
-        ) "MSP_AGENT_TWILIO_AUTH_TOKEN_FILE=%d/twilio-auth-token";
+        Environment =
+          lib.optional (
+            cfg.enrollmentTokenFile != null
+          ) "MSP_AGENT_ENROLLMENT_TOKEN_FILE=%d/enrollment-token"
+          ++ lib.optional (
+            cfg.twilio.authTokenFile != null
+          ) "MSP_AGENT_TWILIO_AUTH_TOKEN_FILE=%d/twilio-auth-token";
 
         # Hardening. Each relaxation of the usual set says why.
         CapabilityBoundingSet = [ "" ];

@@ -326,6 +326,52 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("token", [None, "", "  \n"], ids=["no-file", "empty", "blank"])
+def test_a_service_without_a_token_waits_for_its_operator(
+    tmp_path: Path, token: str | None
+) -> None:
+    """Under systemd an appliance that cannot enroll stays up and says why:
+    exiting would fail its unit at every start and every switch. A blank
+    file (the unit's placeholder for a missing token) is no token."""
+    state = tmp_path / "s"
+    settings: dict[str, object] = {
+        "central_public_key": CENTRAL,
+        "central_url": "http://127.0.0.1:9",
+        "state_dir": str(state),
+    }
+    if token is not None:
+        (tmp_path / "token").write_text(token)
+        settings["enrollment_token_file"] = str(tmp_path / "token")
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps(settings))
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(notify))
+        server.settimeout(30)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "msp_agent", "--config", str(config), "run"],
+            env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            ready = server.recv(4096).decode()
+            assert agent.poll() is None
+            agent.terminate()
+            _, stderr = agent.communicate(timeout=30)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+    assert ready.startswith(
+        "READY=1\nSTATUS=waiting for the operator: this appliance is not enrolled"
+    )
+    assert "has no enrollment token" in ready
+    assert agent.returncode == 0
+    assert "this appliance is not enrolled and has no enrollment token" in stderr
+
+
 def test_status_of_an_appliance_never_enrolled(tmp_path: Path) -> None:
     """Not enrolled is not a healthy agent: said, with a non-zero status."""
     config = tmp_path / "agent.json"

@@ -27,28 +27,33 @@ in
 
       with subtest("without a token file the agent starts and says it needs one"):
           # The credential's placeholder stands in for the missing file: the
-          # unit gets as far as the agent, which refuses to run unenrolled.
+          # unit starts, and the agent, which cannot enroll without a token,
+          # stays active and says so instead of failing the unit.
           appliance.succeed(f"rm -f {TOKEN_FILE}")
-          appliance.fail("systemctl start msp-agent.service")
+          appliance.succeed("systemctl start msp-agent.service")
           appliance.wait_until_succeeds(
               "journalctl --no-pager -u msp-agent.service | grep 'this appliance is not enrolled'"
+          )
+          appliance.succeed("systemctl is-active msp-agent.service")
+          appliance.succeed(
+              "systemctl show -p StatusText msp-agent.service | grep 'waiting for the operator'"
           )
           appliance.fail(
               "journalctl --no-pager -u msp-agent.service | grep -i 'credential'"
           )
           appliance.succeed("systemctl stop msp-agent.service")
-          appliance.succeed("systemctl reset-failed msp-agent.service")
 
       with subtest("an appliance without a valid token is refused"):
           write_token("made-up-token-0123456789abcdef0123")
           # READY=1 (STATUS=enrolling) comes before the request, so the
-          # start succeeds; the refusal follows and stops the agent.
+          # start succeeds; after the refusal the agent waits, active, for
+          # a new token rather than presenting this one again.
           appliance.succeed("systemctl start msp-agent.service")
           appliance.wait_until_succeeds(
               "journalctl --no-pager -u msp-agent.service | grep 'enrollment refused'"
           )
+          appliance.succeed("systemctl is-active msp-agent.service")
           appliance.succeed("systemctl stop msp-agent.service")
-          appliance.succeed("systemctl reset-failed msp-agent.service")
           t.assertEqual(partner_api(partner_key, f"sites/{site_id}/appliances")["items"], [])
           # The appliance API takes no unsigned request.
           status = central.succeed(

@@ -252,16 +252,44 @@ class Agent:
                 await self._close_state()
 
     async def _enroll_at_start(self) -> bool:
-        token_file = self.settings.enrollment_token_file
-        if token_file is None:
-            raise EnrollmentError(
-                "this appliance is not enrolled: run `msp-agent enroll` "
-                "or set enrollment_token_file"
-            )
         try:
-            token = token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise EnrollmentError(f"cannot read enrollment_token_file: {exc.strerror}") from None
+            return await self._enroll_with_token()
+        except EnrollmentError as exc:
+            if not self.notifier.enabled:
+                raise
+            # A service that cannot enroll without its operator stays up and
+            # says why (`systemctl status`): exiting would fail the unit at
+            # every start and every switch, and a restart loop would present
+            # a refused token to the server again and again. A new token is
+            # taken at the next start (`systemctl restart msp-agent`).
+            log.error("%s", exc)
+            self.notifier.ready(f"waiting for the operator: {exc}")
+            ping = self.notifier.watchdog_interval() or STATUS_SECONDS
+            while not self.stop.is_set():
+                self.notifier.watchdog()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), ping)
+            return False
+
+    async def _enroll_with_token(self) -> bool:
+        token_file = self.settings.enrollment_token_file
+        token = ""
+        if token_file is not None:
+            try:
+                token = token_file.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                token = ""
+            except OSError as exc:
+                raise EnrollmentError(
+                    f"cannot read enrollment_token_file: {exc.strerror}"
+                ) from None
+        # No file, a deleted one or a blank one (the unit's placeholder when
+        # the token file is missing) all mean: no token.
+        if not token:
+            raise EnrollmentError(
+                "this appliance is not enrolled and has no enrollment token: run "
+                "`msp-agent enroll` or set enrollment_token_file"
+            )
         # Ready (started) even before enrollment succeeds: a boot or a
         # `nixos-rebuild switch` must not wait for the central server.
         self.notifier.ready("enrolling")
