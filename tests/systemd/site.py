@@ -161,14 +161,18 @@ class Site:
             assert shown["public_key"] == self.public_key, "the server runs with the installed key"
             partner = self.central.manage("partner", "create", "systemd test MSP")
             self.central.partner_key = partner["api_key"]
+            self.partner_id = partner["partner_id"]
             self.central.api("POST", "/api/v1/partner/apply-preset", {"preset": "healthcare"})
-            site = self.central.manage(
-                "site", "create", "--partner", partner["partner_id"], "systemd test clinic"
-            )
-            self.central.site_id = site["site_id"]
+            self.new_client_site("systemd test clinic")
         except BaseException:
             self.close()
             raise
+
+    def new_client_site(self, name: str) -> str:
+        """A new site of the partner; tokens are made for it from now on."""
+        site = self.central.manage("site", "create", "--partner", self.partner_id, name)
+        self.central.site_id = str(site["site_id"])
+        return self.central.site_id
 
     def _container(self, name: str) -> Container:
         side = "central" if name == "central" else "appliance"
@@ -203,6 +207,20 @@ class Site:
         )
         agent.token = token
         return agent
+
+    def switch(self, agent: ContainerAgent, settings: Mapping[str, Any]) -> None:
+        """What ``nixos-rebuild switch`` does for a settings change: the
+        modules rendered again with ``settings``, installed, systemd
+        reloaded, the agent restarted."""
+        units.install_appliance(
+            agent.container.root,
+            central_url=self.central_url,
+            central_public_key=self.public_key,
+            enrollment_token=agent.token,
+            extra_settings={**AGENT_SETTINGS, **dict(settings)},
+        )
+        agent.container.systemctl("daemon-reload")
+        agent.container.systemctl("restart", "msp-agent.service")
 
     def retire(self, agent: ContainerAgent) -> None:
         agent.container.close()
