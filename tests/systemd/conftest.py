@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,17 @@ from tests.systemd.site import Site
 
 HERE = Path(__file__).resolve().parent
 TIMINGS = pytest.StashKey[list[tuple[str, float]]]()
+NOTES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture(scope="session")
+def note(pytestconfig: pytest.Config) -> Callable[[str], None]:
+    """Record a measurement for the summary at the end of the run."""
+
+    def record(line: str) -> None:
+        pytestconfig.stash.setdefault(NOTES, []).append(line)
+
+    return record
 
 
 @pytest.fixture(scope="session")
@@ -30,10 +41,12 @@ def image() -> Path:
 
 
 @pytest.fixture(scope="module")
-def site(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site(
+    image: Path, tmp_path_factory: pytest.TempPathFactory, note: Callable[[str], None]
+) -> Iterator[Site]:
     started = time.monotonic()
     built = Site(image, tmp_path_factory.mktemp("site"))
-    print(f"central container up and set up in {time.monotonic() - started:.1f} s")
+    note(f"central container booted and set up in {time.monotonic() - started:.1f} s")
     try:
         yield built
     finally:
@@ -57,6 +70,11 @@ def pytest_terminal_summary(
     timings = config.stash.get(TIMINGS, [])
     if not timings:
         return
+    notes = config.stash.get(NOTES, [])
+    if notes:
+        terminalreporter.section("systemd tests: measurements")
+        for line in notes:
+            terminalreporter.write_line(line)
     terminalreporter.section("systemd tests: time per test (setup, call, teardown)")
     for nodeid, seconds in timings:
         terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")

@@ -179,6 +179,17 @@ class Container:
                 stderr=subprocess.STDOUT,
             )
         self.leader = until(self._find_leader, within=30, what=f"{self.name}'s PID 1")
+
+        # Until PID 1 has opened its socket, systemctl cannot connect at all.
+        def answers() -> str:
+            return self.run("systemctl", "is-system-running", check=False).stdout.strip()
+
+        until(
+            answers,
+            within=30,
+            what=f"{self.name}'s systemd to answer",
+            interval=0.2,
+        )
         state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=within)
         if state.stdout.strip() not in (("running", "degraded") if degraded else ("running",)):
             failed = self.run("systemctl", "list-units", "--failed", "--plain", "--no-legend")

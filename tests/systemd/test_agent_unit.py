@@ -15,7 +15,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,12 @@ def test_agent_is_ready_and_active(agent: ContainerAgent) -> None:
     assert container.systemctl("is-active", UNIT).stdout.strip() == "active"
     status = agent.wait(lambda s: s.get("link") == "online", "online")
     assert status["appliance_id"]
-    assert container.systemctl("is-system-running").stdout.strip() == "running"
+    # Nothing else failed. L1 actions the agent ran may have: the container
+    # has no firewall.service or systemd-timesyncd to act on.
+    failed = container.systemctl("list-units", "--failed", "--plain", "--no-legend").stdout
+    assert [
+        u for u in (line.split()[0] for line in failed.splitlines()) if not u.startswith("msp-l1@")
+    ] == []
 
 
 def test_enrollment_token_arrives_as_a_credential(site: Site, agent: ContainerAgent) -> None:
@@ -60,8 +65,6 @@ def test_enrollment_token_arrives_as_a_credential(site: Site, agent: ContainerAg
     # systemd 252 prints LoadCredential as "[unprintable]": read the loaded unit.
     loaded = container.systemctl("cat", UNIT).stdout
     assert f"LoadCredential=enrollment-token:{units.AGENT_TOKEN_FILE}" in loaded
-    environment = container.properties(UNIT, "Environment")["Environment"]
-    assert "MSP_AGENT_ENROLLMENT_TOKEN_FILE=" in environment
     # The source is root's alone; the copy systemd hands the unit is readable
     # by the agent's user only.
     assert container.sh(f"stat -c '%a %U' {units.AGENT_TOKEN_FILE}").split() == ["400", "root"]
@@ -225,7 +228,7 @@ def _exposure(output: str) -> float:
     return float(match.group(1))
 
 
-def test_systemd_analyze_security(agent: ContainerAgent) -> None:
+def test_systemd_analyze_security(agent: ContainerAgent, note: Callable[[str], None]) -> None:
     inside = agent.container.run(
         "systemd-analyze", "security", "--no-pager", UNIT, check=False
     ).stdout
@@ -239,7 +242,7 @@ def test_systemd_analyze_security(agent: ContainerAgent) -> None:
             check=False,
         ).stdout
     booted, static = _exposure(inside), _exposure(offline)
-    print(f"systemd-analyze security {UNIT}: {booted} in the booted container, {static} offline")
+    note(f"systemd-analyze security {UNIT}: {booted} booted (systemd 252), {static} offline")
     # The booted unit is scored from what systemd applied; it must be as
     # good as the module's rendering promises.
     assert booted <= static + 0.05
@@ -250,7 +253,7 @@ def _restarts(agent: ContainerAgent) -> int:
     return int(agent.container.properties(UNIT, "NRestarts")["NRestarts"])
 
 
-def test_watchdog_restarts_a_hung_agent(agent: ContainerAgent) -> None:
+def test_watchdog_restarts_a_hung_agent(agent: ContainerAgent, note: Callable[[str], None]) -> None:
     """The module fixes WatchdogSec=60s and exposes no option for it, so this
     one test shortens it with a drop-in (removed again at the end)."""
     container = agent.container
@@ -269,7 +272,9 @@ def test_watchdog_restarts_a_hung_agent(agent: ContainerAgent) -> None:
         started = time.monotonic()
         until(lambda: _restarts(agent) > before, within=60, what="the watchdog's restart")
         container.wait_for_unit(UNIT)
-        print(f"watchdog restart {time.monotonic() - started:.1f} s after SIGSTOP")
+        note(
+            f"watchdog (WatchdogSec=6s): restarted {time.monotonic() - started:.1f} s after SIGSTOP"
+        )
         assert container.main_pid(UNIT) != hung
         assert "Watchdog timeout" in container.journal(UNIT)
     finally:
@@ -279,7 +284,7 @@ def test_watchdog_restarts_a_hung_agent(agent: ContainerAgent) -> None:
     container.wait_for_unit(UNIT)
 
 
-def test_stop_is_clean(agent: ContainerAgent) -> None:
+def test_stop_is_clean(agent: ContainerAgent, note: Callable[[str], None]) -> None:
     container = agent.container
     container.wait_for_unit(UNIT)
     cursor = container.run("journalctl", "-n0", "--show-cursor", "--quiet").stdout
@@ -288,7 +293,7 @@ def test_stop_is_clean(agent: ContainerAgent) -> None:
     container.systemctl("stop", UNIT)
     took = time.monotonic() - started
     props = container.properties(UNIT, "Result", "ExecMainCode", "ExecMainStatus", "ActiveState")
-    print(f"systemctl stop took {took:.1f} s: {props}")
+    note(f"systemctl stop msp-agent: {took:.1f} s, Result={props['Result']}")
     assert props == {
         "Result": "success",
         "ExecMainCode": "1",  # CLD_EXITED: it exited, no signal killed it

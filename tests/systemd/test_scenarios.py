@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -49,7 +49,9 @@ def enrolled(site: Site, appliances: list[ContainerAgent], name: str) -> Contain
 
 
 @pytest.mark.timeout(400)
-def test_offline_mode(site: Site, appliances: list[ContainerAgent]) -> None:
+def test_offline_mode(
+    site: Site, appliances: list[ContainerAgent], note: Callable[[str], None]
+) -> None:
     central = site.central
     agent = enrolled(site, appliances, "offline clinic")
     online = agent.wait(
@@ -103,8 +105,9 @@ def test_offline_mode(site: Site, appliances: list[ContainerAgent]) -> None:
         ),
         "the backlog to reach the server",
     )
-    print(
-        f"offline backlog of {backlog['log_size']} entries delivered in {time.monotonic() - returned:.1f} s"
+    note(
+        f"offline mode: backlog of {backlog['log_size']} entries witnessed"
+        f" {time.monotonic() - returned:.1f} s after the link returned"
     )
     queued_offline = evidence_ids(agent.entries()[: backlog["log_size"]])
     until(

@@ -50,10 +50,15 @@ def test_appliance_rendering_leaves_no_store_path(root: Path) -> None:
         assert list(units.store_paths(text)) == [], name
         assert "/nix/store" not in text, name
     agent = files["etc/systemd/system/msp-agent.service"]
-    assert (
-        "ExecStart=/opt/msp/bin/msp-agent --config /usr/local/lib/msp-store/msp-agent.json run"
-        in agent
-    )
+    # ExecStart runs the image's msp-agent with the installed settings,
+    # directly or through a generated start script.
+    (exec_start,) = [line for line in agent.splitlines() if line.startswith("ExecStart=")]
+    program = exec_start.removeprefix("ExecStart=").split()[0]
+    assert (root / program.lstrip("/")).stat().st_mode & 0o111, program
+    started = exec_start
+    if program.startswith(units.STORE_IN_IMAGE):
+        started += (root / program.lstrip("/")).read_text()
+    assert "/opt/msp/bin/msp-agent --config /usr/local/lib/msp-store/msp-agent.json" in started
     settings = json.loads(files["usr/local/lib/msp-store/msp-agent.json"])
     assert settings["l1_command"][0] == "/usr/bin/systemctl"
     assert settings["check_interval_seconds"] == 15

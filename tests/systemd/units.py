@@ -261,15 +261,19 @@ def install(root: Path, rendered: Rendered) -> None:
         raise RenderError(f"timers are not rendered by the harness yet: {sorted(data['timers'])}")
     mapper = _Mapper(rendered)
     etc_system = _inside(root, "/etc/systemd/system")
-    for name, text in sorted(data["units"].items()):
+    # dropIns: services NixOS writes as <unit>.d/overrides.conf (instances
+    # of a template, overrideStrategy "asDropin"); older harnesses lack it.
+    rendered_units = [(name, text, True) for name, text in data.get("dropIns", {}).items()]
+    rendered_units += [(name, text, False) for name, text in data["units"].items()]
+    for name, text, as_dropin in sorted(rendered_units):
         unit = _unit_file_name(name)
-        body = mapper.rewrite(_without_opaque(text), where=unit)
-        if _shipped(root, unit):
-            # systemd-lib.nix: an upstream unit gets the module's settings as
-            # overrides.conf beside it, never a replacement.
-            _write(etc_system / f"{unit}.d" / "overrides.conf", body)
+        # systemd-lib.nix: an upstream unit gets the module's settings as
+        # overrides.conf beside it, never a replacement.
+        if as_dropin or _shipped(root, unit):
+            path = etc_system / f"{unit}.d" / "overrides.conf"
         else:
-            _write(etc_system / unit, body)
+            path = etc_system / unit
+        _write(path, mapper.rewrite(_without_opaque(text), where=str(path.relative_to(root))))
         for target in data["services"].get(name, {}).get("wantedBy", []):
             wants = etc_system / f"{target}.wants"
             wants.mkdir(parents=True, exist_ok=True)
@@ -300,8 +304,8 @@ def install(root: Path, rendered: Rendered) -> None:
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.is_symlink():
                 link.symlink_to(f"{STORE_IN_IMAGE}/{package}/{inner}")
-    for path, (text, _, mode) in sorted(mapper.to_write.items()):
-        _write(_inside(root, path), text, mode)
+    for target, (text, _, mode) in sorted(mapper.to_write.items()):
+        _write(_inside(root, target), text, mode)
     _install_accounts(root, data)
 
 
