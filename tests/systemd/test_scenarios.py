@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.system.test_offline import evidence_ids, server_evidence
+from tests.systemd import units
 from tests.systemd.machines import until
 from tests.systemd.site import ContainerAgent, Site
 
@@ -136,18 +137,31 @@ def test_key_delegation(site: Site, appliances: list[ContainerAgent]) -> None:
     central = site.central
     site_id = site.new_client_site("delegation clinic")
 
-    # A made-up token: the agent reports READY=1 before it enrolls (a boot
-    # must not wait for the server), so the start succeeds; then the refusal
-    # makes it exit 1 and systemd retries it (StartLimitIntervalSec=0).
-    agent = site.appliance(token="made-up-token-0123456789abcdef0123", degraded=True)
+    # No token file at all (the module declares one): the unit still
+    # starts, and the agent, which cannot enroll, stays active and says so.
+    agent = site.appliance(token="not-written-yet", boot=False)
     appliances.append(agent)
     container = agent.container
-    until(
-        lambda: "Failed with result 'exit-code'" in container.journal(UNIT),
-        within=60,
-        what="the unit to fail",
+    container.path(units.AGENT_TOKEN_FILE).unlink()
+    container.boot()
+
+    def waiting(what: str) -> None:
+        until(lambda: what in container.journal(UNIT), within=60, what=repr(what))
+        assert container.systemctl("is-active", UNIT).stdout.strip() == "active"
+        text = container.properties(UNIT, "StatusText")["StatusText"]
+        assert text.startswith("waiting for the operator"), text
+
+    waiting("this appliance is not enrolled")
+    assert "credential" not in container.journal(UNIT).lower()
+
+    # A made-up token: READY=1 comes before the request (a boot must not
+    # wait for the server), and after the refusal the agent waits, active,
+    # for a new token instead of presenting this one again.
+    container.sh(
+        f"umask 077 && printf %s made-up-token-0123456789abcdef0123 > {units.AGENT_TOKEN_FILE}"
     )
-    assert "enrollment refused" in container.journal(UNIT)
+    container.systemctl("restart", UNIT)
+    waiting("enrollment refused")
     container.systemctl("stop", UNIT)
     assert central.api("GET", f"/api/v1/sites/{site_id}/appliances")["items"] == []
     # The appliance API takes no unsigned request.
@@ -157,8 +171,7 @@ def test_key_delegation(site: Site, appliances: list[ContainerAgent]) -> None:
     # A real token through the credential: a certificate for a key made here.
     token = central.token()
     agent.token = token
-    container.sh(f"umask 077 && printf %s {token} > /etc/msp/enrollment-token")
-    container.systemctl("reset-failed", UNIT)
+    container.sh(f"umask 077 && printf %s {token} > {units.AGENT_TOKEN_FILE}")
     container.systemctl("start", UNIT)
     status_now = agent.wait(lambda s: (s.get("certificate") or {}).get("serial"), "a certificate")
     serial = status_now["certificate"]["serial"]
