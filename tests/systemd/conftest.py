@@ -53,6 +53,15 @@ def site(
         built.close()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The first test here may build the image (base 73 s, project layer
+    26 s, more on a slow mirror) before it boots anything: a budget that
+    covers that, for every test here without one of its own."""
+    for item in items:
+        if HERE in item.path.parents and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(600))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
     if HERE not in item.path.parents:
