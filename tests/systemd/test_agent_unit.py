@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.systemd import units
-from tests.systemd.machines import until
+from tests.systemd.machines import Container, until
 from tests.systemd.site import ContainerAgent, Site
 
 UNIT = "msp-agent.service"
@@ -228,25 +228,35 @@ def _exposure(output: str) -> float:
     return float(match.group(1))
 
 
-def test_systemd_analyze_security(agent: ContainerAgent, note: Callable[[str], None]) -> None:
-    inside = agent.container.run(
-        "systemd-analyze", "security", "--no-pager", UNIT, check=False
-    ).stdout
+def _scores(container: Container, unit: str) -> tuple[float, float]:
+    """``systemd-analyze security`` of ``unit`` booted, and offline (on the
+    host) of the same unit file."""
+    inside = container.run("systemd-analyze", "security", "--no-pager", unit, check=False).stdout
     with tempfile.TemporaryDirectory() as scratch:
-        rendered = Path(scratch) / UNIT
-        rendered.write_text(agent.container.path(f"/etc/systemd/system/{UNIT}").read_text())
+        rendered = Path(scratch) / unit
+        rendered.write_text(container.path(f"/etc/systemd/system/{unit}").read_text())
         offline = subprocess.run(
             ["systemd-analyze", "security", "--no-pager", "--offline=true", str(rendered)],
             capture_output=True,
             text=True,
             check=False,
         ).stdout
-    booted, static = _exposure(inside), _exposure(offline)
-    note(f"systemd-analyze security {UNIT}: {booted} booted (systemd 252), {static} offline")
-    # The booted unit is scored from what systemd applied; it must be as
-    # good as the module's rendering promises.
-    assert booted <= static + 0.05
-    assert booted < 3.0
+    return _exposure(inside), _exposure(offline)
+
+
+def test_systemd_analyze_security(
+    site: Site, agent: ContainerAgent, note: Callable[[str], None]
+) -> None:
+    for container, unit in (
+        (agent.container, UNIT),
+        (site.central.container, "msp-central.service"),
+    ):
+        booted, static = _scores(container, unit)
+        note(f"systemd-analyze security {unit}: {booted} booted (systemd 252), {static} offline")
+        # The booted unit is scored from what systemd applied; it must be as
+        # good as the module's rendering promises.
+        assert booted <= static + 0.05, unit
+        assert booted < 3.0, unit
 
 
 def _restarts(agent: ContainerAgent) -> int:
