@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.systemd.image import ImageError, project_image, require_tools
 
@@ -168,7 +169,7 @@ def _run(argv: list[str], what: str) -> None:
         raise ImageError(f"{what} failed ({result.returncode}): {tail[0]}")
 
 
-def build_disk(directory: Path, install: Callable[[Path], None]) -> Path:
+def build_disk(directory: Path, install: Callable[[Path], object]) -> Path:
     """Copy the project image, add the test plumbing, let ``install`` put
     what the test runs into the copy, and write it as an ext4 disk image.
     Returns the disk image's path; the copy is removed."""
@@ -292,12 +293,10 @@ class Machine:
             "-device", f"virtserialport,chardev=backdoor,name={BACKDOOR_PORT}",
         ]  # fmt: skip
         started = time.monotonic()
-        self.process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=(self.directory / "qemu.log").open("ab"),
-        )
+        with (self.directory / "qemu.log").open("ab") as errors:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors
+            )
         self._connect(deadline=started + 240)
         return time.monotonic() - started
 
@@ -361,7 +360,7 @@ class Machine:
     ) -> Completed:
         deadline = time.monotonic() + within
         while True:
-            result = self.run(argv, timeout=max(5.0, within))
+            result = self.run(argv, timeout=30)
             if result.rc == 0:
                 return result
             if time.monotonic() > deadline:
@@ -410,7 +409,7 @@ class Machine:
         self._connection.sendall(line.encode())
         return self._next_id
 
-    def _receive(self, request_id: int, deadline: float) -> dict[str, object] | None:
+    def _receive(self, request_id: int, deadline: float) -> dict[str, Any] | None:
         assert self._connection is not None
         while True:
             while b"\n" in self._received:
