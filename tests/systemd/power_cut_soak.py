@@ -247,7 +247,12 @@ class PowerCutRun:
             ),
             "agent did not resync",
         )
-        self._check(cut, lambda: self._verify(cut), "audit verify")
+        # The log as the cut left it, before the agent opened it.
+        self._check(cut, lambda: self._verify(cut, AT_BOOT), "audit verify at boot")
+        # And after recovery and resync, on a consistent snapshot of the live
+        # file (see _verify_live for why not the live file itself).
+        self._check(cut, lambda: self._verify(cut, self._snapshot()), "audit verify")
+        self._verify_live(cut)
         # The central server first: the appliance's log only grows meanwhile.
         witnessed_now = self.witnessed()
         now = self._inspect(STATE)
@@ -298,18 +303,56 @@ class PowerCutRun:
         if at_boot["corrupt"]:
             cut.findings.append(f"quarantined earlier: {', '.join(at_boot['corrupt'])}")
 
-    def _verify(self, cut: Cut) -> None:
+    def _verify(self, cut: Cut, directory: str) -> None:
+        """``msp-agent audit verify`` of the state in ``directory`` (a copy
+        of the agent's), as the agent's user."""
         machine = self._machine()
-        result = machine.run(["runuser", "-u", "msp", "--", "msp-agent", "audit", "verify"])
+        machine.succeed("chown", "-R", "msp:msp", directory)
+        result = machine.run(
+            [
+                "runuser", "-u", "msp", "--",
+                "env", f"MSP_AGENT_STATE_DIR={directory}", "msp-agent", "audit", "verify",
+            ]
+        )  # fmt: skip
         if result.rc == 0:
             return
-        # A quarantined log is an outcome the agent reports, with its reason.
-        now = self._inspect(STATE)
-        quarantines = now.get("audit", {}).get("quarantines", [])
+        problem = (result.stderr or result.stdout).strip().splitlines()[-1]
+        # A damaged log is quarantined by the agent, the reason recorded.
+        quarantines = self._inspect(STATE).get("audit", {}).get("quarantines", [])
         if quarantines:
             cut.findings.append(f"QUARANTINED: {quarantines[-1]['reason'][:120]}")
             return
-        raise PowerCutFailure((result.stderr or result.stdout).strip().splitlines()[-1])
+        raise PowerCutFailure(problem)
+
+    def _snapshot(self) -> str:
+        """A consistent copy of the live state (SQLite's backup API for the
+        audit log) under /run; returns its path."""
+        directory = "/run/msp-test/now"
+        self._machine().shell(
+            f"rm -rf {directory} && cp -a {STATE} {directory}"
+            f" && rm -f {directory}/audit.sqlite {directory}/audit.sqlite-wal"
+            f" {directory}/audit.sqlite-shm"
+        )
+        self._machine().succeed(
+            "runuser", "-u", "msp", "--", "/opt/msp/bin/python", "-c",
+            "import sqlite3, sys\n"
+            "source = sqlite3.connect(f'file:{sys.argv[1]}?mode=ro', uri=True)\n"
+            "target = sqlite3.connect(sys.argv[2])\n"
+            "source.backup(target)\n"
+            "target.close()\n",
+            f"{STATE}/audit.sqlite", f"{directory}/audit.sqlite",
+        )  # fmt: skip
+        return directory
+
+    def _verify_live(self, cut: Cut) -> None:
+        """``msp-agent audit verify`` on the live file, beside the running
+        agent, as an operator runs it. Recorded, not judged: it reads the
+        checkpoints and the entries in separate statements, so an append
+        between them shows as entries "added behind the agent's back"."""
+        result = self._machine().run(["runuser", "-u", "msp", "--", "msp-agent", "audit", "verify"])
+        if result.rc != 0:
+            problem = (result.stderr or result.stdout).strip().splitlines()[-1]
+            cut.findings.append(f"live verify raced: {problem.split('verify: ')[-1][:80]}")
 
     def _check_witnessed(self, now: dict[str, Any], witnessed: tuple[int, int, str]) -> None:
         generation, size, root = witnessed
@@ -463,7 +506,7 @@ def summary(run: PowerCutRun, elapsed: float) -> str:
         for finding in cut.findings:
             key = finding.split(" (")[0] if finding.startswith("log ") else finding
             key = "log grew" if key.startswith("log ") else key
-            key = key.split(":")[0] if key.startswith(("WAL", "QUARANTINED")) else key
+            key = key.split(":")[0] if key.startswith(("WAL", "QUARANTINED", "live")) else key
             key = "re-sent" if key.endswith("re-sent") else key
             counts[key] = counts.get(key, 0) + 1
     found = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()) if k != "log grew")
