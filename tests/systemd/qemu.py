@@ -375,9 +375,11 @@ class Machine:
     def _connect(self, deadline: float) -> None:
         while time.monotonic() < deadline:
             if not self.running:
+                errors = (self.directory / "qemu.log").read_text(errors="replace").strip()
                 raise MachineError(
                     f"qemu exited ({self.process.returncode if self.process else '?'}) "
-                    f"during boot {self.boots}: see {self.console}"
+                    f"during boot {self.boots}: "
+                    f"{errors.splitlines()[-1] if errors else f'see {self.console}'}"
                 )
             if self._connection is None:
                 try:
