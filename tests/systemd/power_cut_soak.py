@@ -346,13 +346,14 @@ class PowerCutRun:
 
     def _verify_live(self, cut: Cut) -> None:
         """``msp-agent audit verify`` on the live file, beside the running
-        agent, as an operator runs it. Recorded, not judged: it reads the
-        checkpoints and the entries in separate statements, so an append
-        between them shows as entries "added behind the agent's back"."""
+        agent, as an operator runs it: it reads one snapshot, so it must
+        pass while the agent appends."""
         result = self._machine().run(["runuser", "-u", "msp", "--", "msp-agent", "audit", "verify"])
         if result.rc != 0:
             problem = (result.stderr or result.stdout).strip().splitlines()[-1]
-            cut.findings.append(f"live verify raced: {problem.split('verify: ')[-1][:80]}")
+            raise PowerCutFailure(
+                f"cut {cut.number}: audit verify on the live log: {problem[:200]}"
+            )
 
     def _check_witnessed(self, now: dict[str, Any], witnessed: tuple[int, int, str]) -> None:
         generation, size, root = witnessed
