@@ -79,13 +79,9 @@ class RenderError(RuntimeError):
 
 def nixpkgs_lib() -> Path:
     """The nixpkgs library checkout: ``$NIXPKGS_LIB``, else ``../nixpkgs-lib``
-    or ``../shared/nixpkgs-lib`` beside the repository."""
+    beside the repository."""
     configured = os.environ.get("NIXPKGS_LIB")
-    candidates = (
-        [Path(configured)]
-        if configured
-        else [ROOT.parent / "nixpkgs-lib", ROOT.parent / "shared" / "nixpkgs-lib"]
-    )
+    candidates = [Path(configured)] if configured else [ROOT.parent / "nixpkgs-lib"]
     for candidate in candidates:
         if (candidate / "lib" / "default.nix").is_file():
             return candidate
