@@ -109,26 +109,10 @@ _TIMEDATED_PROPERTIES = ("NTPSynchronized", "NTP", "CanNTP")
 
 
 async def _timedatectl(context: CheckContext) -> tuple[int, str]:
-    binary = shutil.which(context.timedatectl) or context.timedatectl
     arguments = [f"--property={name}" for name in _TIMEDATED_PROPERTIES]
-    try:
-        process = await asyncio.create_subprocess_exec(
-            binary,
-            "--no-pager",
-            "--no-ask-password",
-            "show",
-            *arguments,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(process.communicate(), 30)
-    except (OSError, TimeoutError) as exc:
-        return -1, str(exc) or type(exc).__name__
-    text = out.decode(errors="replace").strip()
-    if process.returncode:
-        text = err.decode(errors="replace").strip() or text
-    return process.returncode or 0, text
+    status, out, err = await _ask_systemd(context.timedatectl, "show", *arguments)
+    # On failure the error says why; what it printed before is secondary.
+    return status, (err or out) if status else out
 
 
 async def time_sync(context: CheckContext) -> Observation:
@@ -192,8 +176,10 @@ async def state_disk_space(context: CheckContext) -> Observation:
 # --- systemd units ----------------------------------------------------------------------------
 
 
-async def _systemctl(context: CheckContext, *args: str) -> tuple[int, str]:
-    binary = shutil.which(context.systemctl) or context.systemctl
+async def _ask_systemd(program: str, *args: str) -> tuple[int, str, str]:
+    """Run one of systemd's query tools (never asking for a password);
+    its exit status (-1 when it could not run), output and error output."""
+    binary = shutil.which(program) or program
     try:
         process = await asyncio.create_subprocess_exec(
             binary,
@@ -206,11 +192,17 @@ async def _systemctl(context: CheckContext, *args: str) -> tuple[int, str]:
         )
         out, err = await asyncio.wait_for(process.communicate(), 30)
     except (OSError, TimeoutError) as exc:
-        return -1, str(exc) or type(exc).__name__
-    text = out.decode(errors="replace").strip()
-    if process.returncode and not text:
-        text = err.decode(errors="replace").strip()
-    return process.returncode or 0, text
+        return -1, "", str(exc) or type(exc).__name__
+    return (
+        process.returncode or 0,
+        out.decode(errors="replace").strip(),
+        err.decode(errors="replace").strip(),
+    )
+
+
+async def _systemctl(context: CheckContext, *args: str) -> tuple[int, str]:
+    status, out, err = await _ask_systemd(context.systemctl, *args)
+    return status, err if status and not out else out
 
 
 def _unreachable(text: str) -> bool:
