@@ -33,11 +33,16 @@ class CentralError(Exception):
 class CentralUnavailable(CentralError):
     """The central server could not be reached or did not decide. ``code`` is
     the problem type of a refusal that a later attempt may not get (a request
-    dated outside the server's window: this appliance's clock is off)."""
+    dated outside the server's window: this appliance's clock is off).
+    ``retry_after`` is the wait in seconds the server asked for (its
+    ``Retry-After`` on a 503 or 429), None when it named none."""
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, code: str | None = None, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after = retry_after
 
 
 class CentralRejected(CentralError):

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import aiohttp
@@ -55,6 +57,9 @@ PROBLEM_PREFIX = "urn:msp:problem:"
 RETRYABLE_REFUSALS = frozenset(
     {"stale-signature", "future-signature", "stale-request", "replayed-nonce"}
 )
+# A server (or a proxy in front of it) asking for a longer wait is obeyed only
+# this far: the appliance must not fall silent for hours on one header.
+MAX_RETRY_AFTER_SECONDS = 600.0
 CLOCK_REFUSALS = frozenset({"stale-signature", "future-signature", "stale-request"})
 _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 
@@ -182,9 +187,12 @@ class HttpCentralClient:
             self.connectivity.unavailable(error, server_answered=False)
             raise CentralUnavailable(error) from None
         if status == 429 or status >= 500:
+            wait = retry_after(answer_headers.get("Retry-After"))
             error = f"{method} {path}: HTTP {status}"
+            if wait is not None:
+                error += f", retry after {wait:g} s"
             self.connectivity.unavailable(error, server_answered=True)
-            raise CentralUnavailable(error)
+            raise CentralUnavailable(error, retry_after=wait)
         if status >= 400:
             rejection = _rejected(status, payload, answer_headers.get("Content-Type", ""))
             if rejection is None:
@@ -201,6 +209,26 @@ class HttpCentralClient:
             raise rejection
         self.connectivity.answered()
         return status, answer_headers, payload
+
+
+def retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """The wait a ``Retry-After`` field asks for (RFC 9110 §10.2.3: a number
+    of seconds or an HTTP date), at most :data:`MAX_RETRY_AFTER_SECONDS`;
+    None when there is none or it does not parse."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        seconds = float(int(text[:12]))
+    else:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; -0000 parses naive
+            when = when.replace(tzinfo=UTC)
+        seconds = max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return min(seconds, MAX_RETRY_AFTER_SECONDS)
 
 
 def _appliance_id(value: Any) -> str:

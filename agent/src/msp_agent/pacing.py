@@ -1,0 +1,66 @@
+"""How hard an appliance pushes its backlog: the wait before a retry, and
+the size of its next audit batch.
+
+A fleet coming back from a regional outage all at once must not knock the
+central server over, and must not wait in lockstep either:
+
+- :func:`wait_before_retry`: at least what the server asked for
+  (``Retry-After``), plus full jitter over the capped exponential backoff,
+  so appliances told the same wait still spread out.
+- :class:`BatchSizer`: the number of audit entries per sync request, grown
+  while the server answers fast and cut after a refusal for load (503,
+  429), a timeout or a slow answer (additive increase is too slow to
+  matter for a backlog of a few thousand entries; doubling and halving
+  settle in a few batches).
+"""
+
+from __future__ import annotations
+
+from msp_agent.retry import CAP_SECONDS, retry_delay
+from msp_protocol.sync import MAX_BATCH_ENTRIES
+
+
+def wait_before_retry(
+    attempt: int, retry_after: float | None, *, cap: float = CAP_SECONDS
+) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): the
+    server's ``Retry-After`` (if any) plus a fully jittered backoff."""
+    return (retry_after or 0.0) + retry_delay(attempt, cap=cap)
+
+
+class BatchSizer:
+    """The size of the next audit batch, from how the last ones went."""
+
+    def __init__(
+        self,
+        *,
+        smallest: int = 50,
+        largest: int = MAX_BATCH_ENTRIES,
+        start: int = 250,
+        slow_seconds: float = 2.0,
+    ) -> None:
+        if not 1 <= smallest <= start <= largest <= MAX_BATCH_ENTRIES:
+            raise ValueError("need 1 <= smallest <= start <= largest <= the protocol's batch limit")
+        if slow_seconds <= 0:
+            raise ValueError("slow_seconds must be positive")
+        self.smallest = smallest
+        self.largest = largest
+        self.slow_seconds = slow_seconds
+        self._size = start
+
+    @property
+    def size(self) -> int:
+        """Entries to put in the next batch."""
+        return self._size
+
+    def answered(self, seconds: float) -> None:
+        """A batch was witnessed in ``seconds``: grow while that is fast,
+        shrink when it was slow (the server is struggling)."""
+        if seconds >= self.slow_seconds:
+            self._size = max(self.smallest, self._size // 2)
+        elif seconds < self.slow_seconds / 4:
+            self._size = min(self.largest, self._size * 2)
+
+    def refused(self) -> None:
+        """The server shed the batch (503, 429) or it timed out: halve."""
+        self._size = max(self.smallest, self._size // 2)
