@@ -798,6 +798,12 @@ class CertificateOut(Body):
     certificate: Envelope
 
 
+class HealthOut(Body):
+    # A replica that cannot serve answers 503 with a problem document.
+    status: Literal["ok"]
+    database: Literal["ok"]
+
+
 class HeartbeatIn(Body):
     version: Annotated[Printable, StringConstraints(max_length=64)]
     log_size: Annotated[StrictInt, Field(ge=0)]

@@ -27,6 +27,7 @@ from msp_central.routes.appliances import routes as appliance_routes
 from msp_central.routes.audit_logs import routes as audit_log_routes
 from msp_central.routes.catalogue import routes as catalogue_routes
 from msp_central.routes.exports import routes as export_routes
+from msp_central.routes.health import routes as health_routes
 from msp_central.routes.lifecycle import routes as lifecycle_routes
 from msp_central.routes.manual import document_body_limit
 from msp_central.routes.manual import routes as manual_routes
@@ -174,6 +175,7 @@ def create_app(
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(security_headers)
     for table in (
+        health_routes,
         console_routes,
         user_routes,
         catalogue_routes,

@@ -123,6 +123,7 @@ OPERATIONS: list[
     ("post", "/api/v1/appliances/{appliance_id}/evidence", "Submit a signed evidence bundle", APPLIANCE, Envelope, {200: m.EvidenceAccepted, 201: m.EvidenceAccepted}),
     ("post", "/api/v1/appliances/{appliance_id}/escalations", "Raise an urgent escalation", APPLIANCE, Escalation, {200: m.EscalationAccepted, 201: m.EscalationAccepted}),
     ("get", "/api/v1/openapi.json", "This document", NONE, None, {200: None}),
+    ("get", "/api/v1/health", "Whether this server can serve (for a load balancer's health check)", NONE, None, {200: m.HealthOut}),
 ]  # fmt: skip
 
 # Operations whose credential travels in the body, not in a security scheme:

@@ -31,6 +31,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "body-too-large": (413, "The request body is too large"),
     "header-too-large": (431, "A request line or header field is too large"),
     "server-busy": (503, "The server is busy; retry later"),
+    "database-unavailable": (503, "The server's database does not answer; retry later"),
     "unsupported-media-type": (415, "The request body must be application/json"),
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "Method not allowed"),
