@@ -264,6 +264,59 @@ async def test_each_application_counts_apart(settings: Settings, aiohttp_client:
     assert first[METRICS].registry is not second[METRICS].registry
 
 
+# --- the heartbeat's dashboard figures -------------------------------------------------------
+
+
+async def test_the_heartbeat_figures_are_kept_and_listed(harness: Harness) -> None:
+    partner = await harness.partner()
+    appliance = await harness.enroll(partner)
+    path = f"/api/v1/appliances/{appliance.appliance_id}/heartbeat"
+    beat = {
+        "version": "0.1.0",
+        "log_size": 12,
+        "queues": {"evidence": 3, "urgent": 1},
+        "clock": format_time(harness.clock()),
+        "witnessed_size": 10,
+        "last_sync_at": "2026-11-25T11:59:00Z",
+        "certificate_not_after": "2026-12-25T12:00:00Z",
+        "problems": 2,
+    }
+    assert (await appliance.request("POST", path, beat)).status == 200
+    listed = await partner.request("GET", f"/api/v1/sites/{appliance.site_id}/appliances")
+    assert listed.status == 200, listed.body
+    (shown,) = listed.body["items"]
+    assert shown["heartbeat"] == beat
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("witnessed_size", -1),
+        ("witnessed_size", "10"),
+        ("problems", 1.5),
+        ("last_sync_at", "yesterday"),
+        ("certificate_not_after", "2026-12-25T12:00:00+01:00"),
+        ("unknown_figure", 1),
+    ],
+    ids=[
+        "negative-size",
+        "size-as-text",
+        "fractional-problems",
+        "not-a-time",
+        "not-utc",
+        "unknown",
+    ],
+)
+async def test_a_bad_figure_is_refused(harness: Harness, field: str, value: object) -> None:
+    partner = await harness.partner()
+    appliance = await harness.enroll(partner)
+    beat = {"version": "0.1.0", "log_size": 1, "queues": {}, "clock": format_time(harness.clock())}
+    refused = await appliance.request(
+        "POST", f"/api/v1/appliances/{appliance.appliance_id}/heartbeat", {**beat, field: value}
+    )
+    assert (refused.status, refused.code) == (400, "malformed-document"), refused.body
+
+
 # --- JSON log lines ------------------------------------------------------------------------------
 
 
