@@ -17,7 +17,7 @@ from msp_central.app import create_app
 from msp_central.cli import configure_log_format
 from msp_central.config import ConfigError, Settings
 from msp_central.context import CENTRAL
-from msp_central.metrics import METRICS, record_shed
+from msp_central.metrics import METRICS, record_shed, watch_in_flight
 from msp_central.serving import RedactSecrets
 from msp_central.uploads import busy_response
 from msp_protocol.encoding import format_time
@@ -256,6 +256,19 @@ async def test_busy_answers_count_as_shed_once(settings: Settings, aiohttp_clien
     assert _value(text, "msp_central_load_shed_total", lane="upload") == 2
     assert _value(text, "msp_central_load_shed_total", lane="sync") == 1
     assert _value(text, "msp_central_in_flight", lane="upload") == 0
+
+
+async def test_in_flight_is_read_when_scraped(settings: Settings, aiohttp_client: Any) -> None:
+    harness = await _harness(
+        aiohttp_client, settings.model_copy(update={"metrics_access": "loopback"})
+    )
+    app = harness.client.app
+    assert app is not None
+    lane = {"sync": 3}
+    watch_in_flight(app, "sync", lambda: lane["sync"])
+    assert _value(await _scrape(harness), "msp_central_in_flight", lane="sync") == 3
+    lane["sync"] = 1
+    assert _value(await _scrape(harness), "msp_central_in_flight", lane="sync") == 1
 
 
 async def test_each_application_counts_apart(settings: Settings, aiohttp_client: Any) -> None:

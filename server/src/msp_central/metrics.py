@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import json
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -160,14 +161,15 @@ def install(
         service = app.get(CENTRAL)
         pool = service.engine.sync_engine.pool if service is not None else None
         reader = getattr(pool, name, None)
-        # A pool without the figure (SQLite's may be a static or null pool)
-        # reports what it knows: nothing in use it cannot count.
+        # Both backends get a queue pool (SQLite's file database too); a
+        # pool without the figure (a null or static pool, before start)
+        # reports 0 rather than failing the scrape.
         return float(reader()) if callable(reader) else 0.0
 
     metrics.pool_in_use.set_function(lambda: pool_figure("checkedout"))
     metrics.pool_size.set_function(lambda: pool_figure("size"))
     if uploads is not None:
-        metrics.in_flight.labels(UPLOAD_LANE).set_function(lambda: uploads.held)
+        watch_in_flight(app, UPLOAD_LANE, lambda: uploads.held)
     return metrics
 
 
@@ -181,9 +183,10 @@ def record_shed(app: web.Application, lane: str) -> None:
         serving.shed_recorded = True
 
 
-def set_in_flight(app: web.Application, lane: str, count: int) -> None:
-    """Report how many requests admission ``lane`` is handling now."""
-    app[METRICS].in_flight.labels(lane).set(count)
+def watch_in_flight(app: web.Application, lane: str, read: Callable[[], int]) -> None:
+    """Report ``read()``, read at each scrape, as the requests admission
+    ``lane`` is handling now."""
+    app[METRICS].in_flight.labels(lane).set_function(read)
 
 
 def alert_raised(kind: str) -> None:
