@@ -21,6 +21,7 @@ from msp_central.metrics import METRICS, record_shed, watch_in_flight
 from msp_central.serving import RedactSecrets
 from msp_central.uploads import busy_response
 from msp_protocol.encoding import format_time
+from msp_protocol.keys import SigningKey
 from msp_protocol.log import make_entry
 from tests.central.support import ROOT, ApplianceClient, Clock, Harness
 
@@ -162,6 +163,8 @@ async def test_syncs_refusals_and_alerts_are_counted_by_template(
     ]
     rewrite = await appliance.sync(appliance.batch(0, records=fork))
     assert rewrite.code == "rewrite", rewrite.body
+    forged = await appliance.push(appliance.sign_bundle(key=SigningKey.generate()))
+    assert forged.status == 422, forged.body
     heartbeat = await appliance.request(
         "POST",
         f"/api/v1/appliances/{appliance.appliance_id}/heartbeat",
@@ -181,6 +184,11 @@ async def test_syncs_refusals_and_alerts_are_counted_by_template(
     )
     assert _value(text, "msp_central_security_alerts_total", kind="rewrite") == 1
     assert _value(text, "msp_central_security_alerts_total", kind="stale-size") == 0
+    assert (
+        _value(text, "msp_central_witness_refusals_total", document="evidence", reason=forged.code)
+        == 1
+    )
+    assert _value(text, "msp_central_security_alerts_total", kind=forged.code) == 1
     assert (
         _value(text, "msp_central_http_requests_total", route=sync, method="POST", status="200")
         == 1

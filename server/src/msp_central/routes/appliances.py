@@ -660,7 +660,8 @@ async def audit_sync(request: web.Request, caller: Appliance, raw: bytes) -> web
     except Problem as problem:
         if problem.code in ("replayed-nonce", "conflict"):
             raise
-        metrics.witness_refused(request.app, "audit", problem.code)
+        if problem.status < 500:  # a verdict on the batch, not a busy server
+            metrics.witness_refused(request.app, "audit", problem.code)
         # The nonce is spent whatever the verdict (a replay is refused as one).
         await commit_nonce(request, caller)
         # Anything wrong inside an authenticated batch (not a stale size,
@@ -994,7 +995,7 @@ async def submit_evidence(request: web.Request, caller: Appliance, raw: bytes) -
     try:
         return await _store_evidence(service, caller, envelope)
     except Problem as problem:
-        if problem.code != "replayed-nonce":
+        if problem.code != "replayed-nonce" and problem.status < 500:
             metrics.witness_refused(request.app, "evidence", problem.code)
         # A bundle that does not verify, or a different bundle under an id
         # already stored, is what tampering looks like.
