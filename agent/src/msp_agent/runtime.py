@@ -15,7 +15,8 @@ task per duty until SIGTERM:
   request;
 - **checks**: the compliance checks, their evidence, and L1 runbooks;
 - **status**: the systemd watchdog ping from the main loop, ``STATUS=``,
-  and ``status.json`` for ``msp-agent status``.
+  ``status.json`` for ``msp-agent status``, and the node_exporter textfile
+  (``metrics_textfile``, :mod:`msp_agent.textfile`).
 
 Loops sleep until their interval passes or something wakes them: when any
 request gets an answer after a failure, every queue is woken at once.
