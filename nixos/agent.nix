@@ -193,6 +193,25 @@ in
       '';
     };
 
+    metrics.textfileDirectory = lib.mkOption {
+      type = lib.types.nullOr lib.types.externalPath;
+      default = null;
+      example = "/var/lib/msp-metrics";
+      description = ''
+        A directory for the agent's Prometheus textfile (`msp-agent.prom`:
+        log size, witnessed size, queues, last successful sync, certificate
+        expiry, link state, problems, as `msp_agent_*` gauges), rewritten
+        atomically with each status refresh. The module creates it, owned
+        by the agent's user and readable by all, and lets the sandboxed
+        service write there and nowhere else new. Point node_exporter's
+        textfile collector at it, for example
+        `services.prometheus.exporters.node = { enable = true;
+        enabledCollectors = [ "textfile" ]; extraFlags = [
+        "--collector.textfile.directory=/var/lib/msp-metrics" ]; };`.
+        Null: no textfile.
+      '';
+    };
+
     l1.enable = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -293,6 +312,9 @@ in
       central_url = cfg.centralUrl;
       central_public_key = cfg.centralPublicKey;
       state_dir = stateDir;
+      metrics_textfile = lib.mkIf (
+        cfg.metrics.textfileDirectory != null
+      ) "${cfg.metrics.textfileDirectory}/msp-agent.prom";
       l1_command =
         if cfg.l1.enable then
           [
@@ -327,6 +349,14 @@ in
       };
       "${stateDir}/keys".d = {
         mode = "0700";
+        inherit user;
+        group = user;
+      };
+    }
+    // lib.optionalAttrs (cfg.metrics.textfileDirectory != null) {
+      # Readable by node_exporter's user; written by the agent alone.
+      ${cfg.metrics.textfileDirectory}.d = {
+        mode = "0755";
         inherit user;
         group = user;
       };
@@ -370,6 +400,12 @@ in
         StateDirectoryMode = "0750";
         WorkingDirectory = stateDir;
         UMask = "0077";
+        # ProtectSystem=strict leaves the textfile directory read-only
+        # otherwise; the agent writes its one file there (then renames a
+        # temporary file beside it).
+        ReadWritePaths = lib.optional (
+          cfg.metrics.textfileDirectory != null
+        ) cfg.metrics.textfileDirectory;
 
         # A missing file named by LoadCredential= fails the unit, unless a
         # SetCredential= of the same name stands in for it (systemd.exec(5)):

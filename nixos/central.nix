@@ -36,6 +36,11 @@ let
     id = "smtp-password";
     file = cfg.smtp.passwordFile;
     variable = "MSP_CENTRAL_SMTP_PASSWORD_FILE";
+  }
+  ++ lib.optional (cfg.metricsTokenFile != null) {
+    id = "metrics-token";
+    file = cfg.metricsTokenFile;
+    variable = "MSP_CENTRAL_METRICS_TOKEN_FILE";
   };
 
   command = lib.escapeShellArgs [
@@ -184,6 +189,19 @@ in
       '';
     };
 
+    metricsTokenFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.externalPath;
+      default = null;
+      example = "/var/lib/msp-central-secrets/metrics-token";
+      description = ''
+        A file holding the bearer token (at least 16 characters) a Prometheus
+        server presents to read `/metrics`. Passed as a systemd credential;
+        setting it makes `settings.metrics_access` default to `"bearer"`.
+        Without it, `settings.metrics_access` may be `"off"` (the default:
+        404) or `"loopback"` (a scraper on this host, through no proxy).
+      '';
+    };
+
     workers = lib.mkOption {
       type = lib.types.ints.between 1 64;
       default = 1;
@@ -227,6 +245,13 @@ in
         '';
       }
       {
+        assertion = (cfg.settings.metrics_access or "off" == "bearer") -> cfg.metricsTokenFile != null;
+        message = ''
+          services.msp-central: settings.metrics_access is "bearer" but no
+          metricsTokenFile is set; the server would not start.
+        '';
+      }
+      {
         assertion = cfg.database.createLocally -> cfg.database.urlFile == null;
         message = "services.msp-central: database.createLocally and database.urlFile exclude each other.";
       }
@@ -236,12 +261,14 @@ in
             cfg.settings ? root_key_file
             || cfg.settings ? database_url_file
             || cfg.settings ? smtp_password_file
+            || cfg.settings ? metrics_token_file
           );
         message = ''
           services.msp-central: secrets reach the server as systemd credentials.
-          Use rootKeyFile, database.urlFile and smtp.passwordFile instead of
-          settings.root_key_file, settings.database_url_file and
-          settings.smtp_password_file.
+          Use rootKeyFile, database.urlFile, smtp.passwordFile and
+          metricsTokenFile instead of settings.root_key_file,
+          settings.database_url_file, settings.smtp_password_file and
+          settings.metrics_token_file.
         '';
       }
     ];
@@ -249,6 +276,7 @@ in
     services.msp-central.settings = lib.mkMerge [
       { state_dir = stateDir; }
       (lib.mkIf cfg.database.createLocally { database_url = localDatabaseUrl; })
+      (lib.mkIf (cfg.metricsTokenFile != null) { metrics_access = lib.mkDefault "bearer"; })
     ];
 
     users.users.${user} = {

@@ -50,6 +50,7 @@ from msp_agent.runtime import ROTATE_REQUEST_FILE, STATUS_FILE, enroll, run_serv
 from msp_agent.store import connect
 from msp_protocol.encoding import utc_now
 from msp_protocol.errors import ProtocolError
+from msp_protocol.logformat import JsonLineFormatter
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if settings.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLineFormatter())
     handlers: dict[str, Callable[[argparse.Namespace, AgentSettings], int]] = {
         "run": lambda _a, s: run_service(s),
         "enroll": _enroll,

@@ -97,6 +97,13 @@ class AgentSettings(BaseSettings):
     key_rotation_seconds: Annotated[float, Field(gt=0)] = 90 * 24 * 3600
 
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # "json": one JSON object a log line (time, level, logger, message,
+    # exception) for a log shipper; "text": the plain lines the journal shows.
+    log_format: Literal["text", "json"] = "text"
+    # A Prometheus textfile for node_exporter's textfile collector (a path
+    # ending in .prom in its directory), rewritten atomically with the
+    # status; none by default.
+    metrics_textfile: Path | None = None
 
     @field_validator("central_url")
     @classmethod

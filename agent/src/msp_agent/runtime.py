@@ -15,7 +15,8 @@ task per duty until SIGTERM:
   request;
 - **checks**: the compliance checks, their evidence, and L1 runbooks;
 - **status**: the systemd watchdog ping from the main loop, ``STATUS=``,
-  and ``status.json`` for ``msp-agent status``.
+  ``status.json`` for ``msp-agent status``, and the node_exporter textfile
+  (``metrics_textfile``, :mod:`msp_agent.textfile`).
 
 Loops sleep until their interval passes or something wakes them: when any
 request gets an answer after a failure, every queue is woken at once.
@@ -72,6 +73,7 @@ from msp_agent.retry import retry_delay
 from msp_agent.sms import SMSAlerter, TwilioSettings
 from msp_agent.store import StoreError
 from msp_agent.systemd import Notifier
+from msp_agent.textfile import Figures, write_textfile
 from msp_protocol.delegation import check_revocations
 from msp_protocol.dsse import Envelope, parse_envelope
 from msp_protocol.encoding import format_time, utc_now
@@ -81,6 +83,18 @@ from msp_protocol.keys import VerifyKey
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+# What a server's heartbeat document held before the dashboard figures
+# (witnessed_size, last_sync_at, certificate_not_after, problems).
+HEARTBEAT_FIELDS_BEFORE_FIGURES = frozenset(
+    {
+        "version",
+        "log_size",
+        "queues",
+        "clock",
+        "check_interval_seconds",
+        "heartbeat_interval_seconds",
+    }
+)
 REVOCATIONS_FILE = "revocations.json"
 ROTATE_REQUEST_FILE = "rotate-requested"
 BUNDLE_DIR = "bundles"
@@ -208,6 +222,9 @@ class Agent:
         self._refused_witnessed: int | None = None
         self._sleepers: dict[str, Sleeper] = {}
         self._status_written: tuple[Any, float] | None = None
+        # Set once a server refused this agent's heartbeat as malformed: it
+        # predates the dashboard figures, and gets only what it knows.
+        self._heartbeat_fields: frozenset[str] | None = None
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -554,7 +571,7 @@ class Agent:
                 await sleeper.sleep(self.settings.heartbeat_interval_seconds)
                 continue
             try:
-                answer = await self.client.heartbeat(await self._heartbeat_state())
+                answer = await self._send_heartbeat()
             except (CentralUnavailable, CentralRejected) as exc:
                 failures += 1
                 log.debug("heartbeat: %s", exc)
@@ -601,11 +618,11 @@ class Agent:
 
     async def _heartbeat_state(self) -> dict[str, Any]:
         await self._refresh_counts()
-        counts = self._counts
-        return {
+        figures = self._figures()
+        state: dict[str, Any] = {
             "version": __version__,
-            "log_size": counts["log_size"],
-            "queues": {"evidence": counts["evidence_queued"], "urgent": counts["urgent_waiting"]},
+            "log_size": figures.log_size,
+            "queues": {"evidence": figures.evidence_queued, "urgent": figures.urgent_waiting},
             "clock": format_time(self.clock()),
             # The server calls evidence stale after a few missed rounds of this.
             "check_interval_seconds": max(1, math.ceil(self.settings.check_interval_seconds)),
@@ -613,7 +630,68 @@ class Agent:
             "heartbeat_interval_seconds": max(
                 1, math.ceil(self.settings.heartbeat_interval_seconds)
             ),
+            # For the operator's dashboard (servers before them refuse them:
+            # see _send_heartbeat).
+            "witnessed_size": figures.witnessed_size,
+            "problems": figures.problems,
         }
+        if figures.last_sync_at is not None:
+            state["last_sync_at"] = format_time(figures.last_sync_at)
+        if figures.certificate_not_after is not None:
+            state["certificate_not_after"] = format_time(figures.certificate_not_after)
+        return state
+
+    async def _send_heartbeat(self) -> dict[str, Any]:
+        """Send the heartbeat. A server older than this agent refuses fields
+        it does not know as a malformed document: the heartbeat is sent again
+        with only the fields such a server knows, at once and from then on
+        (until the agent restarts), so the appliance is never called offline
+        for reporting more."""
+        state = await self._heartbeat_state()
+        known = self._heartbeat_fields
+        if known is not None:
+            return await self.client.heartbeat({k: v for k, v in state.items() if k in known})
+        try:
+            return await self.client.heartbeat(state)
+        except CentralRejected as exc:
+            if exc.code != "malformed-document":
+                raise
+            log.warning(
+                "the central server refused the heartbeat (%s): sending the fields it knows",
+                exc.detail,
+            )
+            self._heartbeat_fields = HEARTBEAT_FIELDS_BEFORE_FIGURES
+            return await self.client.heartbeat(
+                {k: v for k, v in state.items() if k in HEARTBEAT_FIELDS_BEFORE_FIGURES}
+            )
+
+    def _figures(self) -> Figures:
+        """The figures of the heartbeat and the textfile, from the counts as
+        last refreshed."""
+        counts = self._counts
+        certificate = self.signer.certificate
+        return Figures(
+            version=__version__,
+            log_size=counts["log_size"],
+            witnessed_size=counts["witnessed_size"],
+            evidence_queued=counts["evidence_queued"],
+            urgent_waiting=counts["urgent_waiting"],
+            online=self.connectivity.state is LinkState.ONLINE and not self.signer.revoked,
+            problems=len(self.problems),
+            last_sync_at=self.last_sync_at,
+            certificate_not_after=None
+            if certificate is None
+            else certificate.certificate.not_after,
+        )
+
+    def _write_textfile(self) -> None:
+        path = self.settings.metrics_textfile
+        if path is None:
+            return
+        try:
+            write_textfile(path, self._figures())
+        except OSError as exc:
+            log.warning("cannot write the metrics textfile %s: %s", path, exc)
 
     async def _bundles_loop(self, sleeper: Sleeper) -> None:
         while not self.stop.is_set():
@@ -910,6 +988,7 @@ class Agent:
                 await self._refresh_counts()
                 self.notifier.status(self.status_line())
                 self._write_status()
+                self._write_textfile()
             except Exception:  # a report must never stop the service
                 log.exception("cannot refresh the status")
             with contextlib.suppress(TimeoutError):

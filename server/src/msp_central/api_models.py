@@ -817,6 +817,14 @@ class HeartbeatIn(Body):
     check_interval_seconds: Annotated[StrictInt, Field(ge=1, le=7 * 24 * 3600)] | None = None
     # How often it beats: it is called offline after a few missed beats.
     heartbeat_interval_seconds: Annotated[StrictInt, Field(ge=1, le=7 * 24 * 3600)] | None = None
+    # What an operator's dashboard shows of the appliance, as it sees
+    # itself (absent from older agents): the size of its log it holds a
+    # receipt for, its last successful sync, when its certificate ends,
+    # and how many problems it reports.
+    witnessed_size: Annotated[StrictInt, Field(ge=0)] | None = None
+    last_sync_at: Timestamp | None = None
+    certificate_not_after: Timestamp | None = None
+    problems: Annotated[StrictInt, Field(ge=0, le=10_000)] | None = None
 
 
 class HeartbeatOut(Body):

@@ -21,6 +21,9 @@ from msp_central.context import CENTRAL, NOTIFY_WAKE, Central, load_root_key
 from msp_central.db.engine import create_engine, dispose, write
 from msp_central.db.migrate import check_current, upgrade
 from msp_central.db.tables import request_nonces
+from msp_central.metrics import count_requests
+from msp_central.metrics import install as install_metrics
+from msp_central.metrics import routes as metrics_routes
 from msp_central.notifier import Notifier
 from msp_central.problems import Problem, problem_response
 from msp_central.routes.appliances import routes as appliance_routes
@@ -135,7 +138,8 @@ def create_app(
     """The server. ``root`` defaults to the key in ``settings.key_file``;
     ``clock`` is the server's trusted time (tests move it)."""
     app = web.Application(
-        middlewares=[problems],
+        # Metrics outermost: they count the status the caller gets.
+        middlewares=[count_requests, problems],
         # The largest body any route takes; each route holds its own limit.
         client_max_size=max(
             settings.max_sync_body_bytes,
@@ -172,6 +176,7 @@ def create_app(
     app[NOTIFY_WAKE] = asyncio.Event()
     app[UPLOAD_SLOTS] = UploadSlots(settings)
     app[CREDENTIAL_THROTTLE] = CredentialThrottle(settings)
+    install_metrics(app, settings, app[UPLOAD_SLOTS])
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(security_headers)
     for table in (
@@ -187,6 +192,7 @@ def create_app(
         manual_routes,
         notification_routes,
         appliance_routes,
+        metrics_routes,
     ):
         app.add_routes(table)
     return app

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -61,6 +61,7 @@ from msp_central.routes.users import invite_link
 from msp_central.serving import install_redaction, serve
 from msp_protocol.encoding import format_time, parse_time, utc_now
 from msp_protocol.errors import MalformedError
+from msp_protocol.logformat import JsonLineFormatter
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--migrate", action="store_true", help="apply migrations first")
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="overrides log_format (json: one object a line)",
+    )
     serve.add_argument(
         "--workers",
         type=int,
@@ -268,8 +274,11 @@ def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     )
 
 
+_TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=_TEXT_FORMAT)
     # No credential reaches the log, whatever a request carried.
     install_redaction()
     # Alembic announces its context at INFO whenever the revision is read
@@ -277,8 +286,20 @@ def _configure_logging() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def configure_log_format(
+    log_format: str, handlers: Sequence[logging.Handler] | None = None
+) -> None:
+    """Format ``handlers`` (default: the root logger's) as ``log_format``
+    says: ``text`` lines or one JSON object a line. Their filters, the
+    credential redaction among them, apply to either."""
+    formatter = JsonLineFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT)
+    for handler in handlers if handlers is not None else logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+
+
 def _worker(settings: Settings) -> None:
     _configure_logging()
+    configure_log_format(settings.log_format)
 
     def serve() -> int:
         _serve(settings, reuse_port=True)
@@ -327,7 +348,9 @@ def run(argv: list[str] | None = None) -> int:
         database_url=args.database_url,
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
+        log_format=getattr(args, "log_format", None),
     )
+    configure_log_format(settings.log_format)
     now = utc_now()
     match args.command, getattr(args, "action", None):
         case "serve", _:

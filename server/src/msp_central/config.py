@@ -13,7 +13,7 @@ import tomllib
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -135,6 +135,16 @@ class Settings(BaseSettings):
     max_large_bodies: Annotated[int, Field(ge=1, le=1024)] = 8
     large_body_wait_seconds: Annotated[float, Field(gt=0, le=60)] = 2
 
+    # Observability. /metrics (Prometheus text format) is served to nobody
+    # ("off": 404 as for an unknown route), to loopback peers whose request
+    # came through no proxy ("loopback"), or to callers presenting the token
+    # held in metrics_token_file ("bearer", read at start). log_format
+    # "json" writes one JSON object per log line (time, level, logger,
+    # message, exception) for a log shipper; credentials are redacted alike.
+    metrics_access: Literal["off", "loopback", "bearer"] = "off"
+    metrics_token_file: Path | None = None
+    log_format: Literal["text", "json"] = "text"
+
     @model_validator(mode="after")
     def _flood_above_failures(self) -> Settings:
         # A flood limit below the failure limit would refuse valid
@@ -142,6 +152,12 @@ class Settings(BaseSettings):
         flood = self.credential_source_flood
         if flood is not None and flood < self.credential_source_failures:
             raise ValueError("credential_source_flood must be at least credential_source_failures")
+        return self
+
+    @model_validator(mode="after")
+    def _bearer_has_a_token(self) -> Settings:
+        if self.metrics_access == "bearer" and self.metrics_token_file is None:
+            raise ValueError('metrics_access "bearer" needs metrics_token_file')
         return self
 
     @field_validator("public_url")
@@ -194,6 +210,20 @@ class Settings(BaseSettings):
             raise ConfigError(
                 f"cannot read smtp_password_file {self.smtp_password_file}: {exc.strerror}"
             ) from None
+
+    def metrics_token(self) -> str:
+        """The bearer token of /metrics from ``metrics_token_file``."""
+        if self.metrics_token_file is None:
+            raise ConfigError("metrics_token_file is not set")
+        try:
+            token = self.metrics_token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read metrics_token_file {self.metrics_token_file}: {exc.strerror}"
+            ) from None
+        if len(token) < 16:
+            raise ConfigError(f"metrics_token_file {self.metrics_token_file}: token too short")
+        return token
 
     @property
     def key_file(self) -> Path:

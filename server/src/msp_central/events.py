@@ -29,6 +29,7 @@ from msp_central.db.tables import (
     security_alerts,
     sites,
 )
+from msp_central.metrics import alert_raised
 
 EventKind = Literal["appliance.offline", "appliance.online", "escalation.urgent", "security.alert"]
 EVENT_KINDS: tuple[EventKind, ...] = (
@@ -171,6 +172,7 @@ def store_alert(
         )
     )
     alert_id = int(result.inserted_primary_key[0])  # type: ignore[index]
+    alert_raised(code)
     record_event(
         connection,
         kind="security.alert",

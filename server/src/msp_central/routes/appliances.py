@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from msp_central import throttle
+from msp_central import metrics, throttle
 from msp_central.api_models import (
     CertificateIn,
     CertificateOut,
@@ -656,10 +656,12 @@ async def audit_sync(request: web.Request, caller: Appliance, raw: bytes) -> web
         await commit_nonce(request, caller)
         raise
     try:
-        return await _witness(service, caller, sync)
+        return await _witness(service, caller, sync, request.app)
     except Problem as problem:
         if problem.code in ("replayed-nonce", "conflict"):
             raise
+        if problem.status < 500:  # a verdict on the batch, not a busy server
+            metrics.witness_refused(request.app, "audit", problem.code)
         # The nonce is spent whatever the verdict (a replay is refused as one).
         await commit_nonce(request, caller)
         # Anything wrong inside an authenticated batch (not a stale size,
@@ -668,9 +670,11 @@ async def audit_sync(request: web.Request, caller: Appliance, raw: bytes) -> web
             await _alert(service, caller, problem.code, problem.detail)
         raise
     except ProtocolError as exc:
+        refusal = Problem.from_protocol(exc)
+        metrics.witness_refused(request.app, "audit", refusal.code)
         await commit_nonce(request, caller)
         await _alert(service, caller, exc.code, str(exc))
-        raise Problem.from_protocol(exc) from None
+        raise refusal from None
 
 
 def _parse_sync(raw: bytes, request: web.Request) -> SyncRequest:
@@ -687,7 +691,9 @@ def _parse_sync(raw: bytes, request: web.Request) -> SyncRequest:
         raise Problem.from_protocol(exc) from None
 
 
-async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> web.Response:
+async def _witness(
+    service: Central, caller: Appliance, sync: SyncRequest, app: web.Application
+) -> web.Response:
     """Check the batch against a snapshot of the witness state, outside any
     write transaction (the check is the expensive part), then commit only if
     the state is still the one checked against; if another request moved it
@@ -740,6 +746,7 @@ async def _witness(service: Central, caller: Appliance, sync: SyncRequest) -> we
             start - skew <= signed_at <= end + skew for start, end in windows
         )
         if await _commit(service, caller, witnessed, outcome, receipt, cert_row.serial, late, now):
+            metrics.audit_entries_ingested(app, len(outcome.records))
             return json_response(SyncResponse(size=outcome.state.size, receipt=receipt))
     raise Problem("conflict", "the log kept changing during this sync; retry")
 
@@ -988,6 +995,8 @@ async def submit_evidence(request: web.Request, caller: Appliance, raw: bytes) -
     try:
         return await _store_evidence(service, caller, envelope)
     except Problem as problem:
+        if problem.code != "replayed-nonce" and problem.status < 500:
+            metrics.witness_refused(request.app, "evidence", problem.code)
         # A bundle that does not verify, or a different bundle under an id
         # already stored, is what tampering looks like.
         if problem.status == 422 or problem.code == "conflict":
