@@ -35,13 +35,15 @@ import contextlib
 import hashlib
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from msp_agent.central import CentralClient, CentralRejected
+from msp_agent.central import CentralClient, CentralRejected, CentralUnavailable
+from msp_agent.pacing import BatchSizer
 from msp_agent.store import Quarantine, SQLiteStore, quarantine_file
 from msp_protocol.delegation import VerifiedDelegation, check_delegation
 from msp_protocol.dsse import Envelope, parse_envelope
@@ -756,10 +758,24 @@ class OfflineAuditTrail:
             parse_envelope(stored), roots=self._central_keys, at=self._clock(), allow_expired=True
         ).unwrap()
 
-    async def sync(self, client: CentralClient, *, max_batch: int = MAX_SYNC_ENTRIES) -> SyncReport:
+    async def sync(
+        self,
+        client: CentralClient,
+        *,
+        max_batch: int | None = None,
+        sizer: BatchSizer | None = None,
+        before_batch: Callable[[], Awaitable[object]] | None = None,
+    ) -> SyncReport:
         """Upload what the central server lacks, in bounded batches, keeping
         each receipt. Resumable: a batch that failed is sent again from where
         the server is, never from the start.
+
+        Batches hold ``max_batch`` entries, or as many as ``sizer`` says: it
+        hears how long each batch took and every refusal for load, so a
+        struggling server gets smaller batches (give one or the other, not
+        both; neither means the protocol's limit). ``before_batch`` is
+        awaited before every batch: the runtime lets urgent incidents go
+        first there.
 
         Raises ``CentralUnavailable`` (try later; what was receipted stays
         receipted), :class:`AuditSyncRejected` when the server refuses the
@@ -767,11 +783,16 @@ class OfflineAuditTrail:
         :class:`LocalTruncationError` when the server holds more of this log
         than the appliance does.
         """
+        if max_batch is not None and sizer is not None:
+            raise ValueError("give max_batch or a sizer, not both")
+        fixed = MAX_SYNC_ENTRIES if max_batch is None else max_batch
         head = await self.head()
         server_size = head.receipt_size
         start, batches, stale_answers = server_size, 0, 0
         while server_size < self.size:
-            target = min(self.size, server_size + max_batch)
+            if before_batch is not None:
+                await before_batch()
+            target = min(self.size, server_size + (fixed if sizer is None else sizer.size))
             checkpoint = await self.checkpoint_at(target)
             request = SyncRequest.build(
                 old_size=server_size,
@@ -779,8 +800,13 @@ class OfflineAuditTrail:
                 consistency=await self.consistency(server_size, target),
                 checkpoint=checkpoint,
             )
+            sent_at = time.monotonic()
             try:
                 response = await client.sync_audit(self.appliance_id, request)
+            except CentralUnavailable as exc:
+                if sizer is not None and exc.shed_load:
+                    sizer.refused()
+                raise
             except CentralRejected as exc:
                 told = exc.extra.get("server_size")
                 if not isinstance(told, int) or exc.code not in ("stale-size", "truncated-history"):
@@ -798,6 +824,8 @@ class OfflineAuditTrail:
                     raise AuditSyncRejected(exc) from exc
                 server_size = told
                 continue
+            if sizer is not None:
+                sizer.answered(time.monotonic() - sent_at)
             received = await self.store_receipt(response.receipt, checkpoint)
             if received != target:
                 raise AuditSyncRejected(
