@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from msp_agent.audit import OfflineAuditTrail
 from msp_agent.central import CentralUnavailable
 from msp_agent.config import AgentSettings
 from msp_agent.http_client import MAX_RETRY_AFTER_SECONDS, HttpCentralClient
@@ -168,11 +169,6 @@ async def test_batches_shrink_after_refusals_and_grow_back_while_fast(
     trail, _, central = await trail_with(tmp_path, 3_000)
     sizer = BatchSizer(smallest=50, start=400, largest=1_000)
     try:
-        # A link that is down is no reason to send less at a time.
-        central.fail_next(1)
-        with pytest.raises(CentralUnavailable):
-            await trail.sync(central, sizer=sizer)
-        assert sizer.size == 400
         # Two refusals for load: 400 -> 200 -> 100.
         central.shed_next(2, retry_after=5)
         for _ in range(2):
@@ -210,6 +206,51 @@ async def test_batches_shrink_after_refusals_and_grow_back_while_fast(
     assert infos[0].startswith("audit batches cut to 50 entries after a slow answer")
     assert len(infos) <= 2
     assert all("back to" in line for line in infos[1:])
+
+
+async def test_a_smaller_retry_never_undercuts_a_batch_that_may_have_been_witnessed(
+    tmp_path: Path,
+) -> None:
+    """Shrinking must not make a retry smaller than a batch the server took
+    without its answer arriving: that reads as a truncated history (a
+    security alert). Across a restart too."""
+    trail, signer, central = await trail_with(tmp_path, 2_000)
+    try:
+        sizer = BatchSizer(smallest=50, start=400, largest=1_000)
+        central.lose_answers = True  # witnessed, answer lost
+        with pytest.raises(CentralUnavailable) as lost:
+            await trail.sync(central, sizer=sizer)
+        assert not lost.value.shed_load
+        assert sizer.size == 400, "a link that fails is no reason to send less"
+        assert len(central.logs[APPLIANCE].raws) == 400
+        central.lose_answers = False
+        central.shed_next(2)
+        for _ in range(2):
+            with pytest.raises(CentralUnavailable):
+                await trail.sync(central, sizer=sizer)
+        assert sizer.size == 100
+    finally:
+        await trail.close()
+
+    # The agent restarts: a new trail object, a new sizer at its smallest.
+    trail = await OfflineAuditTrail.open(
+        tmp_path / "audit.sqlite",
+        appliance_id=APPLIANCE,
+        signer=signer,
+        central_keys=[CENTRAL.verify_key],
+        row_key=signer.audit_row_key(),
+        clock=Clock(),
+    )
+    try:
+        sizes_before = len(central.batch_sizes)
+        await trail.sync(central, sizer=BatchSizer(smallest=50, start=50))
+        assert central.batch_sizes[sizes_before] == 400, "the batch that may have been witnessed"
+        assert central.alerts == []
+        log = central.logs[APPLIANCE]
+        assert log.raws == await trail.entries(0, trail.size)
+        assert (await trail.head()).receipt_size == trail.size
+    finally:
+        await trail.close()
 
 
 async def test_a_sizer_and_a_fixed_batch_are_not_both_given(tmp_path: Path) -> None:

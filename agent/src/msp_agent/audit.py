@@ -298,6 +298,11 @@ class OfflineAuditTrail:
         # (size, made for sync) of the checkpoint at the head; None: look it up.
         # Read and written only in the store's thread.
         self._head_checkpoint: tuple[int, bool] | None = None
+        # The largest batch sent whose fate is unknown (no answer, or an
+        # answer that does not say it was not acted on): the server may have
+        # witnessed it. None: look it up (after a start, every batch sent
+        # without a receipt counts).
+        self._maybe_witnessed: int | None = None
         self._wakeup = asyncio.Event()
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
@@ -724,6 +729,21 @@ class OfflineAuditTrail:
 
         return await self._store.write(get)
 
+    async def _sent_unanswered(self, server_size: int) -> int:
+        """The largest checkpoint sent for sync beyond ``server_size`` (0:
+        none). Batches shrink when the server struggles, so a retry can be
+        smaller than a batch the server witnessed without its answer
+        arriving (a timeout, a cut, a restart of either side)."""
+
+        def read(connection: sqlite3.Connection) -> int:
+            (size,) = connection.execute(
+                "SELECT MAX(size) FROM checkpoints WHERE for_sync = 1 AND size > ?",
+                (server_size,),
+            ).fetchone()
+            return int(size or 0)
+
+        return await self._store.run(read)
+
     async def store_receipt(self, receipt: Envelope, checkpoint: Envelope) -> int:
         """Keep the server's cosignature of ``checkpoint`` after checking it."""
         delegation = await self._checkpoint_certificate(checkpoint)
@@ -793,6 +813,14 @@ class OfflineAuditTrail:
             if before_batch is not None:
                 await before_batch()
             target = min(self.size, server_size + (fixed if sizer is None else sizer.size))
+            # A batch sent earlier whose answer never came may have been
+            # witnessed: never send less than it (a checkpoint smaller than
+            # the server holds reads as a truncated history, an alert), and
+            # resending its very checkpoint gets the stored receipt back.
+            if self._maybe_witnessed is None:
+                self._maybe_witnessed = await self._sent_unanswered(server_size)
+            if self._maybe_witnessed > server_size:
+                target = max(target, self._maybe_witnessed)
             checkpoint = await self.checkpoint_at(target)
             request = SyncRequest.build(
                 old_size=server_size,
@@ -804,6 +832,8 @@ class OfflineAuditTrail:
             try:
                 response = await client.sync_audit(self.appliance_id, request)
             except CentralUnavailable as exc:
+                if not exc.not_acted_on:
+                    self._maybe_witnessed = max(self._maybe_witnessed, target)
                 if sizer is not None and exc.shed_load:
                     sizer.refused()
                 raise

@@ -27,6 +27,9 @@ from msp_protocol.sync import SyncRequest, SyncResponse
 
 # Answers that mean "too much at once" rather than "not here".
 LOAD_STATUSES = frozenset({429, 503, 504})
+# Answers that also say the request was not carried out (shed on arrival);
+# a gateway timeout (504) may come after the server acted.
+NOT_ACTED_STATUSES = frozenset({429, 503})
 
 
 class CentralError(Exception):
@@ -63,6 +66,13 @@ class CentralUnavailable(CentralError):
         it refused for load (503, 429), its gateway gave up (504), or the
         request timed out. The cue to send less at a time."""
         return self.timed_out or self.status in LOAD_STATUSES
+
+    @property
+    def not_acted_on(self) -> bool:
+        """The refusal came before any work (the server or its balancer
+        shed the request: 503, 429), so the request was not carried out.
+        Any other failure may have come after the server acted."""
+        return self.status in NOT_ACTED_STATUSES
 
 
 class CentralRejected(CentralError):
