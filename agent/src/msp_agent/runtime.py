@@ -643,9 +643,9 @@ class Agent:
                 # It answers but fails (overloaded, 5xx, 429): back off.
                 wait = max(1.0, wait_before_retry(failures, asked))
             if asked is not None:
-                # Never before the server said, even if another request
-                # found it willing meanwhile.
-                wait = max(wait, wait_before_retry(failures, asked))
+                # Never before the server said (even if another request found
+                # it willing meanwhile), and no wake cuts that short.
+                wait = max(wait, asked)
                 sleeper.hold(wait)
             await sleeper.sleep(wait)
 
