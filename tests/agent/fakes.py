@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from msp_agent.central import CentralRejected, CentralUnavailable, FetchedBundle
 from msp_protocol.bundle import BundleKind, Escalation
@@ -73,6 +74,7 @@ class FakeCentral:
         self.served: list[str] = []
         self.took: list[tuple[str, float]] = []
         self.batch_sizes: list[int] = []
+        self.heartbeats: list[dict[str, Any]] = []
         self.delay = 0.0
         self.alerts: list[str] = []
         self.lifetime = timedelta(days=30)
@@ -178,6 +180,14 @@ class FakeCentral:
         await self._link("escalate")
         self.escalations.setdefault(escalation.escalation_id, escalation)
         self._answer("escalate")
+
+    async def heartbeat(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The appliance's state, kept; the answer says what was witnessed."""
+        await self._link("heartbeat")
+        self.heartbeats.append(state)
+        self._answer("heartbeat")
+        logs = self.logs.values()
+        return {"witnessed_size": max((log.state.size for log in logs), default=0)}
 
     async def fetch_bundle(self, kind: BundleKind, etag: str | None) -> FetchedBundle | None:
         await self._link("fetch_bundle")

@@ -356,11 +356,15 @@ async def open_agent(tmp_path: Path, central: FakeCentral, *, entries: int) -> A
     return agent
 
 
-def start_loops(agent: Agent, central: FakeCentral) -> list[asyncio.Task[None]]:
-    loops: dict[str, Loop] = {
+def start_loops(
+    agent: Agent, central: FakeCentral, names: tuple[str, ...] = ("audit-sync", "evidence")
+) -> list[asyncio.Task[None]]:
+    every: dict[str, Loop] = {
         "audit-sync": agent._audit_sync_loop,
         "evidence": agent._evidence_loop,
+        "heartbeat": agent._heartbeat_loop,
     }
+    loops = {name: every[name] for name in names}
     agent._sleepers = {name: Sleeper(agent.stop) for name in loops}
     tasks = [asyncio.create_task(loop(agent._sleepers[name])) for name, loop in loops.items()]
     tasks.append(asyncio.create_task(agent.manager.urgent.run(central, agent.stop)))
@@ -380,28 +384,38 @@ async def until(condition: Callable[[], Awaitable[bool]], seconds: float = 30) -
         await asyncio.sleep(0.02)
 
 
-async def test_the_audit_loop_retries_no_earlier_than_retry_after_even_when_woken(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("loop", "call"),
+    [
+        ("audit-sync", "sync_audit"),
+        ("evidence", "submit_evidence"),
+        ("heartbeat", "heartbeat"),
+    ],
+)
+async def test_a_loop_retries_no_earlier_than_retry_after_even_when_woken(
+    tmp_path: Path, loop: str, call: str
 ) -> None:
     central = FakeCentral(CENTRAL)
     agent = await open_agent(tmp_path, central, entries=300)
-    central.shed_next(1, retry_after=1.0)
-    tasks = start_loops(agent, central)
+    for n in range(3):
+        await agent.manager.sign_evidence(
+            check_id=f"check-{n}", controls={"hipaa": ["164.308"]}, result="pass", observed={}
+        )
+    # The server answers but sheds load (what the HTTP client reports).
+    agent.connectivity.unavailable("HTTP 503", server_answered=True)
+    central.shed_next(1, retry_after=1.5)
+    tasks = start_loops(agent, central, (loop,))
     try:
-
-        async def witnessed() -> bool:
-            head = await agent.manager.trail.head()
-            return head.receipt_size == head.size
-
-        await until(lambda: _true("sync_audit" in central.calls))
+        await until(lambda: _true(call in central.calls))
         # The link "comes back" and a check round ends, again and again.
         for _ in range(10):
             agent._wake_all()
             await asyncio.sleep(0.05)
-        await until(witnessed)
-        syncs = [at for name, at in central.arrivals if name == "sync_audit"]
-        assert syncs[1] - syncs[0] >= 1.0
-        assert central.batch_sizes[0] == 125, "the refusal halved the batch (from 250)"
+        await until(lambda: _true(call in central.served))
+        arrivals = [at for name, at in central.arrivals if name == call]
+        assert arrivals[1] - arrivals[0] >= 1.5
+        if call == "sync_audit":
+            assert central.batch_sizes[0] == 125, "the refusal halved the batch (from 250)"
     finally:
         await stop_loops(agent, tasks)
 
