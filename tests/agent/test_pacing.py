@@ -23,7 +23,7 @@ from msp_agent.config import AgentSettings
 from msp_agent.http_client import MAX_RETRY_AFTER_SECONDS, HttpCentralClient
 from msp_agent.manager import LocalResilienceManager
 from msp_agent.pacing import BatchSizer, wait_before_retry
-from msp_agent.runtime import Agent, Sleeper
+from msp_agent.runtime import ROTATE_REQUEST_FILE, Agent, Sleeper
 from msp_agent.systemd import Notifier
 from msp_agent.urgent import UrgentCloudRetry
 from msp_protocol.encoding import utc_now
@@ -363,6 +363,7 @@ def start_loops(
         "audit-sync": agent._audit_sync_loop,
         "evidence": agent._evidence_loop,
         "heartbeat": agent._heartbeat_loop,
+        "keys": agent._keys_loop,
     }
     loops = {name: every[name] for name in names}
     agent._sleepers = {name: Sleeper(agent.stop) for name in loops}
@@ -390,6 +391,7 @@ async def until(condition: Callable[[], Awaitable[bool]], seconds: float = 30) -
         ("audit-sync", "sync_audit"),
         ("evidence", "submit_evidence"),
         ("heartbeat", "heartbeat"),
+        ("keys", "request_certificate"),
     ],
 )
 async def test_a_loop_retries_no_earlier_than_retry_after_even_when_woken(
@@ -401,6 +403,8 @@ async def test_a_loop_retries_no_earlier_than_retry_after_even_when_woken(
         await agent.manager.sign_evidence(
             check_id=f"check-{n}", controls={"hipaa": ["164.308"]}, result="pass", observed={}
         )
+    # An operator asked for a key rotation (the keys loop's request).
+    (agent.settings.state_dir / ROTATE_REQUEST_FILE).touch()
     # The server answers but sheds load (what the HTTP client reports).
     agent.connectivity.unavailable("HTTP 503", server_answered=True)
     central.shed_next(1, retry_after=1.5)
@@ -414,6 +418,10 @@ async def test_a_loop_retries_no_earlier_than_retry_after_even_when_woken(
         await until(lambda: _true(call in central.served))
         arrivals = [at for name, at in central.arrivals if name == call]
         assert arrivals[1] - arrivals[0] >= 1.5
+        if call == "request_certificate":
+            await until(
+                lambda: _true(not (agent.settings.state_dir / ROTATE_REQUEST_FILE).exists())
+            )
         if call == "sync_audit":
             assert central.batch_sizes[0] == 125, "the refusal halved the batch (from 250)"
     finally:
