@@ -316,6 +316,9 @@ async def test_deliver_first_waits_for_a_pass_and_is_bounded(tmp_path: Path) -> 
         finally:
             stop.set()
             await runner
+        # Stopped, nobody delivers: a waiter goes on at once, not after the bound.
+        await queue.enqueue(escalation("inc-2"))
+        assert await asyncio.wait_for(queue.deliver_first(3600), 5)
     finally:
         await queue.close()
 

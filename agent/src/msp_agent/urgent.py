@@ -124,6 +124,7 @@ class UrgentCloudRetry:
         self._passes_ended = 0
         self._pass_ended = asyncio.Condition()
         self._pending: bool | None = None
+        self._stopped = False
 
     @classmethod
     async def open(
@@ -223,7 +224,10 @@ class UrgentCloudRetry:
         async with self._pass_ended:
             try:
                 await asyncio.wait_for(
-                    self._pass_ended.wait_for(lambda: self._passes_ended >= target), seconds
+                    self._pass_ended.wait_for(
+                        lambda: self._passes_ended >= target or self._stopped
+                    ),
+                    seconds,
                 )
             except TimeoutError:
                 return False
@@ -286,22 +290,29 @@ class UrgentCloudRetry:
     async def run(self, client: CentralClient, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set: sleep until the next due time (at
         most the cap), or until woken."""
-        while not stop.is_set():
-            try:
-                result = await self.deliver_due(client)
-            except Exception:
-                log.exception("urgent delivery pass failed")
-                result = RetryPass(wait_seconds=self.retry_cap)
-            wait = self.retry_cap if result.wait_seconds is None else result.wait_seconds
-            stopper = asyncio.ensure_future(stop.wait())
-            waker = asyncio.ensure_future(self._wakeup.wait())
-            try:
-                await asyncio.wait(
-                    {stopper, waker}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                stopper.cancel()
-                waker.cancel()
+        self._stopped = False
+        try:
+            while not stop.is_set():
+                try:
+                    result = await self.deliver_due(client)
+                except Exception:
+                    log.exception("urgent delivery pass failed")
+                    result = RetryPass(wait_seconds=self.retry_cap)
+                wait = self.retry_cap if result.wait_seconds is None else result.wait_seconds
+                stopper = asyncio.ensure_future(stop.wait())
+                waker = asyncio.ensure_future(self._wakeup.wait())
+                try:
+                    await asyncio.wait(
+                        {stopper, waker}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    stopper.cancel()
+                    waker.cancel()
+        finally:
+            # Nobody delivers any more: whoever waits in deliver_first goes on.
+            self._stopped = True
+            async with self._pass_ended:
+                self._pass_ended.notify_all()
 
     async def _waiting(self) -> list[_Waiting]:
         def read(connection: sqlite3.Connection) -> list[_Waiting]:
