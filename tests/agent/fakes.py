@@ -7,15 +7,24 @@ evidence is really verified. What it adds is control over the link:
 - ``down``: every call fails before reaching the server (connection refused);
 - ``stall``: every call hangs until ``resume()`` (a black-holed link);
 - ``lose_answers``: the server acts, then the answer is lost (a cut mid-stream);
-- ``fail_next(n)``: the next n calls fail, then it comes back by itself.
+- ``fail_next(n)``: the next n calls fail, then it comes back by itself;
+- ``shed_next(n, retry_after)``: the next n calls are refused for load (503
+  with ``Retry-After``), as a server shedding a reconnect storm answers;
+- ``delay``: every call takes this long (a slow server).
+
+It records every call as it arrives (``calls``, and ``arrivals`` with the
+monotonic time), the calls it served (``served``), how long each took
+(``took``) and the size of every audit batch it took in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from msp_agent.central import CentralRejected, CentralUnavailable, FetchedBundle
 from msp_protocol.bundle import BundleKind, Escalation
@@ -61,11 +70,20 @@ class FakeCentral:
         self.escalations: dict[str, Escalation] = {}
         self.bundles: dict[BundleKind, tuple[Envelope, str]] = {}
         self.calls: list[str] = []
+        self.arrivals: list[tuple[str, float]] = []
+        self.served: list[str] = []
+        self.took: list[tuple[str, float]] = []
+        self.batch_sizes: list[int] = []
+        self.heartbeats: list[dict[str, Any]] = []
+        self.delay = 0.0
         self.alerts: list[str] = []
         self.lifetime = timedelta(days=30)
         self.down = False
         self.lose_answers = False
         self._failures_left = 0
+        self._shed_left = 0
+        self._shed_retry_after: float | None = None
+        self._started: dict[str, float] = {}
         self._resume = asyncio.Event()
         self._resume.set()
 
@@ -80,18 +98,35 @@ class FakeCentral:
     def fail_next(self, count: int) -> None:
         self._failures_left = count
 
+    def shed_next(self, count: int, retry_after: float | None = 1.0) -> None:
+        """Refuse the next ``count`` calls for load: 503, ``Retry-After``."""
+        self._shed_left = count
+        self._shed_retry_after = retry_after
+
     async def _link(self, name: str) -> None:
         self.calls.append(name)
+        arrived = time.monotonic()
+        self.arrivals.append((name, arrived))
+        self._started[name] = arrived
         await self._resume.wait()
         if self.down:
             raise CentralUnavailable(f"{name}: connection refused")
         if self._failures_left:
             self._failures_left -= 1
             raise CentralUnavailable(f"{name}: connection reset")
+        if self._shed_left:
+            self._shed_left -= 1
+            raise CentralUnavailable(
+                f"{name}: HTTP 503", retry_after=self._shed_retry_after, status=503
+            )
+        if self.delay:
+            await asyncio.sleep(self.delay)
 
     def _answer(self, name: str) -> None:
+        self.took.append((name, time.monotonic() - self._started[name]))
         if self.lose_answers:
             raise CentralUnavailable(f"{name}: connection cut after the request was sent")
+        self.served.append(name)
 
     # --- the server ----------------------------------------------------------------------
 
@@ -104,6 +139,7 @@ class FakeCentral:
 
     async def sync_audit(self, appliance_id: str, request: SyncRequest) -> SyncResponse:
         await self._link("sync_audit")
+        self.batch_sizes.append(len(request.entries))
         log = self.logs.setdefault(appliance_id, Log())
         delegation = self.certificates.get(request.checkpoint.signatures[0].keyid)
         if delegation is None:
@@ -144,6 +180,14 @@ class FakeCentral:
         await self._link("escalate")
         self.escalations.setdefault(escalation.escalation_id, escalation)
         self._answer("escalate")
+
+    async def heartbeat(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The appliance's state, kept; the answer says what was witnessed."""
+        await self._link("heartbeat")
+        self.heartbeats.append(state)
+        self._answer("heartbeat")
+        logs = self.logs.values()
+        return {"witnessed_size": max((log.state.size for log in logs), default=0)}
 
     async def fetch_bundle(self, kind: BundleKind, etag: str | None) -> FetchedBundle | None:
         await self._link("fetch_bundle")

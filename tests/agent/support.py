@@ -21,10 +21,14 @@ class Clock:
     """A clock the test moves by hand."""
 
     def __init__(self, start: datetime = NOW) -> None:
-        self.now = start
+        self.start = self.now = start
 
     def __call__(self) -> datetime:
         return self.now
+
+    def monotonic(self) -> float:
+        """Seconds since the start, moved by the same hand."""
+        return (self.now - self.start).total_seconds()
 
     def advance(self, delta: timedelta) -> None:
         self.now += delta

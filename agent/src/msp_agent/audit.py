@@ -35,13 +35,15 @@ import contextlib
 import hashlib
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from msp_agent.central import CentralClient, CentralRejected
+from msp_agent.central import CentralClient, CentralRejected, CentralUnavailable
+from msp_agent.pacing import BatchSizer
 from msp_agent.store import Quarantine, SQLiteStore, quarantine_file
 from msp_protocol.delegation import VerifiedDelegation, check_delegation
 from msp_protocol.dsse import Envelope, parse_envelope
@@ -296,6 +298,11 @@ class OfflineAuditTrail:
         # (size, made for sync) of the checkpoint at the head; None: look it up.
         # Read and written only in the store's thread.
         self._head_checkpoint: tuple[int, bool] | None = None
+        # The largest batch sent whose fate is unknown (no answer, or an
+        # answer that does not say it was not acted on): the server may have
+        # witnessed it. None: look it up (after a start, every batch sent
+        # without a receipt counts).
+        self._maybe_witnessed: int | None = None
         self._wakeup = asyncio.Event()
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
@@ -722,6 +729,21 @@ class OfflineAuditTrail:
 
         return await self._store.write(get)
 
+    async def _sent_unanswered(self, server_size: int) -> int:
+        """The largest checkpoint sent for sync beyond ``server_size`` (0:
+        none). Batches shrink when the server struggles, so a retry can be
+        smaller than a batch the server witnessed without its answer
+        arriving (a timeout, a cut, a restart of either side)."""
+
+        def read(connection: sqlite3.Connection) -> int:
+            (size,) = connection.execute(
+                "SELECT MAX(size) FROM checkpoints WHERE for_sync = 1 AND size > ?",
+                (server_size,),
+            ).fetchone()
+            return int(size or 0)
+
+        return await self._store.run(read)
+
     async def store_receipt(self, receipt: Envelope, checkpoint: Envelope) -> int:
         """Keep the server's cosignature of ``checkpoint`` after checking it."""
         delegation = await self._checkpoint_certificate(checkpoint)
@@ -756,10 +778,24 @@ class OfflineAuditTrail:
             parse_envelope(stored), roots=self._central_keys, at=self._clock(), allow_expired=True
         ).unwrap()
 
-    async def sync(self, client: CentralClient, *, max_batch: int = MAX_SYNC_ENTRIES) -> SyncReport:
+    async def sync(
+        self,
+        client: CentralClient,
+        *,
+        max_batch: int | None = None,
+        sizer: BatchSizer | None = None,
+        before_batch: Callable[[], Awaitable[object]] | None = None,
+    ) -> SyncReport:
         """Upload what the central server lacks, in bounded batches, keeping
         each receipt. Resumable: a batch that failed is sent again from where
         the server is, never from the start.
+
+        Batches hold ``max_batch`` entries, or as many as ``sizer`` says: it
+        hears how long each batch took and every refusal for load, so a
+        struggling server gets smaller batches (give one or the other, not
+        both; neither means the protocol's limit). ``before_batch`` is
+        awaited before every batch: the runtime lets urgent incidents go
+        first there.
 
         Raises ``CentralUnavailable`` (try later; what was receipted stays
         receipted), :class:`AuditSyncRejected` when the server refuses the
@@ -767,11 +803,24 @@ class OfflineAuditTrail:
         :class:`LocalTruncationError` when the server holds more of this log
         than the appliance does.
         """
+        if max_batch is not None and sizer is not None:
+            raise ValueError("give max_batch or a sizer, not both")
+        fixed = MAX_SYNC_ENTRIES if max_batch is None else max_batch
         head = await self.head()
         server_size = head.receipt_size
         start, batches, stale_answers = server_size, 0, 0
         while server_size < self.size:
-            target = min(self.size, server_size + max_batch)
+            if before_batch is not None:
+                await before_batch()
+            target = min(self.size, server_size + (fixed if sizer is None else sizer.size))
+            # A batch sent earlier whose answer never came may have been
+            # witnessed: never send less than it (a checkpoint smaller than
+            # the server holds reads as a truncated history, an alert), and
+            # resending its very checkpoint gets the stored receipt back.
+            if self._maybe_witnessed is None:
+                self._maybe_witnessed = await self._sent_unanswered(server_size)
+            if self._maybe_witnessed > server_size:
+                target = max(target, self._maybe_witnessed)
             checkpoint = await self.checkpoint_at(target)
             request = SyncRequest.build(
                 old_size=server_size,
@@ -779,8 +828,15 @@ class OfflineAuditTrail:
                 consistency=await self.consistency(server_size, target),
                 checkpoint=checkpoint,
             )
+            sent_at = time.monotonic()
             try:
                 response = await client.sync_audit(self.appliance_id, request)
+            except CentralUnavailable as exc:
+                if not exc.not_acted_on:
+                    self._maybe_witnessed = max(self._maybe_witnessed, target)
+                if sizer is not None and exc.shed_load:
+                    sizer.refused()
+                raise
             except CentralRejected as exc:
                 told = exc.extra.get("server_size")
                 if not isinstance(told, int) or exc.code not in ("stale-size", "truncated-history"):
@@ -798,6 +854,8 @@ class OfflineAuditTrail:
                     raise AuditSyncRejected(exc) from exc
                 server_size = told
                 continue
+            if sizer is not None:
+                sizer.answered(time.monotonic() - sent_at)
             received = await self.store_receipt(response.receipt, checkpoint)
             if received != target:
                 raise AuditSyncRejected(

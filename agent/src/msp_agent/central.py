@@ -25,6 +25,12 @@ from msp_protocol.bundle import BundleKind, Escalation
 from msp_protocol.dsse import Envelope
 from msp_protocol.sync import SyncRequest, SyncResponse
 
+# Answers that mean "too much at once" rather than "not here".
+LOAD_STATUSES = frozenset({429, 503, 504})
+# Answers that also say the request was not carried out (shed on arrival);
+# a gateway timeout (504) may come after the server acted.
+NOT_ACTED_STATUSES = frozenset({429, 503})
+
 
 class CentralError(Exception):
     pass
@@ -35,14 +41,38 @@ class CentralUnavailable(CentralError):
     the problem type of a refusal that a later attempt may not get (a request
     dated outside the server's window: this appliance's clock is off).
     ``retry_after`` is the wait in seconds the server asked for (its
-    ``Retry-After`` on a 503 or 429), None when it named none."""
+    ``Retry-After`` on a 503 or 429), None when it named none. ``status`` is
+    the HTTP status when the server (or a proxy) answered, None when nothing
+    did; ``timed_out`` says the request got no answer in time."""
 
     def __init__(
-        self, message: str, code: str | None = None, *, retry_after: float | None = None
+        self,
+        message: str,
+        code: str | None = None,
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.retry_after = retry_after
+        self.status = status
+        self.timed_out = timed_out
+
+    @property
+    def shed_load(self) -> bool:
+        """The server (or its balancer) is overloaded rather than unreachable:
+        it refused for load (503, 429), its gateway gave up (504), or the
+        request timed out. The cue to send less at a time."""
+        return self.timed_out or self.status in LOAD_STATUSES
+
+    @property
+    def not_acted_on(self) -> bool:
+        """The refusal came before any work (the server or its balancer
+        shed the request: 503, 429), so the request was not carried out.
+        Any other failure may have come after the server acted."""
+        return self.status in NOT_ACTED_STATUSES
 
 
 class CentralRejected(CentralError):
@@ -69,6 +99,8 @@ class DeliveryOutcome:
     delivered: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     stopped_by: str | None = None
+    # The wait the server asked for when it stopped the pass (Retry-After).
+    retry_after: float | None = None
 
 
 class CentralClient(Protocol):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -272,12 +272,23 @@ class EvidenceQueue:
             )
         )
 
-    async def deliver(self, client: CentralClient, *, batch: int = 100) -> DeliveryOutcome:
+    async def deliver(
+        self,
+        client: CentralClient,
+        *,
+        batch: int = 100,
+        before_batch: Callable[[], Awaitable[object]] | None = None,
+    ) -> DeliveryOutcome:
         """Send undelivered bundles in log order until done or the server is
-        unreachable. A bundle the server refuses (4xx) is set aside with the
-        reason and recorded in the audit trail; delivery goes on."""
+        unreachable (the outcome then carries the server's Retry-After, if
+        it named one). A bundle the server refuses (4xx) is set aside with
+        the reason and recorded in the audit trail; delivery goes on.
+        ``before_batch`` is awaited before every ``batch`` bundles: the
+        runtime lets urgent incidents go first there."""
         outcome = DeliveryOutcome()
         while True:
+            if before_batch is not None:
+                await before_batch()
             waiting = await self.pending(batch)
             if not waiting:
                 return outcome
@@ -285,7 +296,9 @@ class EvidenceQueue:
                 try:
                     await client.submit_evidence(item.envelope)
                 except CentralUnavailable as exc:
-                    return DeliveryOutcome(outcome.delivered, outcome.rejected, str(exc))
+                    return DeliveryOutcome(
+                        outcome.delivered, outcome.rejected, str(exc), exc.retry_after
+                    )
                 except CentralRejected as exc:
                     await self.mark_rejected(item.bundle_id, str(exc))
                     await self._trail.append(

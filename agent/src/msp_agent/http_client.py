@@ -185,14 +185,14 @@ class HttpCentralClient:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             error = f"{method} {path}: {type(exc).__name__}: {exc}"
             self.connectivity.unavailable(error, server_answered=False)
-            raise CentralUnavailable(error) from None
+            raise CentralUnavailable(error, timed_out=isinstance(exc, TimeoutError)) from None
         if status == 429 or status >= 500:
             wait = retry_after(answer_headers.get("Retry-After"))
             error = f"{method} {path}: HTTP {status}"
             if wait is not None:
                 error += f", retry after {wait:g} s"
             self.connectivity.unavailable(error, server_answered=True)
-            raise CentralUnavailable(error, retry_after=wait)
+            raise CentralUnavailable(error, retry_after=wait, status=status)
         if status >= 400:
             rejection = _rejected(status, payload, answer_headers.get("Content-Type", ""))
             if rejection is None:

@@ -12,20 +12,32 @@ central server over, and must not wait in lockstep either:
   429), a timeout or a slow answer (additive increase is too slow to
   matter for a backlog of a few thousand entries; doubling and halving
   settle in a few batches).
+
+Only the changes that matter are logged at info level (batches cut to the
+floor, and back to full size after that); every other change is debug, so
+a long backlog does not write a line per batch.
 """
 
 from __future__ import annotations
 
-from msp_agent.retry import CAP_SECONDS, retry_delay
+import logging
+
+from msp_agent.retry import BASE_SECONDS, CAP_SECONDS, retry_delay
 from msp_protocol.sync import MAX_BATCH_ENTRIES
+
+log = logging.getLogger(__name__)
 
 
 def wait_before_retry(
-    attempt: int, retry_after: float | None, *, cap: float = CAP_SECONDS
+    attempt: int,
+    retry_after: float | None,
+    *,
+    base: float = BASE_SECONDS,
+    cap: float = CAP_SECONDS,
 ) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based): the
     server's ``Retry-After`` (if any) plus a fully jittered backoff."""
-    return (retry_after or 0.0) + retry_delay(attempt, cap=cap)
+    return (retry_after or 0.0) + retry_delay(attempt, base=base, cap=cap)
 
 
 class BatchSizer:
@@ -47,6 +59,8 @@ class BatchSizer:
         self.largest = largest
         self.slow_seconds = slow_seconds
         self._size = start
+        # Cut to the floor since the last time batches were full size.
+        self._at_floor = False
 
     @property
     def size(self) -> int:
@@ -57,10 +71,23 @@ class BatchSizer:
         """A batch was witnessed in ``seconds``: grow while that is fast,
         shrink when it was slow (the server is struggling)."""
         if seconds >= self.slow_seconds:
-            self._size = max(self.smallest, self._size // 2)
+            self._resize(max(self.smallest, self._size // 2), f"a slow answer ({seconds:.1f} s)")
         elif seconds < self.slow_seconds / 4:
-            self._size = min(self.largest, self._size * 2)
+            self._resize(min(self.largest, self._size * 2), "fast answers")
 
     def refused(self) -> None:
         """The server shed the batch (503, 429) or it timed out: halve."""
-        self._size = max(self.smallest, self._size // 2)
+        self._resize(max(self.smallest, self._size // 2), "a refusal for load")
+
+    def _resize(self, size: int, why: str) -> None:
+        before, self._size = self._size, size
+        if size == before:
+            return
+        if size == self.smallest:
+            self._at_floor = True
+            log.info("audit batches cut to %d entries after %s", size, why)
+        elif size == self.largest and self._at_floor:
+            self._at_floor = False
+            log.info("audit batches back to %d entries", size)
+        else:
+            log.debug("audit batch size %d -> %d after %s", before, size, why)

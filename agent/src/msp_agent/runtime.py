@@ -20,6 +20,11 @@ task per duty until SIGTERM:
 
 Loops sleep until their interval passes or something wakes them: when any
 request gets an answer after a failure, every queue is woken at once.
+Pacing (:mod:`msp_agent.pacing`): a retry waits the server's
+``Retry-After`` plus full jitter, and no wake cuts that short; audit batches
+are sized from the server's answers (one sizer for the process lifetime);
+pending urgent incidents go before every audit and evidence batch (waiting
+at most :data:`URGENT_FIRST_SECONDS`), heartbeats never wait for them.
 Nothing is held only in memory: every loop works from the SQLite stores, so
 a stop at any instant (SIGTERM or ``kill -9``) loses nothing acknowledged.
 """
@@ -62,6 +67,7 @@ from msp_agent.http_client import CLOCK_REFUSALS, HttpCentralClient
 from msp_agent.keys import KEY_FILE, DelegatedSigningKey, KeyFileError, KeyRevokedError
 from msp_agent.l1 import INTERNAL_ACTIONS, ActionNotAllowedError, L1Runner
 from msp_agent.manager import LocalResilienceManager, Quotas
+from msp_agent.pacing import BatchSizer, wait_before_retry
 from msp_agent.results import (
     ActionRecord,
     CheckRecord,
@@ -69,7 +75,7 @@ from msp_agent.results import (
     read_results,
     write_results,
 )
-from msp_agent.retry import retry_delay
+from msp_agent.retry import CAP_SECONDS
 from msp_agent.sms import SMSAlerter, TwilioSettings
 from msp_agent.store import StoreError
 from msp_agent.systemd import Notifier
@@ -105,6 +111,9 @@ STATUS_SECONDS = 2.0
 OFFLINE_PROBE_SECONDS = 5.0
 # After the server refused the audit history, how long before trying again.
 REFUSED_RETRY_SECONDS = 3600.0
+# How long a batch of the backlog waits for pending urgent incidents to be
+# tried first: bounded, so a stuck incident never stops the backlog.
+URGENT_FIRST_SECONDS = 30.0
 # Checks whose lasting failure threatens the audit trail or the signing key.
 CRITICAL_CHECKS = frozenset({"audit_log_integrity", "delegation_valid", "state_disk_space"})
 
@@ -174,11 +183,27 @@ class Sleeper:
     def __init__(self, stop: asyncio.Event) -> None:
         self._stop = stop
         self._wake = asyncio.Event()
+        self._hold_until = 0.0
 
     def wake(self) -> None:
         self._wake.set()
 
+    def hold(self, seconds: float) -> None:
+        """No wake ends a sleep within the next ``seconds`` (only the stop
+        does): a wait the server asked for (Retry-After) is kept even when
+        the link seems to come back or new work arrives meanwhile."""
+        self._hold_until = max(self._hold_until, time.monotonic() + seconds)
+
     async def sleep(self, seconds: float) -> None:
+        held = self._hold_until - time.monotonic()
+        if held > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), min(held, seconds))
+            # A wake meanwhile is served by the pass that follows anyway.
+            self._wake.clear()
+            seconds -= held
+            if seconds <= 0 or self._stop.is_set():
+                return
         if self._wake.is_set():
             self._wake.clear()
             return
@@ -221,6 +246,9 @@ class Agent:
         self._refused_until = 0.0
         self._refused_witnessed: int | None = None
         self._sleepers: dict[str, Sleeper] = {}
+        # Audit batch sizes follow the server's answers for the process
+        # lifetime (a restart starts again from the sizer's default).
+        self.batch_sizer = BatchSizer()
         self._status_written: tuple[Any, float] | None = None
         # Set once a server refused this agent's heartbeat as malformed: it
         # predates the dashboard figures, and gets only what it knows.
@@ -338,7 +366,7 @@ class Agent:
                 request.result()
                 return True
             except CentralUnavailable as exc:
-                deadline = time.monotonic() + retry_delay(attempt)
+                deadline = time.monotonic() + wait_before_retry(attempt, exc.retry_after)
                 attempt += 1
                 log.warning("enrollment: central server unavailable (%s); retrying", exc)
                 while not self.stop.is_set() and time.monotonic() < deadline:
@@ -466,11 +494,33 @@ class Agent:
 
     def _wake_all(self) -> None:
         """The link is back: every queue delivers now (checks keep their
-        own schedule; they do not depend on the link)."""
+        own schedule; they do not depend on the link), urgent incidents
+        first (see :meth:`_urgent_first`)."""
+        self.manager.urgent.wake()
         for name, sleeper in self._sleepers.items():
             if name != "checks":
                 sleeper.wake()
-        self.manager.urgent.wake()
+
+    async def _urgent_first(self) -> None:
+        """Before a batch of the backlog: let pending urgent incidents reach
+        the server first, waiting a bounded time for them."""
+        if not await self.manager.urgent.deliver_first(URGENT_FIRST_SECONDS):
+            log.debug(
+                "urgent incidents still pending after %g s: the backlog goes on",
+                URGENT_FIRST_SECONDS,
+            )
+
+    @staticmethod
+    def _retry_wait(
+        sleeper: Sleeper, attempt: int, retry_after: float | None, *, ceiling: float
+    ) -> float:
+        """The wait before a loop's next attempt: a capped, fully jittered
+        backoff (capped at ``ceiling`` too, the loop's own interval), plus
+        the server's Retry-After, which no wake cuts short."""
+        wait = wait_before_retry(attempt, retry_after, cap=min(CAP_SECONDS, ceiling))
+        if retry_after is not None:
+            sleeper.hold(wait)
+        return wait
 
     async def _guard(
         self, name: str, loop: Callable[[Sleeper], Awaitable[None]], sleeper: Sleeper
@@ -500,9 +550,13 @@ class Agent:
                 await sleeper.sleep(self._refused_until - time.monotonic())
                 continue
             try:
-                report = await self.manager.trail.sync(self.client)
-            except CentralUnavailable:
-                wait = min(wait, retry_delay(attempt))
+                # Urgent incidents go before each batch, the first included.
+                report = await self.manager.trail.sync(
+                    self.client, sizer=self.batch_sizer, before_batch=self._urgent_first
+                )
+            except CentralUnavailable as exc:
+                # Resumed from what the server witnessed, after the wait.
+                wait = self._retry_wait(sleeper, attempt, exc.retry_after, ceiling=wait)
                 attempt += 1
             except (AuditSyncRejected, LocalTruncationError) as exc:
                 await self._report_sync_refusal(exc)
@@ -556,9 +610,11 @@ class Agent:
             if self.signer.revoked:
                 await sleeper.sleep(wait)
                 continue
-            outcome = await self.manager.evidence.deliver(self.client)
+            outcome = await self.manager.evidence.deliver(
+                self.client, before_batch=self._urgent_first
+            )
             if outcome.stopped_by is not None:
-                wait = min(wait, retry_delay(attempt))
+                wait = self._retry_wait(sleeper, attempt, outcome.retry_after, ceiling=wait)
                 attempt += 1
             else:
                 attempt = 0
@@ -570,10 +626,13 @@ class Agent:
             if self.signer.revoked:
                 await sleeper.sleep(self.settings.heartbeat_interval_seconds)
                 continue
+            asked: float | None = None
             try:
                 answer = await self._send_heartbeat()
             except (CentralUnavailable, CentralRejected) as exc:
                 failures += 1
+                if isinstance(exc, CentralUnavailable):
+                    asked = exc.retry_after
                 log.debug("heartbeat: %s", exc)
                 if isinstance(exc, CentralUnavailable) and exc.code in CLOCK_REFUSALS:
                     self.problems["clock"] = (
@@ -599,7 +658,12 @@ class Agent:
                 wait = OFFLINE_PROBE_SECONDS * random.uniform(0.5, 1.5)  # noqa: S311 - jitter
             else:
                 # It answers but fails (overloaded, 5xx, 429): back off.
-                wait = max(1.0, retry_delay(failures))
+                wait = max(1.0, wait_before_retry(failures, asked))
+            if asked is not None:
+                # Never before the server said (even if another request found
+                # it willing meanwhile), and no wake cuts that short.
+                wait = max(wait, asked)
+                sleeper.hold(wait)
             await sleeper.sleep(wait)
 
     def _notice_witnessed_size(self, witnessed: Any) -> None:
@@ -753,8 +817,8 @@ class Agent:
             if not self.signer.revoked:
                 try:
                     await self.maintain_key()
-                except CentralUnavailable:
-                    wait = min(wait, retry_delay(attempt))
+                except CentralUnavailable as exc:
+                    wait = self._retry_wait(sleeper, attempt, exc.retry_after, ceiling=wait)
                     attempt += 1
                 except CentralRejected as exc:
                     self.problems["keys"] = f"certificate request refused: {exc.code}"
