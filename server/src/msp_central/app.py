@@ -15,9 +15,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from sqlalchemy.exc import DataError
 
+from msp_central.admission import Admission, admission, database_refusal
 from msp_central.config import Settings
 from msp_central.console.views import routes as console_routes
-from msp_central.context import CENTRAL, NOTIFY_WAKE, Central, load_root_key
+from msp_central.context import ADMISSION, CENTRAL, NOTIFY_WAKE, Central, load_root_key
 from msp_central.db.engine import create_engine, dispose, write
 from msp_central.db.migrate import check_current, upgrade
 from msp_central.db.tables import request_nonces
@@ -89,8 +90,9 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         )
     except web.HTTPException:
         raise
-    except Exception:
-        return _server_failure(request)
+    except Exception as exc:
+        # A full connection pool or a database gone away: 503, not 500.
+        return database_refusal(request, exc) or _server_failure(request)
 
 
 # What every answer says about itself. The console's pages load only their
@@ -135,7 +137,7 @@ def create_app(
     """The server. ``root`` defaults to the key in ``settings.key_file``;
     ``clock`` is the server's trusted time (tests move it)."""
     app = web.Application(
-        middlewares=[problems],
+        middlewares=[problems, admission],
         # The largest body any route takes; each route holds its own limit.
         client_max_size=max(
             settings.max_sync_body_bytes,
@@ -146,7 +148,12 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         key = root or load_root_key(settings.key_file)
-        engine = create_engine(settings.resolved_database_url())
+        engine = create_engine(
+            settings.resolved_database_url(),
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            pool_timeout=settings.database_pool_timeout_seconds,
+        )
         try:
             if settings.migrate_on_start:
                 await upgrade(engine)
@@ -171,6 +178,7 @@ def create_app(
 
     app[NOTIFY_WAKE] = asyncio.Event()
     app[UPLOAD_SLOTS] = UploadSlots(settings)
+    app[ADMISSION] = Admission(settings)
     app[CREDENTIAL_THROTTLE] = CredentialThrottle(settings)
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(security_headers)
