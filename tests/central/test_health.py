@@ -10,7 +10,15 @@ from tests.central.support import Harness, call
 async def test_health_answers_while_the_database_does(harness: Harness) -> None:
     reply = await call(harness.client, "GET", "/api/v1/health")
     assert reply.status == 200
-    assert reply.body == {"status": "ok", "database": "ok"}
+    assert reply.body == {
+        "status": "ok",
+        "database": "ok",
+        "lanes": {
+            "bulk": {"in_flight": 0, "limit": 32, "shed": 0},
+            "urgent": {"in_flight": 0, "limit": 64, "shed": 0},
+            "interactive": {"in_flight": 0, "limit": 32, "shed": 0},
+        },
+    }
 
 
 async def test_health_is_503_when_the_database_is_gone(harness: Harness) -> None:
