@@ -271,6 +271,10 @@ async def test_a_pool_timeout_is_503_not_500(small_pool: Settings, aiohttp_clien
         reply = await partner.request("GET", "/api/v1/sites")
         assert (reply.status, reply.code) == (503, "server-busy"), reply.body
         assert reply.headers["Retry-After"] == "1"
+        # A full pool is a busy database, not a missing one: the balancer
+        # must keep this replica.
+        health = await call(client, "GET", "/api/v1/health")
+        assert (health.status, health.body["status"]) == (200, "busy"), health.body
     assert app[ADMISSION].lanes[Lane.INTERACTIVE].shed == 1
     assert (await partner.request("GET", "/api/v1/sites")).status == 200
 

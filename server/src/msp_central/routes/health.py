@@ -18,8 +18,11 @@ import asyncio
 
 import sqlalchemy as sa
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 
 from msp_central.api_models import HealthOut, LaneHealthOut
+from msp_central.config import Settings
 from msp_central.context import ADMISSION, central, json_response
 from msp_central.db.engine import read_only
 from msp_central.params import checked_query
@@ -32,14 +35,25 @@ RETRY_AFTER_SECONDS = 5
 
 
 async def database_answers(request: web.Request) -> bool:
-    """Whether ``SELECT 1`` comes back in time."""
+    """Whether ``SELECT 1`` comes back in time, or every pooled connection
+    is in use: a full pool is a database serving this replica's requests
+    (it is shed as busy), not one gone away, and a balancer must not take
+    a replica out for being busy."""
+    service = central(request)
     try:
         async with asyncio.timeout(DATABASE_TIMEOUT_SECONDS):
-            async with read_only(central(request).engine) as connection:
+            async with read_only(service.engine) as connection:
                 await connection.execute(sa.text("SELECT 1"))
-    except Exception:  # any failure means: not able to serve
-        return False
+    except Exception:  # any failure means: not able to serve, unless busy
+        return _pool_full(service.engine, service.settings)
     return True
+
+
+def _pool_full(engine: AsyncEngine, settings: Settings) -> bool:
+    pool = engine.pool
+    if not isinstance(pool, QueuePool):
+        return False
+    return pool.checkedout() >= settings.database_pool_size + settings.database_max_overflow
 
 
 def _unavailable(request: web.Request, problem: Problem) -> web.Response:
