@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from aiohttp import web
 from sqlalchemy.engine import make_url
 
 from msp_central.admission import (
@@ -36,6 +37,7 @@ from msp_central.admission import (
     Lane,
     LaneFull,
     LaneState,
+    until_stopped,
 )
 from msp_central.app import create_app
 from msp_central.config import ConfigError, Settings, load_settings
@@ -376,6 +378,29 @@ async def test_health_is_503_once_shutting_down(harness: Harness) -> None:
     assert int(reply.headers["Retry-After"]) >= 1
     partner = await harness.partner()
     assert (await partner.request("GET", "/api/v1/partner")).status == 200  # still serving
+
+
+async def wait_for_shutdown(gate: Admission) -> None:
+    async with asyncio.timeout(10):
+        while not gate.shutting_down:  # noqa: ASYNC110 - set by a signal handler, not an event of ours
+            await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("second_signal", [False, True], ids=["drained", "second-signal"])
+async def test_a_signal_drains_then_stops(second_signal: bool) -> None:
+    app = web.Application()
+    # Long enough that only the second signal can end it in the test's time.
+    gate = Admission(Settings(shutdown_drain_seconds=300 if second_signal else 0.05))
+    app[ADMISSION] = gate
+    stopping = asyncio.create_task(until_stopped(app))
+    await asyncio.sleep(0)  # the handlers are installed
+    os.kill(os.getpid(), signal.SIGTERM)
+    await wait_for_shutdown(gate)
+    assert not stopping.done()  # draining: health refuses, the rest is served
+    if second_signal:
+        os.kill(os.getpid(), signal.SIGINT)
+    async with asyncio.timeout(10):
+        await stopping
 
 
 def _get(url: str) -> tuple[int, dict[str, Any]]:

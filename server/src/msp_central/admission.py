@@ -30,7 +30,6 @@ replicas: each protects its own process and its share of the pool.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import math
@@ -313,15 +312,12 @@ async def until_stopped(app: web.Application) -> None:
         log.info("stopping in %s s; the health check answers 503 meanwhile", gate.drain_seconds)
         loop.call_later(gate.drain_seconds, stop.set)
 
-    signals = (signal.SIGINT, signal.SIGTERM)
+    # Left installed: a signal during the graceful shutdown that follows
+    # finds the stop already set and changes nothing (the runner removes
+    # the handlers when it is cleaned up).
     try:
-        for signum in signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal)
     except NotImplementedError:  # no signal handlers on this platform's loop
         await asyncio.Event().wait()
-    try:
-        await stop.wait()
-    finally:
-        for signum in signals:
-            with contextlib.suppress(NotImplementedError):
-                loop.remove_signal_handler(signum)
+    await stop.wait()
