@@ -545,7 +545,7 @@ def test_settings_defaults_and_overrides(tmp_path: Path) -> None:
         defaults.database_pool_size,
         defaults.database_max_overflow,
         defaults.shutdown_drain_seconds,
-    ) == (32, 64, 32, 1, 10, 10, 0)
+    ) == (8, 64, 32, 1, 10, 10, 0)
     path = tmp_path / "central.toml"
     path.write_text("admission_bulk_limit = 8\ndatabase_pool_timeout_seconds = 0.5\n")
     loaded = load_settings(path)

@@ -14,7 +14,7 @@ async def test_health_answers_while_the_database_does(harness: Harness) -> None:
         "status": "ok",
         "database": "ok",
         "lanes": {
-            "bulk": {"in_flight": 0, "limit": 32, "shed": 0},
+            "bulk": {"in_flight": 0, "limit": 8, "shed": 0},
             "urgent": {"in_flight": 0, "limit": 64, "shed": 0},
             "interactive": {"in_flight": 0, "limit": 32, "shed": 0},
         },

@@ -141,8 +141,10 @@ class Settings(BaseSettings):
     # certificates, bundles, revocations; interactive: the partner API and
     # the console); a request that finds no slot within
     # admission_wait_seconds (0: none at all) is answered 503 server-busy
-    # with Retry-After before its body is read.
-    admission_bulk_limit: Annotated[int, Field(ge=1, le=10_000)] = 32
+    # with Retry-After before its body is read. Bulk work is mostly CPU
+    # (hashing and verifying batches) on one event loop: more bulk slots
+    # than a few per core drain no faster and make heartbeats wait.
+    admission_bulk_limit: Annotated[int, Field(ge=1, le=10_000)] = 8
     admission_urgent_limit: Annotated[int, Field(ge=1, le=10_000)] = 64
     admission_interactive_limit: Annotated[int, Field(ge=1, le=10_000)] = 32
     admission_wait_seconds: Annotated[float, Field(ge=0, le=60)] = 1
