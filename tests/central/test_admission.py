@@ -45,6 +45,7 @@ from msp_central.context import ADMISSION, CENTRAL, write_root_key
 from msp_central.db.tables import audit_entries
 from tests.central.support import ROOT, ApplianceClient, Clock, Harness, KeyClient, call
 from tests.central.test_cheap_requests import refused_upfront, sync_path
+from tests.central.test_health import settled
 
 BULK_LIMIT = 2
 URGENT_LIMIT = 3
@@ -291,6 +292,7 @@ async def test_a_database_gone_away_is_503_logged_once_per_burst(
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise ConnectionRefusedError(111, "connection refused")
 
+    await settled(harness)
     await harness.engine.dispose()
     sa.event.listen(harness.engine.sync_engine, "do_connect", refuse)
     try:
