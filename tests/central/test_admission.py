@@ -202,6 +202,18 @@ async def test_a_request_waits_for_a_slot_and_is_then_served(harness: Harness) -
     assert (bulk.shed, bulk.in_flight, bulk.admitted) == (0, 0, BULK_LIMIT + 1)
 
 
+async def test_listeners_hear_of_every_request_shed() -> None:
+    gate = Admission(Settings(admission_urgent_limit=1, admission_wait_seconds=0))
+    heard: list[Lane] = []
+    gate.shed_listeners.append(heard.append)
+    urgent = gate.lanes[Lane.URGENT]
+    await urgent.acquire(0)
+    with pytest.raises(LaneFull):
+        await urgent.acquire(0.01)
+    gate.lanes[Lane.INTERACTIVE].note_shed()  # as for a pool timeout
+    assert heard == [Lane.URGENT, Lane.INTERACTIVE]
+
+
 async def test_health_is_never_shed(harness: Harness) -> None:
     gate = gate_of(harness)
     async with (
@@ -265,6 +277,8 @@ def small_pool(settings: Settings) -> Settings:
 
 async def test_a_pool_timeout_is_503_not_500(small_pool: Settings, aiohttp_client: Any) -> None:
     app = create_app(small_pool, root=ROOT, clock=Clock())
+    heard: list[Lane] = []
+    app[ADMISSION].shed_listeners.append(heard.append)
     client = await aiohttp_client(app)
     harness = Harness(client, app[CENTRAL].engine, Clock())
     partner: KeyClient = await harness.partner()
@@ -279,6 +293,7 @@ async def test_a_pool_timeout_is_503_not_500(small_pool: Settings, aiohttp_clien
         health = await call(client, "GET", "/api/v1/health")
         assert (health.status, health.body["status"]) == (200, "busy"), health.body
     assert app[ADMISSION].lanes[Lane.INTERACTIVE].shed == 1
+    assert heard == [Lane.INTERACTIVE]
     assert (await partner.request("GET", "/api/v1/sites")).status == 200
 
 

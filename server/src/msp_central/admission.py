@@ -121,6 +121,9 @@ class LaneState:
     last_shed: float | None = None
     # Moving average of how long an admitted request holds its slot.
     service_seconds: float = 0.05
+    # Called with the lane at each request shed (a metrics exporter's
+    # counter), in the shed request's context.
+    shed_listeners: list[Callable[[Lane], None]] = field(default_factory=list)
     _slots: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +156,8 @@ class LaneState:
     def note_shed(self) -> None:
         self.shed += 1
         self.last_shed = self.clock()
+        for listener in self.shed_listeners:
+            listener(self.lane)
 
     @property
     def full(self) -> bool:
@@ -176,12 +181,17 @@ class Admission:
         self.wait = settings.admission_wait_seconds
         self.pool_timeout = settings.database_pool_timeout_seconds
         self.drain_seconds = settings.shutdown_drain_seconds
+        # Told of every request shed, in any lane, for whatever way it was
+        # shed (no slot, no pooled connection): add to it, never replace it.
+        self.shed_listeners: list[Callable[[Lane], None]] = []
+        limits = {
+            Lane.BULK: settings.admission_bulk_limit,
+            Lane.URGENT: settings.admission_urgent_limit,
+            Lane.INTERACTIVE: settings.admission_interactive_limit,
+        }
         self.lanes = {
-            Lane.BULK: LaneState(Lane.BULK, settings.admission_bulk_limit, clock),
-            Lane.URGENT: LaneState(Lane.URGENT, settings.admission_urgent_limit, clock),
-            Lane.INTERACTIVE: LaneState(
-                Lane.INTERACTIVE, settings.admission_interactive_limit, clock
-            ),
+            lane: LaneState(lane, limit, clock, shed_listeners=self.shed_listeners)
+            for lane, limit in limits.items()
         }
         self.shutting_down = False
         # Requests answered database-unavailable, and the burst being logged.
