@@ -798,10 +798,19 @@ class CertificateOut(Body):
     certificate: Envelope
 
 
+class LaneHealthOut(Body):
+    in_flight: Annotated[StrictInt, Field(ge=0)]  # requests of the lane being handled now
+    limit: Annotated[StrictInt, Field(ge=1)]
+    shed: Annotated[StrictInt, Field(ge=0)]  # answered 503 since the process started
+
+
 class HealthOut(Body):
-    # A replica that cannot serve answers 503 with a problem document.
-    status: Literal["ok"]
+    # A replica that cannot serve (no database, shutting down) answers 503
+    # with a problem document. "busy": a lane is full or shed a request in
+    # the last seconds; the replica still serves and sheds what it cannot.
+    status: Literal["ok", "busy"]
     database: Literal["ok"]
+    lanes: dict[Literal["bulk", "urgent", "interactive"], LaneHealthOut]
 
 
 class HeartbeatIn(Body):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -15,13 +16,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from sqlalchemy.exc import DataError
 
+from msp_central.admission import Admission, admission, database_refusal
 from msp_central.config import Settings
 from msp_central.console.views import routes as console_routes
-from msp_central.context import CENTRAL, NOTIFY_WAKE, Central, load_root_key
+from msp_central.context import ADMISSION, CENTRAL, NOTIFY_WAKE, Central, load_root_key
 from msp_central.db.engine import create_engine, dispose, write
 from msp_central.db.migrate import check_current, upgrade
 from msp_central.db.tables import request_nonces
-from msp_central.metrics import count_requests
+from msp_central.metrics import count_requests, record_shed, watch_in_flight
 from msp_central.metrics import install as install_metrics
 from msp_central.metrics import routes as metrics_routes
 from msp_central.notifier import Notifier
@@ -92,8 +94,9 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         )
     except web.HTTPException:
         raise
-    except Exception:
-        return _server_failure(request)
+    except Exception as exc:
+        # A full connection pool or a database gone away: 503, not 500.
+        return database_refusal(request, exc) or _server_failure(request)
 
 
 # What every answer says about itself. The console's pages load only their
@@ -139,7 +142,7 @@ def create_app(
     ``clock`` is the server's trusted time (tests move it)."""
     app = web.Application(
         # Metrics outermost: they count the status the caller gets.
-        middlewares=[count_requests, problems],
+        middlewares=[count_requests, problems, admission],
         # The largest body any route takes; each route holds its own limit.
         client_max_size=max(
             settings.max_sync_body_bytes,
@@ -150,7 +153,12 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         key = root or load_root_key(settings.key_file)
-        engine = create_engine(settings.resolved_database_url())
+        engine = create_engine(
+            settings.resolved_database_url(),
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            pool_timeout=settings.database_pool_timeout_seconds,
+        )
         try:
             if settings.migrate_on_start:
                 await upgrade(engine)
@@ -175,8 +183,15 @@ def create_app(
 
     app[NOTIFY_WAKE] = asyncio.Event()
     app[UPLOAD_SLOTS] = UploadSlots(settings)
+    app[ADMISSION] = Admission(settings)
     app[CREDENTIAL_THROTTLE] = CredentialThrottle(settings)
     install_metrics(app, settings, app[UPLOAD_SLOTS])
+    # Each shed request counted in its own lane; each lane's work in flight
+    # read at scrape time.
+    gate = app[ADMISSION]
+    gate.shed_listeners.append(lambda lane: record_shed(app, lane.value))
+    for lane, state in gate.lanes.items():
+        watch_in_flight(app, lane.value, functools.partial(getattr, state, "in_flight"))
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(security_headers)
     for table in (

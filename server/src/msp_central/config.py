@@ -145,6 +145,33 @@ class Settings(BaseSettings):
     metrics_token_file: Path | None = None
     log_format: Literal["text", "json"] = "text"
 
+    # Admission control per server process (msp_central.admission): at most
+    # this many requests of each lane are handled at once (bulk: audit sync
+    # and evidence uploads; urgent: heartbeats, escalations, enrollment,
+    # certificates, bundles, revocations; interactive: the partner API and
+    # the console); a request that finds no slot within
+    # admission_wait_seconds (0: none at all) is answered 503 server-busy
+    # with Retry-After before its body is read. Bulk work is mostly CPU
+    # (hashing and verifying batches) on one event loop: more bulk slots
+    # than a few per core drain no faster and make heartbeats wait.
+    admission_bulk_limit: Annotated[int, Field(ge=1, le=10_000)] = 8
+    admission_urgent_limit: Annotated[int, Field(ge=1, le=10_000)] = 64
+    admission_interactive_limit: Annotated[int, Field(ge=1, le=10_000)] = 32
+    admission_wait_seconds: Annotated[float, Field(ge=0, le=60)] = 1
+    # The database connection pool of each server process: pool_size kept
+    # open, max_overflow more under load; a request that waits
+    # database_pool_timeout_seconds for a connection is answered 503
+    # server-busy. Size it so that replicas x (pool_size + max_overflow)
+    # stays below PostgreSQL's max_connections.
+    database_pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
+    database_max_overflow: Annotated[int, Field(ge=0, le=1000)] = 10
+    database_pool_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 3
+    # On SIGTERM the health check answers 503 shutting-down for this long
+    # while everything else is still served, so a load balancer takes the
+    # replica out of rotation first; behind a balancer, set it to the
+    # check interval times the failures it needs (0: stop at once).
+    shutdown_drain_seconds: Annotated[float, Field(ge=0, le=300)] = 0
+
     @model_validator(mode="after")
     def _flood_above_failures(self) -> Settings:
         # A flood limit below the failure limit would refuse valid

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -21,6 +21,9 @@ from msp_protocol.errors import MalformedError
 from msp_protocol.keys import SigningKey
 from msp_protocol.limits import DEFAULT_LIMITS, Limits
 from msp_protocol.model import first_problem
+
+if TYPE_CHECKING:
+    from msp_central.admission import Admission
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -37,6 +40,9 @@ class Central:
 CENTRAL = web.AppKey("central", Central)
 # Set to have the notifier start a round now rather than at its next tick.
 NOTIFY_WAKE = web.AppKey("notify_wake", asyncio.Event)
+# The per-process admission state: lanes, their counters, shutting down
+# (msp_central.admission; read by the health check and the metrics).
+ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
 
 
 def central(request: web.Request) -> Central:

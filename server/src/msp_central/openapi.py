@@ -485,7 +485,9 @@ def document() -> dict[str, Any]:
                 "(RFC 9421 signatures: ed25519, covering @method, @target-uri and "
                 "content-digest, with created, nonce and keyid) report their witnessed audit "
                 "log, evidence and escalations. Errors are RFC 9457 problems whose type is "
-                "urn:msp:problem:<code>."
+                "urn:msp:problem:<code>. Any operation but the health check may answer 503 "
+                "server-busy (the server sheds load) or database-unavailable, with "
+                "Retry-After in seconds: send the same request again after that long."
             ),
         },
         "servers": [{"url": "/"}],

@@ -32,6 +32,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "header-too-large": (431, "A request line or header field is too large"),
     "server-busy": (503, "The server is busy; retry later"),
     "database-unavailable": (503, "The server's database does not answer; retry later"),
+    "shutting-down": (503, "The server is shutting down; use another replica"),
     "unsupported-media-type": (415, "The request body must be application/json"),
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "Method not allowed"),

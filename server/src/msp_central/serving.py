@@ -22,6 +22,7 @@ import re
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 
+from msp_central.admission import until_stopped
 from msp_central.problems import Problem, problem_response
 
 REDACTED = "[redacted]"
@@ -184,7 +185,7 @@ def serve(
             # built. A partner's posture roll-up was a third slower without.
             gc.collect()
             gc.freeze()
-            await asyncio.Event().wait()  # until a signal raises GracefulExit
+            await until_stopped(app)  # SIGINT or SIGTERM, then the drain
         finally:
             await runner.cleanup()
 

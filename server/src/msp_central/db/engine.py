@@ -5,22 +5,29 @@ signed is on disk), foreign keys on, and every transaction ``BEGIN
 IMMEDIATE``: writers queue on the database lock at the start instead of
 failing half-way with "database is locked". PostgreSQL serialises the
 writers of one appliance's log with ``SELECT … FOR UPDATE``.
+
+Both run behind a bounded connection pool: a request waits at most
+``pool_timeout`` seconds for a connection (:func:`database_failure` tells
+the server's error handling a full pool, and a database that went away,
+from its own bugs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -29,7 +36,18 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 T = TypeVar("T")
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 10,
+    pool_timeout: float = 30,
+) -> AsyncEngine:
+    """An engine for ``url`` (sqlite+aiosqlite or postgresql+asyncpg) whose
+    pool keeps ``pool_size`` connections, opens up to ``max_overflow`` more
+    under load, and makes a caller wait at most ``pool_timeout`` seconds for
+    one (then ``sqlalchemy.exc.TimeoutError``)."""
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -43,16 +61,25 @@ def create_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        memory = not parsed.database or parsed.database == ":memory:"
         engine = create_async_engine(
             parsed,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             hide_parameters=True,  # errors must not carry request contents into logs
+            # An in-memory database lives in its one connection: no pool.
+            **({} if memory else pool),
         )
         _configure_sqlite(engine.sync_engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
         return create_async_engine(
-            parsed, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+            parsed,
+            pool_pre_ping=True,
+            hide_parameters=True,
+            # A database that does not answer a new connection is as
+            # unavailable as one that refuses it: no longer than a pool wait.
+            connect_args={"timeout": pool_timeout},
+            **pool,
         )
     raise ValueError(
         f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
@@ -82,6 +109,42 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 READ_ONLY = "msp_read_only"
+
+
+class DatabaseFailure(enum.Enum):
+    """Why a request failed for the database rather than for itself."""
+
+    BUSY = "busy"  # no pooled connection came free in time
+    UNAVAILABLE = "unavailable"  # the database refused, cut or lost the connection
+
+
+def database_failure(error: BaseException) -> DatabaseFailure | None:
+    """What ``error`` says of the database: None if it is not a failure of
+    the database's load or availability (a bug, a constraint, bad input)."""
+    if isinstance(error, sa.exc.TimeoutError):
+        return DatabaseFailure.BUSY
+    if isinstance(error, DBAPIError):
+        # Operational and interface errors are the driver's "cannot talk
+        # to the database" (SQLite: cannot open or lock the file).
+        if error.connection_invalidated or isinstance(error, OperationalError | InterfaceError):
+            return DatabaseFailure.UNAVAILABLE
+        return None
+    # Opening a connection fails with the driver's own error, unwrapped
+    # (asyncpg: ConnectionRefusedError, a timeout, "too many connections"):
+    # one raised inside the pool is the database's, anywhere else it is not.
+    from_driver = isinstance(error, OSError) or type(error).__module__.startswith("asyncpg")
+    if from_driver and _raised_in_pool(error.__traceback__):
+        return DatabaseFailure.UNAVAILABLE
+    return None
+
+
+def _raised_in_pool(traceback: TracebackType | None) -> bool:
+    while traceback is not None:
+        if traceback.tb_frame.f_globals.get("__name__", "").startswith("sqlalchemy.pool"):
+            return True
+        traceback = traceback.tb_next
+    return False
+
 
 # One write transaction at a time per process on SQLite: the database allows
 # one writer anyway, and a writer that finds it locked waits in SQLite's busy
