@@ -13,10 +13,11 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from msp_central.admission import Lane
 from msp_central.app import create_app
 from msp_central.cli import configure_log_format
 from msp_central.config import ConfigError, Settings
-from msp_central.context import CENTRAL
+from msp_central.context import ADMISSION, CENTRAL
 from msp_central.metrics import METRICS, record_shed, watch_in_flight
 from msp_central.serving import RedactSecrets
 from msp_central.uploads import busy_response
@@ -264,6 +265,43 @@ async def test_busy_answers_count_as_shed_once(settings: Settings, aiohttp_clien
     assert _value(text, "msp_central_load_shed_total", lane="upload") == 2
     assert _value(text, "msp_central_load_shed_total", lane="sync") == 1
     assert _value(text, "msp_central_in_flight", lane="upload") == 0
+
+
+async def test_admission_sheds_in_its_own_lane(settings: Settings, aiohttp_client: Any) -> None:
+    """A request the admission lanes refuse is counted once, in its lane,
+    and each lane's work in flight is what the scrape reads."""
+    harness = await _harness(
+        aiohttp_client,
+        settings.model_copy(
+            update={
+                "metrics_access": "loopback",
+                "admission_bulk_limit": 1,
+                "admission_wait_seconds": 0.01,
+            }
+        ),
+    )
+    partner = await harness.partner()
+    appliance = await harness.enroll(partner)
+    appliance.grow(3)
+    app = harness.client.app
+    assert app is not None
+    bulk = app[ADMISSION].lanes[Lane.BULK]
+    await bulk.acquire(0)
+    try:
+        refused = await appliance.sync(appliance.batch(0))
+        assert (refused.status, refused.code) == (503, "server-busy")
+        text = await _scrape(harness)
+    finally:
+        bulk.release(0.0)
+    assert _value(text, "msp_central_load_shed_total", lane="bulk") == 1
+    assert _value(text, "msp_central_load_shed_total", lane="upload") == 0
+    assert _value(text, "msp_central_in_flight", lane="bulk") == 1
+    assert _value(text, "msp_central_in_flight", lane="interactive") == 0
+    accepted = await appliance.sync(appliance.batch(0))
+    assert accepted.status == 200, accepted.body
+    text = await _scrape(harness)
+    assert _value(text, "msp_central_in_flight", lane="bulk") == 0
+    assert _value(text, "msp_central_audit_entries_ingested_total") == len(appliance.records)
 
 
 async def test_in_flight_is_read_when_scraped(settings: Settings, aiohttp_client: Any) -> None:
