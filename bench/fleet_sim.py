@@ -14,7 +14,8 @@ with the shipped deploy/haproxy.cfg.
 
 ``outage``: every appliance has been offline for a simulated day (its
 backlog is built before the storm, not timed); each reconnects at a
-uniformly random instant within ``--window`` seconds and sends its
+uniformly random instant within ``--window`` seconds (60 by default; 0.3
+per appliance for fewer than 200, so a quick run is quick) and sends its
 escalations, then its audit backlog (batches sized by the agent's
 BatchSizer), then its evidence, with heartbeats every
 ``--heartbeat-seconds`` throughout; after a 503 or 429 it waits as the
@@ -54,7 +55,12 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--entries", type=int, default=1_000, help="audit entries per appliance")
     parser.add_argument("--bundles", type=int, default=100, help="evidence bundles per appliance")
     parser.add_argument("--escalations", type=int, default=3, help="escalations per appliance")
-    parser.add_argument("--window", type=float, default=60.0, help="reconnects spread (s)")
+    parser.add_argument(
+        "--window",
+        type=float,
+        help="reconnects spread over this many seconds (default: 60; below 200 "
+        "appliances 0.3 s each, so a quick run stays quick)",
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="steady: how long (s)")
     parser.add_argument("--heartbeat-seconds", type=float, default=10.0)
     parser.add_argument("--check-seconds", type=float, default=20.0)
@@ -77,7 +83,7 @@ def parse(argv: list[str] | None = None) -> Options:
         entries=args.entries,
         bundles=args.bundles,
         escalations=args.escalations,
-        window=args.window,
+        window=args.window if args.window is not None else min(60.0, 0.3 * args.appliances),
         duration=args.duration,
         heartbeat_seconds=args.heartbeat_seconds,
         check_seconds=args.check_seconds,

@@ -10,6 +10,7 @@ other 5xx, the balancer's included, is unplanned.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -85,6 +86,8 @@ class RequestLog:
         context: SimpleNamespace,
         params: aiohttp.TraceRequestExceptionParams,
     ) -> None:
+        if isinstance(params.exception, asyncio.CancelledError):
+            return  # the simulator stopped it (the end of the run), not the server
         self.rows.append(
             Request(
                 time.time(), kind_of(params.url.path), 0, time.monotonic() - context.started, False

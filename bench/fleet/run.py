@@ -95,11 +95,27 @@ async def run_fleet(options: Options) -> Report:
         tokens = await topology.sites_with_tokens(options.appliances + 1, SITE_SIZE)
         baseline_token = tokens.pop()
         await _storm(topology, options, tokens, report)
-        report.balancer_states = await topology.server_states()
+        report.balancer_states = await _settled_states(topology, report)
         await _check(topology, report)
         if options.scenario == "outage" and options.baseline_entries > 0:
             await _baseline(topology, options, baseline_token, report)
     return report
+
+
+async def _settled_states(topology: Topology, report: Report) -> dict[str, dict[str, str]]:
+    """HAProxy's view at the end; after a kill, once its health checks have
+    had time to mark the dead replica down (a short storm may end first)."""
+    deadline = time.monotonic() + 15
+    while True:
+        states = await topology.server_states()
+        victim = states.get(topology.replicas[0].name, {})
+        if report.killed_at is None or victim.get("status", "").startswith("DOWN"):
+            return states
+        if time.monotonic() > deadline or topology.replicas[0].process is None:
+            return states
+        if topology.replicas[0].process.poll() is None:  # restarted: it is up again
+            return states
+        await asyncio.sleep(0.5)
 
 
 async def _storm(
@@ -187,7 +203,10 @@ class _Sampling:
 
     async def __aexit__(self, *_exc: object) -> None:
         self.stop.set()
-        for task in self.tasks:
+        # The reader and the sampler finish their round; the killer may
+        # still be waiting for its moment.
+        _done, pending = await asyncio.wait(self.tasks, timeout=10)
+        for task in pending:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
@@ -234,13 +253,22 @@ class _Sampling:
         if self.options.kill_replica_at is None:
             return
         victim = self.topology.replicas[0]
-        await asyncio.sleep(max(0.0, self.zero + self.options.kill_replica_at - time.time()))
+        if await self._stopped_before(self.zero + self.options.kill_replica_at):
+            return
         self.report.states_at_kill = await self.topology.server_states()
         self.topology.kill_replica(victim)
         self.report.killed_at = time.time()
-        if self.options.restart_replica_at is not None:
-            await asyncio.sleep(max(0.0, self.zero + self.options.restart_replica_at - time.time()))
+        if self.options.restart_replica_at is not None and not await self._stopped_before(
+            self.zero + self.options.restart_replica_at
+        ):
             self.topology.start_replica(victim)
+
+    async def _stopped_before(self, moment: float) -> bool:
+        """Wait until wall time ``moment``; True when the run ended first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), max(0.0, moment - time.time()))
+            return True
+        return False
 
 
 def _site_ids(body: dict[str, Any]) -> list[str]:
@@ -285,6 +313,8 @@ def _figures(options: Options, report: Report, sampling: _Sampling, zero: float)
     report.add("partner_read_p99", percentile(reads, 0.99), "ms", 1)
     report.add("partner_reads", len(reads), "requests")
     report.add("requests", len(report.requests), "requests")
+    for kind in ("sync", "evidence", "escalation", "heartbeat"):
+        report.add(f"requests_{kind}", sum(1 for r in storm if r.kind == kind), "requests")
     report.add("shed_503", sum(1 for r in report.requests if r.shed), "responses")
     report.add("unplanned_5xx", report.unplanned_5xx, "responses")
     report.add("no_answer", sum(1 for r in report.requests if r.status == 0), "requests")

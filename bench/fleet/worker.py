@@ -13,6 +13,7 @@ The conversation with the main process over a pipe:
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import resource
 import traceback
@@ -51,6 +52,9 @@ class WorkerResult:
 
 def run_worker(connection: Connection, spec: WorkerSpec) -> None:
     """Process entry point (multiprocessing)."""
+    # The agent's client logs every refusal and lost connection; the
+    # simulator counts them itself (a storm would print thousands of lines).
+    logging.getLogger("msp_agent").setLevel(logging.ERROR)
     # One socket per appliance request in flight: thousands per process.
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
