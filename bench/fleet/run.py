@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,6 +28,7 @@ from msp_protocol.keys import VerifyKey
 
 SITE_SIZE = 10  # appliances per site
 SAMPLE_SECONDS = 0.5
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -190,6 +193,11 @@ class _Sampling:
         self.reads = RequestLog()
         self.read_latencies: list[float] = []
         self.peak_connections = 0
+        # CPU seconds of each replica process and database backend since the
+        # storm began: the first sample of a process is its starting point.
+        self.cpu_start: dict[int, float] = {}
+        self.cpu_now: dict[int, float] = {}
+        self.replica_pids: set[int] = set()
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -236,18 +244,39 @@ class _Sampling:
         connection = await self.topology.connect()
         try:
             name = self.topology.database_name()
+            first = True
             while not self.stop.is_set():
                 for replica in self.topology.replicas:
                     replica.sample_rss()
-                used = await connection.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+                    if replica.process is not None and replica.process.poll() is None:
+                        self.replica_pids.add(replica.process.pid)
+                        self._cpu(replica.process.pid, first)
+                pids = await connection.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 "
                     "AND pid <> pg_backend_pid()",
                     name,
                 )
-                self.peak_connections = max(self.peak_connections, int(used))
+                self.peak_connections = max(self.peak_connections, len(pids))
+                for row in pids:
+                    self._cpu(int(row["pid"]), first)
+                first = False
                 await asyncio.sleep(SAMPLE_SECONDS)
         finally:
             await connection.close()
+
+    def _cpu(self, pid: int, first: bool) -> None:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            self.cpu_now[pid] = seconds
+            self.cpu_start.setdefault(pid, seconds if first else 0.0)
+
+    def cpu_seconds(self, replicas: bool) -> float:
+        return sum(
+            now - self.cpu_start[pid]
+            for pid, now in self.cpu_now.items()
+            if (pid in self.replica_pids) == replicas
+        )
 
     async def _killer(self) -> None:
         if self.options.kill_replica_at is None:
@@ -321,6 +350,13 @@ def _figures(options: Options, report: Report, sampling: _Sampling, zero: float)
     for replica in sampling.topology.replicas:
         report.add(f"rss_{replica.name}", replica.peak_rss_kib / 1024, "MiB", 1)
     report.add("db_connections_peak", sampling.peak_connections, "connections")
+    served = sum(1 for r in report.requests if 200 <= r.status < 300)
+    replica_cpu, database_cpu = sampling.cpu_seconds(True), sampling.cpu_seconds(False)
+    report.add("replica_cpu_seconds", replica_cpu, "s", 1)
+    report.add("postgres_cpu_seconds", database_cpu, "s", 1)
+    if served:
+        report.add("replica_cpu_per_request", replica_cpu / served * 1000, "ms", 2)
+        report.add("postgres_cpu_per_request", database_cpu / served * 1000, "ms", 2)
     if report.killed_at is not None:
         after = [r for r in report.requests if r.ended > report.killed_at and 200 <= r.status < 300]
         report.add("ok_after_kill", len(after), "requests")
