@@ -4,7 +4,7 @@ storm (or steady state), measured, then checked straight from the database.
     uv run python bench/fleet_sim.py [--appliances 2000] [--scenario outage|steady]
         [--entries 1000] [--bundles 100] [--escalations 3] [--window 60]
         [--duration 60] [--heartbeat-seconds 10] [--check-seconds 20]
-        [--workers 1] [--kill-replica-at S [--restart-replica-at S]]
+        [--workers 2] [--kill-replica-at S [--restart-replica-at S]]
         [--baseline-entries 100000] [--database-url URL]
 
 The topology (bench/fleet/topology.py): a fresh PostgreSQL database on
@@ -64,7 +64,7 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--duration", type=float, default=60.0, help="steady: how long (s)")
     parser.add_argument("--heartbeat-seconds", type=float, default=10.0)
     parser.add_argument("--check-seconds", type=float, default=20.0)
-    parser.add_argument("--workers", type=int, default=1, help="simulator processes")
+    parser.add_argument("--workers", type=int, default=2, help="simulator processes")
     parser.add_argument("--kill-replica-at", type=float, help="kill -9 a replica at S seconds")
     parser.add_argument("--restart-replica-at", type=float, help="and start it again at S")
     parser.add_argument("--baseline-entries", type=int, default=100_000)

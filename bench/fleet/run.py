@@ -42,7 +42,7 @@ class Options:
     duration: float = 60.0
     heartbeat_seconds: float = 10.0
     check_seconds: float = 20.0
-    workers: int = 1
+    workers: int = 2
     kill_replica_at: float | None = None
     restart_replica_at: float | None = None
     database_url: str | None = None
@@ -99,6 +99,7 @@ async def run_fleet(options: Options) -> Report:
         baseline_token = tokens.pop()
         await _storm(topology, options, tokens, report)
         report.balancer_states = await _settled_states(topology, report)
+        report.add("replica_marked_down", topology.balancer_events(" is DOWN"), "times")
         await _check(topology, report)
         if options.scenario == "outage" and options.baseline_entries > 0:
             await _baseline(topology, options, baseline_token, report)
@@ -346,6 +347,12 @@ def _figures(options: Options, report: Report, sampling: _Sampling, zero: float)
         report.add(f"requests_{kind}", sum(1 for r in storm if r.kind == kind), "requests")
     report.add("shed_503", sum(1 for r in report.requests if r.shed), "responses")
     report.add("unplanned_5xx", report.unplanned_5xx, "responses")
+    statuses: dict[int, int] = {}
+    for r in report.requests:
+        if r.status >= 500 and not r.shed:
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+    for status, count in sorted(statuses.items()):
+        report.add(f"unplanned_{status}", count, "responses")
     report.add("no_answer", sum(1 for r in report.requests if r.status == 0), "requests")
     for replica in sampling.topology.replicas:
         report.add(f"rss_{replica.name}", replica.peak_rss_kib / 1024, "MiB", 1)

@@ -315,6 +315,14 @@ class Topology:
                 return alerts[-1][-300:]
         return "no message"
 
+    def balancer_events(self, text: str) -> int:
+        """How many of HAProxy's log lines contain ``text`` (``is DOWN``: a
+        replica taken out of rotation by its health checks)."""
+        with contextlib.suppress(OSError):
+            log = (self.directory / "haproxy.log").read_text(errors="replace")
+            return sum(1 for line in log.splitlines() if text in line)
+        return 0
+
     async def server_states(self) -> dict[str, dict[str, str]]:
         """HAProxy's view of each replica (``show stat``): status, requests
         answered (``hrsp_*``), sessions, by server name."""
