@@ -66,6 +66,7 @@ class Report:
     # HAProxy's view of the replicas just before the kill, and at the end.
     states_at_kill: dict[str, dict[str, str]] = field(default_factory=dict)
     database: str = ""
+    marked_down_before: int = 0
     balancer_states: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def add(self, name: str, value: float, unit: str, digits: int = 3) -> None:
@@ -99,7 +100,8 @@ async def run_fleet(options: Options) -> Report:
         baseline_token = tokens.pop()
         await _storm(topology, options, tokens, report)
         report.balancer_states = await _settled_states(topology, report)
-        report.add("replica_marked_down", topology.balancer_events(" is DOWN"), "times")
+        marked_down = topology.balancer_events(" is DOWN") - report.marked_down_before
+        report.add("replica_marked_down", marked_down, "times")
         await _check(topology, report)
         if options.scenario == "outage" and options.baseline_entries > 0:
             await _baseline(topology, options, baseline_token, report)
@@ -159,6 +161,8 @@ async def _storm(
             message = await asyncio.to_thread(pipe.recv)
             if message[0] != "ready":
                 raise TopologyError(str(message[1]))
+        # Replicas are marked down while they start: count only the storm's.
+        report.marked_down_before = topology.balancer_events(" is DOWN")
         zero = time.time() + 0.5
         for pipe in pipes:
             pipe.send(("go", zero))
