@@ -266,9 +266,16 @@ class SimAppliance:
         """Upload what the server lacks in batches the BatchSizer sizes; each
         receipt is checked against the central key."""
         attempt = 0
+        # The end of a batch sent but not answered: the server may hold it
+        # (a replica that committed, then died before answering; a replay
+        # by the balancer refused as a replayed nonce). A later batch never
+        # ends below it, or its checkpoint would be smaller than what the
+        # server witnessed: a truncated history, refused for good.
+        maybe_witnessed = 0
         while self.outcome.witnessed < len(self.records):
             witnessed = self.outcome.witnessed
             target = min(len(self.records), witnessed + self.sizer.size)
+            target = max(target, maybe_witnessed)
             state = self.witnessed_state.copy()
             state.extend(self.leaves[witnessed:target])
             request = SyncRequest.build(
@@ -283,6 +290,7 @@ class SimAppliance:
             try:
                 response = await self.client.sync_audit(self.appliance_id, request)
             except CentralUnavailable as exc:
+                maybe_witnessed = max(maybe_witnessed, target)
                 self.sizer.refused()
                 await asyncio.sleep(wait_before_retry(attempt, exc.retry_after))
                 attempt += 1
