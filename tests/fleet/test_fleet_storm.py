@@ -32,7 +32,7 @@ async def test_storm_with_a_replica_killed_witnesses_everything_once(
     report = await run_fleet(
         Options(
             appliances=24,
-            entries=150,
+            entries=600,
             bundles=6,
             escalations=2,
             window=5.0,
@@ -48,7 +48,7 @@ async def test_storm_with_a_replica_killed_witnesses_everything_once(
     # Everything witnessed once, nothing refused, nothing lost to the kill.
     assert report.failures == []
     assert len(report.outcomes) == 24
-    assert all(o.witnessed == o.log_size == 150 for o in report.outcomes)
+    assert all(o.witnessed == o.log_size == 600 for o in report.outcomes)
     assert report.unplanned_5xx == 0, [r for r in report.requests if r.status >= 500]
     assert [r for r in report.requests if r.status == 0] == []
 
