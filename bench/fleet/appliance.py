@@ -41,11 +41,6 @@ from msp_protocol.merkle import LeafHashTree, TreeState, consistency_proof
 from msp_protocol.sync import SyncRequest
 
 T = TypeVar("T")
-
-# Audit batches stay below HAProxy's request buffer (deploy/haproxy.cfg:
-# tune.bufsize), so a batch sent to a replica that died can be replayed to
-# another: about 450 bytes of base64 per entry.
-LARGEST_BATCH = 400
 # The agent's own default heartbeat and check intervals, as the server is
 # told them (it judges liveness and staleness by them).
 HEARTBEAT_INTERVAL_SECONDS = 300
@@ -123,7 +118,8 @@ class SimAppliance:
         self.witnessed_state = TreeState()
         self.evidence: list[Envelope] = []
         self.escalations: list[Escalation] = []
-        self.sizer = BatchSizer(largest=LARGEST_BATCH)
+        # The agent's own sizing, whose largest batch a balancer can replay.
+        self.sizer = BatchSizer()
         self.outcome = Outcome("", site_id)
         self._bundle_serial = 0
         self.beating: asyncio.Task[None] | None = None

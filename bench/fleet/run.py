@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from bench.fleet.appliance import LARGEST_BATCH, Outcome, Plan, SimAppliance
+from bench.fleet.appliance import Outcome, Plan, SimAppliance
 from bench.fleet.requests import Request, RequestLog
 from bench.fleet.topology import DEFAULT_POSTGRES, Topology, TopologyError
 from bench.fleet.worker import WorkerResult, WorkerSpec, run_worker
@@ -451,7 +451,7 @@ async def _baseline(
         await alone.enroll()
         alone.build_outage_backlog()
         alone.sizer.answered(0.0)  # start at the largest batch, as the bench does
-        while alone.sizer.size < LARGEST_BATCH:
+        while alone.sizer.size < alone.sizer.largest:
             alone.sizer.answered(0.0)
         started = time.monotonic()
         await alone.sync()

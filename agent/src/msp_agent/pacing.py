@@ -25,6 +25,14 @@ import logging
 from msp_agent.retry import BASE_SECONDS, CAP_SECONDS, retry_delay
 from msp_protocol.sync import MAX_BATCH_ENTRIES
 
+# The largest batch the agent sends by default: about 180 KiB of typical
+# entries (some 450 bytes of base64 each), small enough for a load balancer
+# to hold whole and send again to another replica when the one it chose dies
+# mid-request (HAProxy's tune.bufsize in deploy/haproxy.cfg is 256 KiB). The
+# protocol allows MAX_BATCH_ENTRIES; per entry, a batch of this size costs
+# the witness hardly more than one of that size.
+DEFAULT_LARGEST_BATCH = 400
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +55,7 @@ class BatchSizer:
         self,
         *,
         smallest: int = 50,
-        largest: int = MAX_BATCH_ENTRIES,
+        largest: int = DEFAULT_LARGEST_BATCH,
         start: int = 250,
         slow_seconds: float = 2.0,
     ) -> None:
