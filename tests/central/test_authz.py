@@ -212,6 +212,8 @@ PUBLIC = {
     ("POST", "/api/v1/enroll"),
     ("GET", "/api/v1/openapi.json"),
     ("GET", "/.well-known/msp-central-key"),
+    # A load balancer's health check: no credential, no tenant's data.
+    ("GET", "/api/v1/health"),
 }
 
 
